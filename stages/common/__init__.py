@@ -1,0 +1,1 @@
+"""Code shared by the stages: params checking, data I/O and the model zoo."""

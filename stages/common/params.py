@@ -1,0 +1,139 @@
+"""Load `params.yaml` and check each stage's section against that stage's dataclass.
+
+Every knob lives in params.yaml, so a section's dataclass has no defaults: a missing key is an
+error, not a silent fallback that DVC would not see as a parameter. Constraints ride on the
+dataclass fields (`knob(min=..., choices=...)`), next to the stage that reads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from stages.common.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+T = TypeVar("T")
+
+
+def knob(
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: typing.Iterable[Any] | None = None,
+    min_exclusive: bool = False,
+) -> Any:
+    """A required dataclass field with the range or choices it must respect."""
+    meta = {"min": min, "max": max, "min_exclusive": min_exclusive}
+    meta["choices"] = tuple(choices) if choices is not None else None
+    return dataclasses.field(metadata=meta)
+
+
+def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root, where params.yaml lives")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax there") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of stage sections (download:, prepare:, ...)")
+    return data
+
+
+def load_section(name: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
+    """The `name` section of params.yaml, checked and converted into `cls`."""
+    params = read_params(path)
+    if name not in params:
+        raise ConfigError(f"{path} has no '{name}:' section; add it (see README, Parameters)")
+    return parse_section(params[name], cls, name)
+
+
+def parse_section(raw: Any, cls: type[T], prefix: str) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params.yaml: '{prefix}' must be a mapping of keys, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), fields, n=1)
+            fix = f"did you mean '{prefix}.{hint[0]}'?" if hint else f"allowed keys: {', '.join(fields)}"
+            raise ConfigError(f"params.yaml: unknown key '{prefix}.{key}'; {fix}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for fname, fld in fields.items():
+        key = f"{prefix}.{fname}"
+        if fname not in raw:
+            raise ConfigError(f"params.yaml: '{key}' is missing; add it (see README, Parameters)")
+        values[fname] = _check_field(raw[fname], hints[fname], fld.metadata, key)
+    return cls(**values)
+
+
+def _check_field(value: Any, tp: Any, meta: typing.Mapping[str, Any], key: str) -> Any:
+    value = _convert(value, tp, key)
+    if value is None:
+        return value
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(map(str, choices))
+        raise ConfigError(f"params.yaml: '{key}' is {value!r}; allowed values: {allowed}")
+    low, high = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)):
+        too_low = low is not None and (value <= low if meta.get("min_exclusive") else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "" if low is None else (f"> {low}" if meta.get("min_exclusive") else f">= {low}")
+            hi = "" if high is None else f"<= {high}"
+            raise ConfigError(f"params.yaml: '{key}' is {value}; it must be {' and '.join(filter(None, [lo, hi]))}")
+    return value
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"params.yaml: '{key}' is {value!r}; it must be {_describe(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return parse_section(value, tp, key)  # type: ignore[arg-type]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"params.yaml: '{key}' must be a mapping, got {value!r}")
+        return {_convert(k, key_tp, key): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"params.yaml: '{key}' must be a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"params.yaml: '{key}' is {value!r}; it must be {_describe(tp)}")
+
+
+def _describe(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(t) for t in typing.get_args(tp))
+    return names.get(tp, getattr(tp, "__name__", str(tp)))

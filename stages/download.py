@@ -1,0 +1,190 @@
+"""download: fetch the dataset archive, verify its checksum, record its layout in data/raw/.
+
+`download.source` is a URL, a local archive (tar of any compression, or zip) or a directory
+holding `train/<class>/` and `test/<class>/` folders (packed into a tar here, so data/raw is
+always one archive plus `manifest.json` and DVC tracks two files, not 60,000).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from stages.common import dataio
+from stages.common.errors import ConfigError, DataError, IntegrityError, TransientError, run_main
+from stages.common.params import knob, load_section
+
+OUT_DIR = Path("data/raw")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    source: str
+    md5: str | None
+    sha256: str | None
+    classes: list[str] | None
+    timeout_s: float = knob(min=1)
+
+
+# --- pure parts ----------------------------------------------------------------------------
+
+
+def verify_checksums(actual: dict[str, str], expected: dict[str, str | None], source: str) -> None:
+    """Raise naming both hashes when an expected checksum differs from the actual one."""
+    for algo, want in expected.items():
+        if want is not None and want.lower() != actual[algo]:
+            raise IntegrityError(
+                f"{algo} mismatch for {source}: expected {want.lower()} (download.{algo}), got {actual[algo]}; "
+                f"the file is corrupt or a different file: fetch it again, or if this source is intended "
+                f"set download.{algo} to {actual[algo]}"
+            )
+
+
+def check_classes(found: list[str], expected: list[str] | None, archive: str) -> list[str]:
+    """The class names in label order: the params' order when given, else the archive's."""
+    if expected is None:
+        if len(found) < 2:
+            raise DataError(f"{archive}: found {len(found)} class(es) {found}; at least 2 are needed")
+        return found
+    missing = [c for c in expected if c not in found]
+    unknown = [c for c in found if c not in expected]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing or empty class(es) {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown class(es) {', '.join(unknown)}")
+        raise DataError(
+            f"{archive}: found {len(found)} classes, expected the {len(expected)} in download.classes: "
+            f"{'; '.join(parts)}; fix the archive or set download.classes (null accepts any)"
+        )
+    return list(expected)
+
+
+def inspect_archive(archive: Path, classes: list[str] | None) -> dict:
+    """Container, layout, class names (label order) and image counts of a raw archive."""
+    container = dataio.container_of(archive)
+    names = dataio.list_members(archive, container)
+    layout = dataio.detect_layout(names, archive)
+    if layout.kind == "pickle-batches":
+        found = _pickle_label_names(archive, container)
+        counts: dict[str, dict[str, int]] = {}
+    else:
+        found, counts = layout.classes, layout.counts
+    return {
+        "container": container,
+        "layout": layout.kind,
+        "classes": check_classes(found, classes, str(archive)),
+        "counts": counts,
+    }
+
+
+def _pickle_label_names(archive: Path, container: str) -> list[str]:
+    for name, content in dataio.iter_members(archive, container):
+        if dataio.pickle_entry(name) == dataio.PICKLE_META:
+            # The official batches are pickles; the checksum above vouches for their origin.
+            meta = pickle.loads(content, encoding="bytes")
+            return [n.decode() if isinstance(n, bytes) else n for n in meta[b"label_names"]]
+    raise DataError(f"{archive}: batches.meta not found; use the full cifar-10-python.tar.gz")
+
+
+# --- fetching ------------------------------------------------------------------------------
+
+
+def _copy_hashing(src: BinaryIO, dst: BinaryIO, total: int | None, label: str) -> dict[str, str]:
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, mininterval=1, leave=False) as bar:
+        while chunk := src.read(CHUNK):
+            md5.update(chunk)
+            sha256.update(chunk)
+            dst.write(chunk)
+            bar.update(len(chunk))
+    return {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
+
+
+def fetch(source: str, dest: Path, timeout_s: float) -> dict[str, str]:
+    """Copy `source` to `dest` (a temporary path) and return its md5 and sha256."""
+    if source.startswith(("http://", "https://")):
+        return _fetch_url(source, dest, timeout_s)
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        _pack_directory(path, dest)
+        with open(dest, "rb") as packed, open(os.devnull, "wb") as null:
+            return _copy_hashing(packed, null, None, "hashing")
+    if not path.is_file():
+        raise ConfigError(
+            f"download.source '{source}' does not exist (relative paths start at the project root); "
+            "set it to a URL, an archive or a directory"
+        )
+    with open(path, "rb") as src, open(dest, "wb") as dst:
+        return _copy_hashing(src, dst, path.stat().st_size, path.name)
+
+
+def _fetch_url(url: str, dest: Path, timeout_s: float) -> dict[str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(dest, "wb") as dst:
+            length = resp.headers.get("Content-Length")
+            digests = _copy_hashing(resp, dst, int(length) if length else None, url.rsplit("/", 1)[-1])
+            if length and dest.stat().st_size != int(length):
+                raise TransientError(f"download of {url} ended early ({dest.stat().st_size} of {length} bytes); rerun")
+            return digests
+    except urllib.error.HTTPError as err:
+        if err.code >= 500 or err.code == 429:
+            raise TransientError(f"{url} answered HTTP {err.code}; retry later") from None
+        raise ConfigError(f"{url} answered HTTP {err.code} {err.reason}; check download.source") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        raise TransientError(
+            f"could not fetch {url} ({reason}); check the network, or set download.source to a local copy"
+        ) from None
+
+
+def _pack_directory(root: Path, dest: Path) -> None:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    with tarfile.open(dest, "w") as tf:
+        for path in files:
+            tf.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)
+
+
+# --- stage ---------------------------------------------------------------------------------
+
+
+def download(params: DownloadParams, out_dir: Path = OUT_DIR) -> dict:
+    """Fetch, verify and inspect into a temporary folder, then move it to `out_dir` whole."""
+    is_dir = not params.source.startswith(("http://", "https://")) and Path(params.source).is_dir()
+    if is_dir and (params.md5 or params.sha256):
+        raise ConfigError("download.md5/sha256 apply to archives; set them to null for a directory source")
+    with dataio.atomic_dir(out_dir) as tmp_dir:
+        archive = tmp_dir / "archive"
+        digests = fetch(params.source, archive, params.timeout_s)
+        verify_checksums(digests, {"md5": params.md5, "sha256": params.sha256}, params.source)
+        manifest = {"source": params.source, "bytes": archive.stat().st_size, **digests}
+        manifest.update(inspect_archive(archive, params.classes))
+        dataio.write_json(tmp_dir / "manifest.json", manifest)
+    return manifest
+
+
+def main() -> None:
+    params = load_section("download", DownloadParams)
+    manifest = download(params)
+    if not (params.md5 or params.sha256):
+        print(f"warning: no checksum configured; this source's sha256 is {manifest['sha256']}")
+    counts = {s: sum(c.values()) for s, c in manifest["counts"].items()}
+    print(
+        f"download: {manifest['bytes']:,} bytes, {manifest['layout']} ({manifest['container']}), "
+        f"{len(manifest['classes'])} classes{', images ' + str(counts) if counts else ''} -> {OUT_DIR}"
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,93 @@
+"""evaluate: scikit-learn metrics of the trained model on the test split.
+
+Writes results/evaluate/: metrics.json (DVC metrics), classification_report.{json,txt},
+confusion_matrix.csv, and predictions.csv (index, actual, predicted, probability), which
+dvc.yaml's confusion plot reads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from stages.common import dataio  # noqa: E402
+from stages.common.errors import DataError, run_main  # noqa: E402
+from stages.common.params import knob, load_section  # noqa: E402
+
+PREPARED_DIR = Path("data/prepared")
+MODEL_PATH = Path("models/model.keras")
+OUT_DIR = Path("results/evaluate")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = knob(min=1, max=65_536)
+
+
+def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """Metrics, per-class report, confusion matrix and predictions from class probabilities."""
+    k = len(classes)
+    predicted = probabilities.argmax(axis=1)
+    label_ids = list(range(k))
+    report = skm.classification_report(
+        labels, predicted, labels=label_ids, target_names=classes, digits=4, output_dict=True, zero_division=0
+    )
+    text = skm.classification_report(labels, predicted, labels=label_ids, target_names=classes, digits=4, zero_division=0)
+    clipped = np.clip(probabilities, 1e-7, 1.0)
+    metrics = {
+        "loss": round(float(skm.log_loss(labels, clipped / clipped.sum(axis=1, keepdims=True), labels=label_ids)), 4),
+        "accuracy": round(float(skm.accuracy_score(labels, predicted)), 4),
+        "f1_macro": round(float(skm.f1_score(labels, predicted, average="macro", zero_division=0)), 4),
+        "f1_weighted": round(float(skm.f1_score(labels, predicted, average="weighted", zero_division=0)), 4),
+        "test_images": int(len(labels)),
+    }
+    names = np.asarray(classes)
+    predictions = pd.DataFrame(
+        {
+            "index": np.arange(len(labels)),
+            "actual": names[labels],
+            "predicted": names[predicted],
+            "probability": probabilities[np.arange(len(labels)), predicted].round(4),
+        }
+    )
+    confusion = pd.DataFrame(skm.confusion_matrix(labels, predicted, labels=label_ids), index=classes, columns=classes)
+    return {"metrics": metrics, "report": report, "report_text": text, "confusion": confusion, "predictions": predictions}
+
+
+def predict_probabilities(model_path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+    import keras
+
+    if not model_path.is_file():
+        raise DataError(f"{model_path} not found; run `dvc repro train` first")
+    model = keras.models.load_model(model_path)
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+
+
+def main() -> None:
+    params = load_section("evaluate", EvaluateParams)
+    classes = dataio.read_json(PREPARED_DIR / "classes.json")
+    images, labels = dataio.load_split(PREPARED_DIR / "test.npz")
+    probabilities = predict_probabilities(MODEL_PATH, images, params.batch_size)
+    if not np.all(np.isfinite(probabilities)):
+        raise DataError(f"{MODEL_PATH} produced non-finite probabilities; retrain it (dvc repro -f train)")
+    result = evaluate(probabilities, labels, classes)
+    dataio.write_json(OUT_DIR / "metrics.json", result["metrics"])
+    dataio.write_json(OUT_DIR / "classification_report.json", result["report"])
+    dataio.write_text(OUT_DIR / "classification_report.txt", result["report_text"])
+    with dataio.atomic_path(OUT_DIR / "confusion_matrix.csv") as tmp:
+        result["confusion"].to_csv(tmp)
+    with dataio.atomic_path(OUT_DIR / "predictions.csv") as tmp:
+        result["predictions"].to_csv(tmp, index=False)
+    print(f"evaluate: {result['metrics']}")
+
+
+if __name__ == "__main__":
+    run_main(main)

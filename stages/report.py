@@ -1,0 +1,198 @@
+"""report: figures and one Markdown/HTML page with the run's metrics, per-class table and plots.
+
+Reads results/train (DVCLive curves, run info), results/evaluate and the prepared test/train
+images; writes results/report/{report.md,report.html,*.png}.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers or CI
+import markdown  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stages.common import dataio  # noqa: E402
+from stages.common.errors import DataError, run_main  # noqa: E402
+from stages.common.params import knob, load_section  # noqa: E402
+
+PREPARED_DIR = Path("data/prepared")
+TRAIN_DIR = Path("results/train")
+EVALUATE_DIR = Path("results/evaluate")
+OUT_DIR = Path("results/report")
+CURVES_DIR = TRAIN_DIR / "plots" / "metrics"
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    misclassified: int = knob(min=0, max=100)
+    samples_per_class: int = knob(min=1, max=20)
+    dpi: int = knob(min=50, max=300)
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def read_curves(curves_dir: Path) -> dict[str, pd.Series]:
+    """{'train/accuracy': series by epoch, 'eval/loss': ...} from DVCLive's .tsv files."""
+    curves = {}
+    for path in sorted(curves_dir.glob("*/*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        curves[f"{path.parent.name}/{path.stem}"] = table.set_index("step")[path.stem]
+    return curves
+
+
+def plot_curves(curves: dict[str, pd.Series], dpi: int) -> plt.Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=dpi)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        for split, label in (("train", "training"), ("eval", "validation")):
+            series = curves.get(f"{split}/{metric}")
+            if series is not None:
+                ax.plot(series.index + 1, series.values, marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion: pd.DataFrame, dpi: int) -> plt.Figure:
+    k = len(confusion)
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * k, 0.8 + 0.6 * k), dpi=dpi)
+    values = confusion.to_numpy()
+    ax.imshow(values, cmap="Blues")
+    ax.set_xticks(range(k), confusion.columns, rotation=45, ha="right")
+    ax.set_yticks(range(k), confusion.index)
+    ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (test)")
+    threshold = values.max() / 2 if values.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, values[i, j], ha="center", va="center", fontsize=8,
+                    color="white" if values[i, j] > threshold else "black")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: list[str], columns: int, dpi: int) -> plt.Figure:
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), dpi=dpi, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_examples(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
+    return predictions[predictions["actual"] != predictions["predicted"]].head(limit)
+
+
+def samples_per_class(labels: np.ndarray, classes: list[str], per_class: int) -> list[int]:
+    """Indices of the first `per_class` images of each class, class by class."""
+    return [int(i) for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:per_class]]
+
+
+# --- page ----------------------------------------------------------------------------------
+
+
+def per_class_table(report: dict, classes: list[str]) -> str:
+    rows = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name in [*classes, "macro avg", "weighted avg"]:
+        r = report[name]
+        rows.append(f"| {name} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1-score']:.4f} | {int(r['support'])} |")
+    return "\n".join(rows)
+
+
+def render_markdown(metrics: dict, report: dict, classes: list[str], run_info: dict, figures: dict[str, str]) -> str:
+    headline = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
+    lines = [
+        "# CIFAR-10 pipeline report",
+        "",
+        f"Model `{run_info.get('model', '?')}` trained on {run_info.get('device', '?')} "
+        f"in {run_info.get('seconds', '?')} s ({run_info.get('parameters', '?'):,} parameters).",
+        "",
+        "## Test metrics",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        headline,
+        "",
+        "## Per class",
+        "",
+        per_class_table(report, classes),
+        "",
+    ]
+    for title, file in figures.items():
+        lines += [f"## {title}", "", f"![{title}]({file})", ""]
+    return "\n".join(lines)
+
+
+def render_html(md_text: str) -> str:
+    body = markdown.markdown(md_text, extensions=["tables"])
+    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape('CIFAR-10 report')}</title>" \
+           f"<style>{style}</style></head><body>{body}</body></html>\n"
+
+
+# --- stage ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    params = load_section("report", ReportParams)
+    classes = dataio.read_json(PREPARED_DIR / "classes.json")
+    metrics = dataio.read_json(EVALUATE_DIR / "metrics.json")
+    report = dataio.read_json(EVALUATE_DIR / "classification_report.json")
+    run_info = {**dataio.read_json(TRAIN_DIR / "run_info.json"), **_trained_model(TRAIN_DIR)}
+    if not (EVALUATE_DIR / "predictions.csv").is_file():
+        raise DataError(f"{EVALUATE_DIR / 'predictions.csv'} not found; run `dvc repro evaluate` first")
+    predictions = pd.read_csv(EVALUATE_DIR / "predictions.csv")
+    confusion = pd.read_csv(EVALUATE_DIR / "confusion_matrix.csv", index_col=0)
+    test_images, _ = dataio.load_split(PREPARED_DIR / "test.npz")
+    train_images, train_labels = dataio.load_split(PREPARED_DIR / "train.npz")
+
+    wrong = misclassified_examples(predictions, params.misclassified)
+    samples = samples_per_class(train_labels, classes, params.samples_per_class)
+    figures = {
+        "Training curves": ("curves.png", plot_curves(read_curves(CURVES_DIR), params.dpi)),
+        "Confusion matrix": ("confusion_matrix.png", plot_confusion(confusion, params.dpi)),
+        "Misclassified test images (true / predicted / probability)": (
+            "misclassified.png",
+            image_grid(test_images[wrong["index"].to_numpy()],
+                       [f"{a} / {p} / {q:.2f}" for a, p, q in wrong[["actual", "predicted", "probability"]].itertuples(index=False)],
+                       columns=8, dpi=params.dpi),
+        ),
+        "Training images per class": (
+            "samples.png",
+            image_grid(train_images[samples], [classes[train_labels[i]] for i in samples],
+                       columns=params.samples_per_class, dpi=params.dpi),
+        ),
+    }
+    with dataio.atomic_dir(OUT_DIR) as tmp:
+        for file, fig in figures.values():
+            fig.savefig(tmp / file)
+            plt.close(fig)
+        md_text = render_markdown(metrics, report, classes, run_info, {t: f for t, (f, _) in figures.items()})
+        (tmp / "report.md").write_text(md_text)
+        (tmp / "report.html").write_text(render_html(md_text))
+    print(f"report: {OUT_DIR / 'report.md'} and report.html, {len(figures)} figures")
+
+
+def _trained_model(train_dir: Path) -> dict:
+    """The model name, from the params DVCLive logged with the run."""
+    import yaml
+
+    path = train_dir / "params.yaml"
+    return {"model": yaml.safe_load(path.read_text()).get("model")} if path.is_file() else {}
+
+
+if __name__ == "__main__":
+    run_main(main)
