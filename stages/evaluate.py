@@ -1,4 +1,4 @@
-"""evaluate: scikit-learn metrics of the trained model on the test split.
+"""evaluate: scikit-learn metrics of the trained model on the test (or validation) split.
 
 Writes results/evaluate/: metrics.json (DVC metrics), classification_report.{json,txt},
 confusion_matrix.csv, and predictions.csv (index, actual, predicted, probability), which
@@ -29,6 +29,8 @@ OUT_DIR = Path("results/evaluate")
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    # "val" while tuning keeps the test split untouched until the final evaluation.
+    split: str = knob(choices=("test", "val"))
     batch_size: int = knob(min=1, max=65_536)
 
 
@@ -47,7 +49,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) 
         "accuracy": round(float(skm.accuracy_score(labels, predicted)), 4),
         "f1_macro": round(float(skm.f1_score(labels, predicted, average="macro", zero_division=0)), 4),
         "f1_weighted": round(float(skm.f1_score(labels, predicted, average="weighted", zero_division=0)), 4),
-        "test_images": int(len(labels)),
+        "images": int(len(labels)),
     }
     names = np.asarray(classes)
     predictions = pd.DataFrame(
@@ -74,7 +76,7 @@ def predict_probabilities(model_path: Path, images: np.ndarray, batch_size: int)
 def main() -> None:
     params = load_section("evaluate", EvaluateParams)
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
-    images, labels = dataio.load_split(PREPARED_DIR / "test.npz")
+    images, labels = dataio.load_split(PREPARED_DIR / f"{params.split}.npz")
     probabilities = predict_probabilities(MODEL_PATH, images, params.batch_size)
     if not np.all(np.isfinite(probabilities)):
         raise DataError(f"{MODEL_PATH} produced non-finite probabilities; retrain it (dvc repro -f train)")
@@ -86,7 +88,7 @@ def main() -> None:
         result["confusion"].to_csv(tmp)
     with dataio.atomic_path(OUT_DIR / "predictions.csv") as tmp:
         result["predictions"].to_csv(tmp, index=False)
-    print(f"evaluate: {result['metrics']}")
+    print(f"evaluate ({params.split} split): {result['metrics']}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
 from stages.common.params import knob, load_section  # noqa: E402
+from stages.evaluate import EvaluateParams  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
 TRAIN_DIR = Path("results/train")
@@ -62,14 +63,14 @@ def plot_curves(curves: dict[str, pd.Series], dpi: int) -> plt.Figure:
     return fig
 
 
-def plot_confusion(confusion: pd.DataFrame, dpi: int) -> plt.Figure:
+def plot_confusion(confusion: pd.DataFrame, split: str, dpi: int) -> plt.Figure:
     k = len(confusion)
     fig, ax = plt.subplots(figsize=(1 + 0.7 * k, 0.8 + 0.6 * k), dpi=dpi)
     values = confusion.to_numpy()
     ax.imshow(values, cmap="Blues")
     ax.set_xticks(range(k), confusion.columns, rotation=45, ha="right")
     ax.set_yticks(range(k), confusion.index)
-    ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (test)")
+    ax.set(xlabel="predicted", ylabel="actual", title=f"Confusion matrix ({split} split)")
     threshold = values.max() / 2 if values.size else 0
     for i in range(k):
         for j in range(k):
@@ -119,7 +120,7 @@ def render_markdown(metrics: dict, report: dict, classes: list[str], run_info: d
         f"Model `{run_info.get('model', '?')}` trained on {run_info.get('device', '?')} "
         f"in {run_info.get('seconds', '?')} s ({run_info.get('parameters', '?'):,} parameters).",
         "",
-        "## Test metrics",
+        f"## Metrics on the {run_info.get('split', 'test')} split",
         "",
         "| metric | value |",
         "|---|---:|",
@@ -148,6 +149,7 @@ def render_html(md_text: str) -> str:
 
 def main() -> None:
     params = load_section("report", ReportParams)
+    split = load_section("evaluate", EvaluateParams).split
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     metrics = dataio.read_json(EVALUATE_DIR / "metrics.json")
     report = dataio.read_json(EVALUATE_DIR / "classification_report.json")
@@ -156,17 +158,17 @@ def main() -> None:
         raise DataError(f"{EVALUATE_DIR / 'predictions.csv'} not found; run `dvc repro evaluate` first")
     predictions = pd.read_csv(EVALUATE_DIR / "predictions.csv")
     confusion = pd.read_csv(EVALUATE_DIR / "confusion_matrix.csv", index_col=0)
-    test_images, _ = dataio.load_split(PREPARED_DIR / "test.npz")
+    eval_images, _ = dataio.load_split(PREPARED_DIR / f"{split}.npz")
     train_images, train_labels = dataio.load_split(PREPARED_DIR / "train.npz")
 
     wrong = misclassified_examples(predictions, params.misclassified)
     samples = samples_per_class(train_labels, classes, params.samples_per_class)
     figures = {
         "Training curves": ("curves.png", plot_curves(read_curves(CURVES_DIR), params.dpi)),
-        "Confusion matrix": ("confusion_matrix.png", plot_confusion(confusion, params.dpi)),
-        "Misclassified test images (true / predicted / probability)": (
+        "Confusion matrix": ("confusion_matrix.png", plot_confusion(confusion, split, params.dpi)),
+        f"Misclassified {split} images (true / predicted / probability)": (
             "misclassified.png",
-            image_grid(test_images[wrong["index"].to_numpy()],
+            image_grid(eval_images[wrong["index"].to_numpy()],
                        [f"{a} / {p} / {q:.2f}" for a, p, q in wrong[["actual", "predicted", "probability"]].itertuples(index=False)],
                        columns=8, dpi=params.dpi),
         ),
@@ -180,7 +182,8 @@ def main() -> None:
         for file, fig in figures.values():
             fig.savefig(tmp / file)
             plt.close(fig)
-        md_text = render_markdown(metrics, report, classes, run_info, {t: f for t, (f, _) in figures.items()})
+        md_text = render_markdown(metrics, report, classes, {**run_info, "split": split},
+                                  {t: f for t, (f, _) in figures.items()})
         (tmp / "report.md").write_text(md_text)
         (tmp / "report.html").write_text(render_html(md_text))
     print(f"report: {OUT_DIR / 'report.md'} and report.html, {len(figures)} figures")

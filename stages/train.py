@@ -84,6 +84,7 @@ def train(
         train_ds,
         validation_data=val_ds,
         epochs=params.epochs,
+        shuffle=False,  # the tf.data pipeline shuffles, seeded
         callbacks=[keras.callbacks.TerminateOnNaN(), *(callbacks or [])],
         verbose=2,
     )

@@ -101,6 +101,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        concrete = [o for o in options if o is not type(None)]
+        if len(concrete) == 1:  # plain Optional: the inner type's own message is the precise one
+            return _convert(value, concrete[0], key)
         for option in options:
             if option is type(None):
                 continue

@@ -1,0 +1,67 @@
+import pytest
+
+from stages.common import dataio
+from stages.common.errors import DataError, IntegrityError
+from tests import synthetic
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with dataio.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out"
+    with dataio.atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with dataio.atomic_dir(target) as tmp:
+            (tmp / "b").write_text("2")
+            raise RuntimeError("crash")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["a"]
+
+
+def test_container_is_detected_from_content_not_name(tmp_path):
+    files = synthetic.class_folder_files(1, 1, ["a", "b"])
+    assert dataio.container_of(synthetic.write_zip(tmp_path / "data.tar.gz", files)) == "zip"
+    assert dataio.container_of(synthetic.write_tar_gz(tmp_path / "data.zip", files)) == "tar"
+    (tmp_path / "junk.tar.gz").write_bytes(b"hello" * 200)
+    with pytest.raises(IntegrityError, match="neither a tar"):
+        dataio.container_of(tmp_path / "junk.tar.gz")
+
+
+def test_truncated_archive_is_an_integrity_error(tmp_path):
+    path = synthetic.write_tar_gz(tmp_path / "d.tar.gz", synthetic.class_folder_files(5, 2, ["a", "b"]))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(IntegrityError, match="corrupt or truncated"):
+        list(dataio.iter_members(path, "tar"))
+
+
+def test_class_folder_entries_accept_a_prefix_and_skip_noise():
+    assert dataio.class_folder_entry("cifar/train/cat/1.jpg") == ("train", "cat")
+    assert dataio.class_folder_entry("test/dog/2.PNG") == ("test", "dog")
+    assert dataio.class_folder_entry("train/cat/.DS_Store") is None
+    assert dataio.class_folder_entry("__MACOSX/train/cat/._1.jpg") is None
+    assert dataio.class_folder_entry("README.md") is None
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["train/a/1.png", "train/b/1.png"], "no 'test/<class>/' image folders"),
+        (["train/a/1.png", "test/a/1.png", "test/b/1.png"], "different class folders (b)"),
+        (["readme.txt"], "neither CIFAR-10 python batches nor train/<class>/<image>"),
+        (["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/batches.meta"], "missing data_batch_2"),
+    ],
+)
+def test_unrecognised_layouts_say_what_was_found(tmp_path, names, message):
+    with pytest.raises(DataError) as err:
+        dataio.detect_layout(names, tmp_path / "x.tar")
+    assert message in str(err.value)

@@ -1,0 +1,93 @@
+from dataclasses import dataclass
+
+import pytest
+
+from stages.common.errors import ConfigError
+from stages.common.params import knob, load_section, parse_section
+
+
+@dataclass(frozen=True)
+class Inner:
+    train: int = knob(min=1)
+
+
+@dataclass(frozen=True)
+class Example:
+    epochs: int = knob(min=1, max=100)
+    rate: float = knob(min=0.0, min_exclusive=True)
+    name: str = knob(choices=("a", "b"))
+    limit: int | None = knob(min=1)
+    flag: bool
+    counts: Inner | None
+    items: list[str] | None
+
+
+GOOD = {"epochs": 3, "rate": 1, "name": "a", "limit": None, "flag": True, "counts": {"train": 2}, "items": ["x"]}
+
+
+def test_valid_section_is_converted():
+    params = parse_section(GOOD, Example, "ex")
+    assert params.rate == 1.0 and isinstance(params.rate, float)
+    assert params.counts == Inner(2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"epoch": 3}, "unknown key 'ex.epoch'; did you mean 'ex.epochs'?"),
+        ({"epochs": "ten"}, "'ex.epochs' is 'ten'; it must be an integer"),
+        ({"epochs": True}, "it must be an integer"),
+        ({"epochs": 0}, "'ex.epochs' is 0; it must be >= 1 and <= 100"),
+        ({"rate": 0}, "it must be > 0.0"),
+        ({"name": "c"}, "'ex.name' is 'c'; allowed values: a, b"),
+        ({"limit": 0}, "'ex.limit' is 0; it must be >= 1"),
+        ({"counts": {"train": 1, "tset": 2}}, "unknown key 'ex.counts.tset'"),
+        ({"items": "x"}, "'ex.items' must be a list, got 'x'"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(change, message):
+    raw = {**GOOD, **change}
+    if "epoch" in change:
+        del raw["epochs"]
+    with pytest.raises(ConfigError) as err:
+        parse_section(raw, Example, "ex")
+    assert message in str(err.value)
+
+
+def test_missing_key():
+    raw = dict(GOOD)
+    del raw["flag"]
+    with pytest.raises(ConfigError, match="'ex.flag' is missing"):
+        parse_section(raw, Example, "ex")
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("ex:\n  epochs: [1,\n  rate: 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_section("ex", Example, path)
+
+
+def test_missing_section_and_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    with pytest.raises(ConfigError, match="not found"):
+        load_section("ex", Example, path)
+    path.write_text("other: {}\n")
+    with pytest.raises(ConfigError, match="no 'ex:' section"):
+        load_section("ex", Example, path)
+
+
+def test_repo_params_yaml_is_valid_for_every_stage():
+    from pathlib import Path
+
+    from stages.download import DownloadParams
+    from stages.evaluate import EvaluateParams
+    from stages.prepare import PrepareParams
+    from stages.report import ReportParams
+    from stages.train import TrainParams
+    from stages.validate import ValidateParams
+
+    path = Path(__file__).resolve().parents[2] / "params.yaml"
+    for name, cls in [("download", DownloadParams), ("prepare", PrepareParams), ("validate", ValidateParams),
+                      ("train", TrainParams), ("evaluate", EvaluateParams), ("report", ReportParams)]:
+        load_section(name, cls, path)

@@ -1,0 +1,104 @@
+import hashlib
+import json
+
+import pytest
+
+from stages.common.errors import ConfigError, DataError, IntegrityError
+from stages.download import DownloadParams, download, verify_checksums
+from tests import synthetic
+from tests.conftest import run_stage, set_params
+
+CLASSES = synthetic.CLASSES
+
+
+def params(source, md5=None, sha256=None, classes=CLASSES) -> DownloadParams:
+    return DownloadParams(source=str(source), md5=md5, sha256=sha256, classes=classes, timeout_s=10)
+
+
+@pytest.fixture(scope="module")
+def files():
+    return synthetic.class_folder_files(3, 2)
+
+
+def test_class_folder_tar_gz_served_over_http(tmp_path, http_server, files):
+    root, url = http_server
+    archive = synthetic.write_tar_gz(root / "cifar.tar.gz", files, prefix="cifar10/")
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    manifest = download(params(f"{url}/cifar.tar.gz", sha256=sha), tmp_path / "raw")
+    assert manifest["layout"] == "class-folders" and manifest["container"] == "tar"
+    assert manifest["counts"]["train"]["cat"] == 3 and manifest["counts"]["test"]["truck"] == 2
+    assert (tmp_path / "raw" / "archive").read_bytes() == archive.read_bytes()
+    assert json.loads((tmp_path / "raw" / "manifest.json").read_text())["sha256"] == sha
+
+
+def test_pickle_batches_over_http_with_md5(tmp_path, http_server):
+    root, url = http_server
+    archive = synthetic.write_tar_gz(root / "cifar-10-python.tar.gz", synthetic.pickle_batches_files(10, 10))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    manifest = download(params(f"{url}/cifar-10-python.tar.gz", md5=md5), tmp_path / "raw")
+    assert manifest["layout"] == "pickle-batches"
+    assert manifest["classes"] == CLASSES
+
+
+def test_zip_and_directory_sources(tmp_path, files):
+    zipped = synthetic.write_zip(tmp_path / "data.bin", files)
+    assert download(params(zipped), tmp_path / "raw1")["container"] == "zip"
+    folder = synthetic.write_directory(tmp_path / "tree", files)
+    manifest = download(params(folder), tmp_path / "raw2")
+    assert manifest["container"] == "tar" and sum(manifest["counts"]["train"].values()) == 30
+
+
+def test_checksum_mismatch_names_both_hashes_and_leaves_nothing(tmp_path, http_server, files):
+    root, url = http_server
+    archive = synthetic.write_tar_gz(root / "c.tar.gz", files)
+    actual = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(IntegrityError) as err:
+        download(params(f"{url}/c.tar.gz", md5="0" * 32), tmp_path / "raw")
+    assert "0" * 32 in str(err.value) and actual in str(err.value)
+    assert list(tmp_path.iterdir()) == [tmp_path / "www"]
+
+
+def test_flipped_byte_fails_the_checksum(tmp_path, files):
+    archive = synthetic.write_tar_gz(tmp_path / "c.tar.gz", files)
+    good = hashlib.sha256(archive.read_bytes()).hexdigest()
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        download(params(archive, sha256=good), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_http_404_is_a_config_error(tmp_path, http_server):
+    _, url = http_server
+    with pytest.raises(ConfigError, match="HTTP 404"):
+        download(params(f"{url}/missing.tar.gz"), tmp_path / "raw")
+
+
+def test_unexpected_classes_are_named(tmp_path):
+    nine = synthetic.class_folder_files(1, 1, CLASSES[:9])
+    with pytest.raises(DataError, match="missing or empty class\\(es\\) truck"):
+        download(params(synthetic.write_tar_gz(tmp_path / "nine.tar.gz", nine)), tmp_path / "raw")
+    eleven = synthetic.class_folder_files(1, 1, CLASSES + ["unicorn"])
+    with pytest.raises(DataError, match="unknown class\\(es\\) unicorn"):
+        download(params(synthetic.write_tar_gz(tmp_path / "eleven.tar.gz", eleven)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_checksum_on_a_directory_source_is_refused(tmp_path, files):
+    folder = synthetic.write_directory(tmp_path / "tree", files)
+    with pytest.raises(ConfigError, match="set them to null for a directory"):
+        download(params(folder, md5="0" * 32), tmp_path / "raw")
+
+
+def test_verify_checksums_accepts_matching_and_skips_null():
+    verify_checksums({"md5": "ab", "sha256": "cd"}, {"md5": "AB", "sha256": None}, "x")
+
+
+def test_main_missing_source_is_one_line_and_exit_2(in_tmp):
+    set_params(in_tmp / "params.yaml", download={"source": "nowhere.tar.gz"})
+    result = run_stage("download", in_tmp)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "download.source 'nowhere.tar.gz' does not exist" in result.stderr
+    assert not (in_tmp / "data").exists() or not any((in_tmp / "data").iterdir())

@@ -1,0 +1,100 @@
+"""End to end: the real `dvc` CLI in a fresh git repo, on a generated dataset, 1 epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import git_dvc_project, set_params, tiny_params
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=ENV, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_archive):
+    repo = git_dvc_project(tmp_path_factory.mktemp("e2e") / "project")
+    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
+    result = dvc(repo, "repro")
+    assert stages_run(result.stdout) == {"download", "prepare", "validate", "train", "evaluate", "report"}
+    return repo
+
+
+def test_repro_writes_every_stage_output(project):
+    metrics = json.loads((project / "results/evaluate/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["images"] == 50
+    assert (project / "models/model.keras").stat().st_size > 0
+    assert (project / "results/validate/data_docs/index.html").is_file()
+    assert json.loads((project / "results/validate/summary.json").read_text())["success"] is True
+    report = (project / "results/report/report.md").read_text()
+    assert "| accuracy |" in report and "![Confusion matrix](confusion_matrix.png)" in report
+    assert (project / "results/report/report.html").is_file()
+    assert (project / "results/train/metrics.json").is_file()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"download", "prepare", "validate", "train", "evaluate", "report"}
+    # Data and models go to DVC, not git.
+    ignored = subprocess.run(["git", "check-ignore", "data/raw", "data/prepared", "models/model.keras"],
+                             cwd=project, capture_output=True, text=True).stdout.split()
+    assert ignored == ["data/raw", "data/prepared", "models/model.keras"]
+
+
+def test_metrics_and_plots_render(project):
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    assert "accuracy" in json.dumps(shown)
+    dvc(project, "plots", "show", "-o", "plots_out")
+    page = (project / "plots_out" / "index.html").read_text()
+    assert "Confusion matrix" in page and "Accuracy per epoch" in page
+
+
+def test_noop_repro_runs_nothing(project):
+    result = dvc(project, "repro")
+    assert stages_run(result.stdout) == set()
+    assert "up to date" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "section, change, expected",
+    [
+        ("report", {"dpi": 60}, {"report"}),
+        ("evaluate", {"split": "val"}, {"evaluate", "report"}),
+        # Same predictions in other batches: evaluate's outputs are unchanged, so DVC skips report.
+        ("evaluate", {"batch_size": 7}, {"evaluate"}),
+        ("train", {"epochs": 2}, {"train", "evaluate", "report"}),
+    ],
+)
+def test_a_param_change_reruns_exactly_its_stage_and_downstream(project, section, change, expected):
+    set_params(project / "params.yaml", **{section: change})
+    assert stages_run(dvc(project, "repro").stdout) == expected
+
+
+def test_failed_validation_stops_the_pipeline(tmp_path, tiny_archive):
+    repo = git_dvc_project(tmp_path / "project")
+    params = tiny_params(tiny_archive)
+    params["validate"] = {"expected_per_class": {"train": 21, "test": 5}}  # one image per class missing
+    set_params(repo / "params.yaml", **params)
+    result = dvc(repo, "repro", check=False)
+    assert result.returncode != 0
+    assert "error: validation failed" in result.stderr and "expected_count" in result.stderr
+    assert not (repo / "models/model.keras").exists()
+    assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == {"download", "prepare"}
+    assert (repo / "results/validate/data_docs/index.html").is_file()  # the failure is inspectable
