@@ -1,0 +1,176 @@
+"""`cifar10-pipeline`: run, schedule, inspect and use the pipeline from one command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect.")
+
+DEFAULT_PORT = 4200
+PREFECT_HOME = Path(".prefect")
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['train.epochs=5'] -> {'train.epochs': 5}; values are read as YAML (numbers, null, lists)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            fail(f"--set expects key=value (e.g. train.epochs=5), got '{pair}'", 2)
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return overrides
+
+
+def require_repo(repo: Path) -> Path:
+    repo = repo.resolve()
+    if not (repo / "dvc.yaml").is_file():
+        fail(f"{repo} has no dvc.yaml; run from the project root or pass --repo", 2)
+    return repo
+
+
+RepoOption = Annotated[Path, typer.Option("--repo", help="Project root (holds dvc.yaml).")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a param: key=value (repeatable).")]
+
+
+@app.command()
+def run(
+    repo: RepoOption = Path("."),
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print which stages would run and why; change nothing.")] = False,
+    push: Annotated[bool, typer.Option(help="dvc push the outputs afterwards.")] = False,
+    lock_timeout: Annotated[float, typer.Option(help="Seconds to wait for another run of this repo.")] = 0.0,
+) -> None:
+    """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
+    from pipelines.dvcrepo import StageFailed
+    from pipelines.flow import FlowLockBusy, check_overrides, pipeline
+
+    repo = require_repo(repo)
+    overrides = parse_overrides(set_ or [])
+    try:
+        check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
+        result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
+                          push=push, lock_timeout_s=lock_timeout)
+    except (StageFailed, FlowLockBusy, ValueError) as err:
+        fail(str(err))
+    if dry_run:
+        for stage, fate in result["plan"].items():
+            typer.echo(f"{stage}: {fate}")
+        return
+    for stage, info in result["stages"].items():
+        typer.echo(f"{stage}: {'ran ' + format(info['seconds'], '.0f') + ' s' if info['ran'] else 'up to date'}")
+    if result.get("experiment"):
+        typer.echo(f"experiment: {result['experiment']}")
+    if result.get("metrics"):
+        typer.echo(f"accuracy: {result['metrics'].get('accuracy')}")
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * *' for nightly at 02:00.")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    repo: RepoOption = Path("."),
+    set_: SetOption = None,
+    push: Annotated[bool, typer.Option(help="dvc push the outputs after each run.")] = False,
+) -> None:
+    """Serve a scheduled deployment of the flow (needs a Prefect server: see `server`)."""
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines.flow import check_overrides, pipeline
+
+    repo = require_repo(repo)
+    overrides = parse_overrides(set_ or [])
+    try:
+        check_overrides(repo / "params.yaml", overrides)
+    except ValueError as err:
+        fail(str(err), 2)
+    if not PREFECT_API_URL.value():
+        fail("serve needs a Prefect server: start one with `cifar10-pipeline server`, then "
+             f"export PREFECT_API_URL=http://127.0.0.1:{DEFAULT_PORT}/api", 2)
+    typer.echo(f"serving deployment 'cifar10-pipeline/{name}' on cron '{cron}' for {repo} (Ctrl-C stops)")
+    # limit=1: a scheduled run that overlaps a running one waits instead of stacking up.
+    pipeline.serve(
+        name=name, cron=cron, limit=1,
+        parameters={"repo_dir": str(repo), "overrides": overrides or None, "push": push},
+    )
+
+
+@app.command()
+def server(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = DEFAULT_PORT,
+    home: Annotated[Path, typer.Option(help="PREFECT_HOME (SQLite database and settings).")] = PREFECT_HOME,
+) -> None:
+    """Start a local Prefect server (SQLite under a project-local PREFECT_HOME)."""
+    home = home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}/api"
+    typer.echo(f"starting a Prefect server on {url} with PREFECT_HOME={home}")
+    typer.echo(f"in another shell: export PREFECT_API_URL={url}")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect = Path(sys.executable).parent / "prefect"
+    raise typer.Exit(subprocess.call([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env))
+
+
+@app.command()
+def status(repo: RepoOption = Path(".")) -> None:
+    """DVC's view of what is stale, stage by stage, and why."""
+    from pipelines.dvcrepo import plan
+
+    for stage, fate in plan(require_repo(repo)).items():
+        typer.echo(f"{stage}: {fate}")
+
+
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="Git revision, branch, tag or experiment name.")],
+    b: Annotated[Optional[str], typer.Argument(help="Another revision (default: the workspace).")] = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Params and metrics that differ between two commits or experiments (DVC's diffs)."""
+    from pipelines.dvcrepo import dvc
+
+    repo = require_repo(repo)
+    revs = [a] + ([b] if b else [])
+    try:
+        params = dvc(repo, "params", "diff", *revs, "--md")
+        metrics = dvc(repo, "metrics", "diff", *revs, "--md", "--all")
+    except RuntimeError as err:
+        fail(f"{err}; check the revision names (git log, dvc exp show)")
+    typer.echo(f"## Params ({a} -> {b or 'workspace'})\n\n{params.strip() or 'no differences'}\n")
+    typer.echo(f"## Metrics ({a} -> {b or 'workspace'})\n\n{metrics.strip() or 'no metrics'}")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode.")],
+    model: Annotated[Path, typer.Option(help="Trained model.")] = Path("models/model.keras"),
+    classes: Annotated[Path, typer.Option(help="Class names in label order.")] = Path("data/prepared/classes.json"),
+) -> None:
+    """Class and probability for each image, with the model's own normalisation."""
+    from pipelines.predict import PredictError, predict_files
+
+    try:
+        for path, label, probability in predict_files(paths, model, classes):
+            typer.echo(f"{path}: {label} ({probability:.4f})")
+    except PredictError as err:
+        fail(str(err), 2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""What the flow needs from DVC: the stage graph, why stages are stale, running one stage.
+
+The DAG is read from DVC (`Repo.index.graph`), never restated here, so dvc.yaml stays the one
+place it is written. Stages run through the `dvc` CLI, so DVC alone decides what is up to date.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+
+# Exit codes our stages use (stages/common/errors.py); DVC reports them as "exited with N".
+TRANSIENT_EXIT = 75
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    order: list[str]  # topological: every stage after the stages it depends on
+    upstream: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    ran: bool
+    seconds: float
+
+    def describe(self) -> str:
+        return f"{self.stage}: ran {self.seconds:.0f} s" if self.ran else f"{self.stage}: up to date"
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message is the stage's own error line."""
+
+    def __init__(self, stage: str, message: str, exit_code: int | None):
+        super().__init__(f"{stage} failed: {message}")
+        self.stage, self.exit_code = stage, exit_code
+
+    @property
+    def transient(self) -> bool:
+        return self.exit_code == TRANSIENT_EXIT
+
+
+def dvc_executable() -> str:
+    """The dvc next to this Python, so the flow uses the project's environment."""
+    candidate = Path(sys.executable).parent / "dvc"
+    return str(candidate) if candidate.exists() else "dvc"
+
+
+def stage_graph(repo_dir: Path) -> StageGraph:
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        names = {stage: stage.name for stage in graph.nodes}
+        dag = nx.DiGraph()
+        dag.add_nodes_from(names.values())
+        dag.add_edges_from((names[up], names[down]) for down, up in graph.edges)
+    return StageGraph(order=_file_order(repo_dir, dag), upstream={n: sorted(dag.predecessors(n)) for n in dag})
+
+
+def _file_order(repo_dir: Path, dag: nx.DiGraph) -> list[str]:
+    """Topological order, ties broken by the order stages are written in dvc.yaml."""
+    import yaml
+
+    written = list((yaml.safe_load((repo_dir / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    rank = {name: (written.index(name) if name in written else len(written)) for name in dag}
+    return list(nx.lexicographical_topological_sort(dag, key=lambda n: (rank[n], n)))
+
+
+def stale_reasons(repo_dir: Path) -> dict[str, list[str]]:
+    """{stage: ["params train.epochs changed", "data/raw modified", ...]} from `dvc status`."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        status = repo.status()
+    reasons: dict[str, list[str]] = {}
+    for stage, entries in status.items():
+        name = stage.split(":")[-1]
+        for entry in entries:
+            if isinstance(entry, str):
+                reasons.setdefault(name, []).append(entry)
+                continue
+            for kind, changes in entry.items():
+                for path, change in (changes.items() if isinstance(changes, dict) else [(kind, changes)]):
+                    if isinstance(change, dict):  # params: {"train": "modified"}
+                        for key, what in change.items():
+                            detail = _param_diff(repo_dir, name, path, key) if what == "modified" else what
+                            reasons.setdefault(name, []).append(f"param {key}: {detail}")
+                    else:
+                        reasons.setdefault(name, []).append(f"{kind}: {path} {change}")
+    return reasons
+
+
+def _flatten(value: object, prefix: str) -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def _param_diff(repo_dir: Path, stage: str, params_file: str, key: str) -> str:
+    """'train.epochs 1 -> 3' for a whole-section param DVC only calls 'modified'."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load((repo_dir / "dvc.lock").read_text())
+        old = lock["stages"][stage]["params"][params_file][key]
+        new = yaml.safe_load((repo_dir / params_file).read_text())
+        for part in key.split("."):
+            new = new[part]
+    except (OSError, KeyError, TypeError):
+        return "modified"
+    before, after = _flatten(old, key), _flatten(new, key)
+    changes = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    return ", ".join(changes) or "modified"
+
+
+def plan(repo_dir: Path) -> dict[str, str]:
+    """Each stage's expected fate: why it will run, or that it is up to date."""
+    graph, reasons = stage_graph(repo_dir), stale_reasons(repo_dir)
+    fate: dict[str, str] = {}
+    for stage in graph.order:
+        if stage in reasons:
+            fate[stage] = "will run: " + "; ".join(reasons[stage])
+        else:
+            changed_up = [u for u in graph.upstream[stage] if fate[u].startswith(("will run", "may run"))]
+            fate[stage] = f"may run: if {', '.join(changed_up)} change its outputs" if changed_up else "up to date"
+    return fate
+
+
+_ERROR_LINE = re.compile(r"^error: (.*)$", re.MULTILINE)
+_DVC_ERROR = re.compile(r"^ERROR: (.*)$", re.MULTILINE)
+_EXIT_CODE = re.compile(r"exited with (-?\d+)")
+
+
+def run_stage(repo_dir: Path, stage: str, log: Callable[[str], None] = print, env: dict | None = None) -> StageOutcome:
+    """`dvc repro --single-item <stage>`, streaming its output to `log`.
+
+    The command runs in its own process group, so a timeout or cancellation that interrupts us
+    also ends the stage's Python process instead of orphaning it.
+    """
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [dvc_executable(), "repro", "--single-item", stage],
+        cwd=repo_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, **(env or {})},
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            log(line.rstrip())
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(lines)
+    if code != 0:
+        ours, dvcs = _ERROR_LINE.findall(output), _DVC_ERROR.findall(output)
+        message = ours[-1] if ours else (dvcs[-1] if dvcs else f"dvc exited with {code}")
+        found = _EXIT_CODE.search(output)
+        exit_code = int(found.group(1)) if found else None
+        if "Unable to acquire lock" in output:
+            message, exit_code = "another dvc command holds this repo's lock; retry when it ends", TRANSIENT_EXIT
+        raise StageFailed(stage, message, exit_code)
+    return StageOutcome(stage, ran=f"Running stage '{stage}'" in output, seconds=time.perf_counter() - started)
+
+
+def dvc(repo_dir: Path, *args: str) -> str:
+    """Run a dvc command, returning stdout; its error line becomes the exception message."""
+    result = subprocess.run([dvc_executable(), *args], cwd=repo_dir, capture_output=True, text=True)
+    if result.returncode != 0:
+        errors = _DVC_ERROR.findall(result.stderr + result.stdout)
+        raise RuntimeError(f"dvc {' '.join(args)}: {errors[-1] if errors else result.stderr.strip()}")
+    return result.stdout

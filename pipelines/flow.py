@@ -1,0 +1,241 @@
+"""The Prefect flow: one task per DVC stage, in the order DVC's graph gives.
+
+DVC decides what is up to date (each task is `dvc repro --single-item <stage>`); Prefect adds
+logs, retries, timeouts, artifacts and schedules. Overrides (`{"train.epochs": 5}`) are applied
+to params.yaml and the finished run is saved as a DVC experiment named after the flow run, so it
+shows in `dvc exp show` next to the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+from prefect.tasks import exponential_backoff
+
+from pipelines.dvcrepo import StageFailed, StageOutcome, dvc, plan, run_stage, stage_graph
+
+LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
+REPORT_ARTIFACT = "cifar10-report"
+METRICS_ARTIFACT = "cifar10-metrics"
+
+
+class FlowLockBusy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def flow_lock(repo: Path, timeout_s: float) -> Iterator[None]:
+    """One flow run per repo at a time; a second waits up to `timeout_s`, then fails clearly.
+
+    DVC's own lock covers one `dvc` command, not the gap between two stages of a flow run.
+    """
+    path = repo / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "another run"
+                    raise FlowLockBusy(
+                        f"{holder} is running the pipeline in {repo} ({path}); "
+                        f"wait for it to finish, or give a longer lock_timeout_s (now {timeout_s:g} s)"
+                    ) from None
+                time.sleep(1)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"flow run {_flow_run_name()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _flow_run_name() -> str:
+    try:
+        return get_run_context().flow_run.name  # type: ignore[union-attr]
+    except Exception:
+        return "a flow run"
+
+
+def _flow_run_id() -> str | None:
+    try:
+        return str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    except Exception:
+        return None
+
+
+def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml, keeping its comments; unknown keys are refused."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    data = yaml.load(params_file.read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    with open(params_file, "w") as fh:
+        yaml.dump(data, fh)
+
+
+def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Refuse an override whose key params.yaml lacks, suggesting the nearest one."""
+    import yaml
+
+    data = yaml.safe_load(params_file.read_text())
+    known = set(_flatten_keys(data))
+    for dotted in overrides:
+        if dotted not in known:
+            hint = difflib.get_close_matches(dotted, sorted(known), n=1)
+            raise ValueError(
+                f"override '{dotted}' names no key in params.yaml" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            )
+
+
+def _flatten_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _flatten_keys(value, f"{prefix}{key}.")
+        if prefix:
+            yield prefix[:-1]
+    else:
+        yield prefix[:-1]
+
+
+def _transient_only(task, task_run, state) -> bool:
+    """Retry a stage only when it failed for a reason worth retrying (network, lock busy)."""
+    try:
+        state.result()
+    except StageFailed as err:
+        return err.transient
+    except Exception:
+        return False
+    return False
+
+
+@task(name="dvc-stage")
+def stage_task(repo_dir: str, stage: str) -> StageOutcome:
+    logger = get_run_logger()
+    outcome = run_stage(Path(repo_dir), stage, log=logger.info)
+    logger.info(outcome.describe())
+    return outcome
+
+
+def run_stages(repo: Path, timeouts: dict[str, float], download_retries: int) -> list[StageOutcome]:
+    """Each stage as a task that waits for its upstream stages; a failure stops the rest."""
+    graph = stage_graph(repo)
+    futures: dict[str, Any] = {}
+    outcomes: list[StageOutcome] = []
+    for stage in graph.order:
+        options: dict[str, Any] = {"name": stage, "task_run_name": stage, "timeout_seconds": timeouts.get(stage)}
+        if stage == "download":  # the only stage that touches the network
+            options.update(retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+                           retry_condition_fn=_transient_only)
+        future = stage_task.with_options(**options).submit(
+            str(repo), stage, wait_for=[futures[u] for u in graph.upstream[stage]]
+        )
+        futures[stage] = future
+        try:
+            outcomes.append(future.result())
+        except StageFailed:
+            skipped = graph.order[graph.order.index(stage) + 1:]
+            get_run_logger().error(f"{stage} failed; not run: {', '.join(skipped) or 'nothing'}")
+            raise
+        except TimeoutError:
+            raise StageFailed(stage, f"timed out after {timeouts.get(stage)} s (stage_timeouts)", None) from None
+    return outcomes
+
+
+def publish_artifacts(repo: Path, outcomes: list[StageOutcome], experiment: str | None) -> dict[str, Any]:
+    """Markdown and table artifacts under stable keys, so the Prefect UI keeps their history."""
+    metrics_path = repo / "results/evaluate/metrics.json"
+    report_path = repo / "results/evaluate/classification_report.json"
+    if not metrics_path.is_file():
+        return {}
+    metrics = json.loads(metrics_path.read_text())
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    per_class = [
+        f"| {name} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1-score']:.4f} |"
+        for name, r in report.items() if isinstance(r, dict) and name not in ("macro avg", "weighted avg")
+    ]
+    markdown = "\n".join([
+        "# CIFAR-10 pipeline run",
+        "",
+        f"**Accuracy {metrics.get('accuracy')}**, macro F1 {metrics.get('f1_macro')}, loss {metrics.get('loss')}",
+        "",
+        "Stages: " + "; ".join(o.describe() for o in outcomes),
+        *( [f"", f"Saved as DVC experiment `{experiment}`."] if experiment else []),
+        "",
+        "| class | precision | recall | F1 |",
+        "|---|---:|---:|---:|",
+        *per_class,
+    ])
+    create_markdown_artifact(markdown, key=REPORT_ARTIFACT, description="Headline of the pipeline's report")
+    create_table_artifact([{"metric": k, "value": v} for k, v in metrics.items()], key=METRICS_ARTIFACT,
+                          description="Evaluation metrics")
+    return metrics
+
+
+@flow(name="cifar10-pipeline", log_prints=True)
+def pipeline(
+    repo_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    push: bool = False,
+    stage_timeouts: dict[str, float] | None = None,
+    download_retries: int = 3,
+    lock_timeout_s: float = 0.0,
+) -> dict[str, Any]:
+    """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped."""
+    logger = get_run_logger()
+    repo = Path(repo_dir).resolve()
+    with flow_lock(repo, lock_timeout_s):
+        params_file = repo / "params.yaml"
+        original = params_file.read_text()
+        if overrides:
+            check_overrides(params_file, overrides)
+            apply_overrides(params_file, overrides)
+        fate = plan(repo)
+        for stage, what in fate.items():
+            logger.info(f"plan: {stage}: {what}")
+        if dry_run:
+            params_file.write_text(original)  # a dry run leaves the workspace as it found it
+            return {"plan": fate}
+        outcomes = run_stages(repo, stage_timeouts or {}, download_retries)
+        logger.info("summary: " + " | ".join(o.describe() for o in outcomes))
+        experiment = None
+        if overrides:
+            experiment = f"prefect-{_flow_run_name()}"
+            dvc(repo, "exp", "save", "--force", "--name", experiment, "-m", f"prefect flow run {_flow_run_id()}")
+            logger.info(f"saved as DVC experiment {experiment} (dvc exp show)")
+        if push:
+            logger.info(dvc(repo, "push").strip() or "dvc push: nothing to push")
+        metrics = publish_artifacts(repo, outcomes, experiment)
+        return {
+            "stages": {o.stage: {"ran": o.ran, "seconds": round(o.seconds, 1)} for o in outcomes},
+            "experiment": experiment,
+            "metrics": metrics,
+        }

@@ -1,0 +1,151 @@
+"""The Prefect flow against a real Prefect server and real DVC repos on generated data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import git_dvc_project, set_params, tiny_params
+from tests.pipelines.conftest import BIN, api, cli
+
+pytestmark = pytest.mark.e2e
+
+
+def stage_lines(stdout: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in stdout.splitlines() if line.split(":")[0] in
+                {"download", "prepare", "validate", "train", "evaluate", "report"})
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory, tiny_archive):
+    repo = git_dvc_project(tmp_path_factory.mktemp("flow") / "project")
+    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
+    return repo
+
+
+def test_flow_runs_then_finds_everything_up_to_date(flow_project, prefect_env, prefect_api):
+    first = cli(prefect_env, "run", "--repo", str(flow_project))
+    assert first.returncode == 0, first.stderr
+    assert all(v.startswith("ran") for v in stage_lines(first.stdout).values())
+    second = cli(prefect_env, "run", "--repo", str(flow_project))
+    assert second.returncode == 0, second.stderr
+    assert set(stage_lines(second.stdout).values()) == {"up to date"}
+    runs = api(prefect_api, "POST", "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+    assert len(runs) >= 2
+    artifacts = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-report", "cifar10-metrics"]}}})
+    assert {a["key"] for a in artifacts} == {"cifar10-report", "cifar10-metrics"}
+    assert any("Accuracy" in (a.get("data") or "") for a in artifacts if a["key"] == "cifar10-report")
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(flow_project, prefect_env):
+    before = (flow_project / "params.yaml").read_text()
+    result = cli(prefect_env, "run", "--repo", str(flow_project), "--dry-run", "--set", "train.epochs=3")
+    assert result.returncode == 0, result.stderr
+    plan = stage_lines(result.stdout)
+    assert plan["train"] == "will run: param train: train.epochs 1 -> 3"
+    assert plan["download"] == "up to date" and plan["evaluate"].startswith("may run")
+    assert (flow_project / "params.yaml").read_text() == before
+
+
+def test_train_override_reruns_train_evaluate_report_as_an_experiment(flow_project, prefect_env):
+    result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.epochs=2")
+    assert result.returncode == 0, result.stderr
+    lines = stage_lines(result.stdout)
+    assert {s for s, v in lines.items() if v.startswith("ran")} == {"train", "evaluate", "report"}
+    experiment = next(line.split(": ")[1] for line in result.stdout.splitlines() if line.startswith("experiment: "))
+    shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=flow_project, capture_output=True, text=True)
+    assert experiment in shown.stdout
+    assert yaml.safe_load((flow_project / "params.yaml").read_text())["train"]["epochs"] == 2
+
+
+def test_unknown_override_is_one_clear_line(flow_project, prefect_env):
+    result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.epoch=2")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: override 'train.epoch' names no key in params.yaml; did you mean 'train.epochs'?"
+
+
+def test_concurrent_runs_wait_or_are_refused(flow_project, prefect_env):
+    set_params(flow_project / "params.yaml", report={"dpi": 55})
+    first = subprocess.Popen([str(BIN / "cifar10-pipeline"), "run", "--repo", str(flow_project), "--set", "train.seed=7"],
+                             env=prefect_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = flow_project / ".dvc/tmp/cifar10-flow.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith("flow run")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    refused = cli(prefect_env, "run", "--repo", str(flow_project), "--lock-timeout", "0")
+    waited = cli(prefect_env, "run", "--repo", str(flow_project), "--lock-timeout", "600")
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert refused.returncode == 1 and "is running the pipeline" in refused.stderr
+    assert waited.returncode == 0, waited.stderr
+    assert set(stage_lines(waited.stdout).values()) == {"up to date"}
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=flow_project, capture_output=True, text=True)
+    assert "up to date" in status.stdout
+
+
+def test_failing_validation_fails_the_flow_and_skips_training(tmp_path, tiny_archive, prefect_env, prefect_api):
+    repo = git_dvc_project(tmp_path / "project")
+    params = tiny_params(tiny_archive)
+    params["validate"] = {"expected_per_class": {"train": 21, "test": 5}}
+    set_params(repo / "params.yaml", **params)
+    result = cli(prefect_env, "run", "--repo", str(repo))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: validate failed: validation failed: 1 of")
+    assert not (repo / "models/model.keras").exists()
+    runs = api(prefect_api, "POST", "/flow_runs/filter",
+               {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 1})
+    tasks = api(prefect_api, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+    assert {t["name"] for t in tasks} == {"download", "prepare", "validate"}
+
+
+def test_scheduled_deployment_runs_by_itself_and_on_demand(flow_project, prefect_env, prefect_api):
+    serve = subprocess.Popen(
+        [str(BIN / "cifar10-pipeline"), "serve", "--cron", "* * * * *", "--name", "every-minute", "--repo", str(flow_project)],
+        env=prefect_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        deployment = None
+        while deployment is None and time.monotonic() < deadline:
+            found = api(prefect_api, "POST", "/deployments/filter", {"deployments": {"name": {"any_": ["every-minute"]}}})
+            deployment = found[0] if found else None
+            time.sleep(1)
+        assert deployment is not None, "deployment was not created"
+        assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
+        upcoming = []
+        while not upcoming and time.monotonic() < deadline:
+            upcoming = api(prefect_api, "POST", "/flow_runs/filter",
+                           {"deployments": {"id": {"any_": [deployment["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+            time.sleep(1)
+        assert upcoming, "the scheduler created no upcoming runs"
+
+        manual = api(prefect_api, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
+        finished = wait_for_runs(prefect_api, deployment["id"], lambda r: r["id"] == manual["id"], timeout=300)
+        assert finished["state_type"] == "COMPLETED"
+        scheduled = wait_for_runs(prefect_api, deployment["id"], lambda r: r["auto_scheduled"], timeout=240)
+        assert scheduled["state_type"] == "COMPLETED"
+    finally:
+        import os
+        import signal
+
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+
+
+def wait_for_runs(url: str, deployment_id: str, match, timeout: float) -> dict:
+    """The first run of the deployment matching `match` that reached a final state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = api(url, "POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+        done = [r for r in runs if match(r) and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+        if done:
+            return done[0]
+        time.sleep(2)
+    raise AssertionError(f"no matching run finished within {timeout} s: {json.dumps(runs)[:2000]}")
