@@ -42,6 +42,20 @@ def require_repo(repo: Path) -> Path:
 
 
 RepoOption = Annotated[Path, typer.Option("--repo", help="Project root (holds dvc.yaml).")]
+TimeoutOption = Annotated[
+    Optional[list[str]], typer.Option("--stage-timeout", help="Per-stage timeout: stage=seconds (repeatable).")
+]
+
+
+def parse_timeouts(pairs: list[str]) -> dict[str, float]:
+    timeouts = {}
+    for pair in pairs:
+        stage, _, seconds = pair.partition("=")
+        try:
+            timeouts[stage.strip()] = float(seconds)
+        except ValueError:
+            fail(f"--stage-timeout expects stage=seconds (e.g. train=3600), got '{pair}'", 2)
+    return timeouts
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a param: key=value (repeatable).")]
 
 
@@ -52,9 +66,10 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print which stages would run and why; change nothing.")] = False,
     push: Annotated[bool, typer.Option(help="dvc push the outputs afterwards.")] = False,
     lock_timeout: Annotated[float, typer.Option(help="Seconds to wait for another run of this repo.")] = 0.0,
+    stage_timeout: TimeoutOption = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
-    from pipelines.dvcrepo import StageFailed
+    from pipelines.dvcrepo import RepoBusy, StageFailed
     from pipelines.flow import FlowLockBusy, check_overrides, pipeline
 
     repo = require_repo(repo)
@@ -62,8 +77,8 @@ def run(
     try:
         check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
         result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
-                          push=push, lock_timeout_s=lock_timeout)
-    except (StageFailed, FlowLockBusy, ValueError) as err:
+                          push=push, lock_timeout_s=lock_timeout, stage_timeouts=parse_timeouts(stage_timeout or []))
+    except (StageFailed, FlowLockBusy, RepoBusy, ValueError) as err:
         fail(str(err))
     if dry_run:
         for stage, fate in result["plan"].items():
@@ -84,6 +99,7 @@ def serve(
     repo: RepoOption = Path("."),
     set_: SetOption = None,
     push: Annotated[bool, typer.Option(help="dvc push the outputs after each run.")] = False,
+    stage_timeout: TimeoutOption = None,
 ) -> None:
     """Serve a scheduled deployment of the flow (needs a Prefect server: see `server`)."""
     from prefect.settings import PREFECT_API_URL
@@ -103,7 +119,8 @@ def serve(
     # limit=1: a scheduled run that overlaps a running one waits instead of stacking up.
     pipeline.serve(
         name=name, cron=cron, limit=1,
-        parameters={"repo_dir": str(repo), "overrides": overrides or None, "push": push},
+        parameters={"repo_dir": str(repo), "overrides": overrides or None, "push": push,
+                    "stage_timeouts": parse_timeouts(stage_timeout or [])},
     )
 
 
@@ -126,9 +143,13 @@ def server(
 @app.command()
 def status(repo: RepoOption = Path(".")) -> None:
     """DVC's view of what is stale, stage by stage, and why."""
-    from pipelines.dvcrepo import plan
+    from pipelines.dvcrepo import RepoBusy, inspect_repo, plan
 
-    for stage, fate in plan(require_repo(repo)).items():
+    try:
+        graph, reasons = inspect_repo(require_repo(repo))
+    except RepoBusy as err:
+        fail(str(err))
+    for stage, fate in plan(graph, reasons).items():
         typer.echo(f"{stage}: {fate}")
 
 

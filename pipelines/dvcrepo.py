@@ -56,7 +56,13 @@ def dvc_executable() -> str:
     return str(candidate) if candidate.exists() else "dvc"
 
 
-def stage_graph(repo_dir: Path) -> StageGraph:
+class RepoBusy(RuntimeError):
+    pass
+
+
+def inspect_repo(repo_dir: Path) -> tuple[StageGraph, dict[str, list[str]]]:
+    """The stage graph and, per stale stage, why DVC considers it stale (one Repo load)."""
+    from dvc.lock import LockError
     from dvc.repo import Repo
 
     with Repo(str(repo_dir)) as repo:
@@ -65,7 +71,12 @@ def stage_graph(repo_dir: Path) -> StageGraph:
         dag = nx.DiGraph()
         dag.add_nodes_from(names.values())
         dag.add_edges_from((names[up], names[down]) for down, up in graph.edges)
-    return StageGraph(order=_file_order(repo_dir, dag), upstream={n: sorted(dag.predecessors(n)) for n in dag})
+        try:
+            status = repo.status()
+        except LockError:
+            raise RepoBusy(f"another dvc command is running in {repo_dir}; wait for it to finish and rerun") from None
+    stage_graph = StageGraph(order=_file_order(repo_dir, dag), upstream={n: sorted(dag.predecessors(n)) for n in dag})
+    return stage_graph, _reasons(repo_dir, status)
 
 
 def _file_order(repo_dir: Path, dag: nx.DiGraph) -> list[str]:
@@ -77,12 +88,8 @@ def _file_order(repo_dir: Path, dag: nx.DiGraph) -> list[str]:
     return list(nx.lexicographical_topological_sort(dag, key=lambda n: (rank[n], n)))
 
 
-def stale_reasons(repo_dir: Path) -> dict[str, list[str]]:
-    """{stage: ["params train.epochs changed", "data/raw modified", ...]} from `dvc status`."""
-    from dvc.repo import Repo
-
-    with Repo(str(repo_dir)) as repo:
-        status = repo.status()
+def _reasons(repo_dir: Path, status: dict) -> dict[str, list[str]]:
+    """{stage: ["param train: train.epochs 1 -> 3", ...]} from `dvc status` output."""
     reasons: dict[str, list[str]] = {}
     for stage, entries in status.items():
         name = stage.split(":")[-1]
@@ -124,9 +131,8 @@ def _param_diff(repo_dir: Path, stage: str, params_file: str, key: str) -> str:
     return ", ".join(changes) or "modified"
 
 
-def plan(repo_dir: Path) -> dict[str, str]:
+def plan(graph: StageGraph, reasons: dict[str, list[str]]) -> dict[str, str]:
     """Each stage's expected fate: why it will run, or that it is up to date."""
-    graph, reasons = stage_graph(repo_dir), stale_reasons(repo_dir)
     fate: dict[str, str] = {}
     for stage in graph.order:
         if stage in reasons:

@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
-from pipelines.dvcrepo import StageFailed, StageOutcome, dvc, plan, run_stage, stage_graph
+from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, dvc, inspect_repo, plan, run_stage
 
 LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
 REPORT_ARTIFACT = "cifar10-report"
@@ -137,36 +137,42 @@ def _transient_only(task, task_run, state) -> bool:
 
 
 @task(name="dvc-stage")
-def stage_task(repo_dir: str, stage: str) -> StageOutcome:
+def stage_task(repo_dir: str, stage: str, up_to_date: bool) -> StageOutcome:
     logger = get_run_logger()
-    outcome = run_stage(Path(repo_dir), stage, log=logger.info)
+    if up_to_date:
+        # `dvc status` already said so and nothing upstream ran: `dvc repro` would only skip it.
+        outcome = StageOutcome(stage, ran=False, seconds=0.0)
+    else:
+        outcome = run_stage(Path(repo_dir), stage, log=logger.info)
     logger.info(outcome.describe())
     return outcome
 
 
-def run_stages(repo: Path, timeouts: dict[str, float], download_retries: int) -> list[StageOutcome]:
+def run_stages(
+    repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[str, float], download_retries: int
+) -> list[StageOutcome]:
     """Each stage as a task that waits for its upstream stages; a failure stops the rest."""
-    graph = stage_graph(repo)
     futures: dict[str, Any] = {}
-    outcomes: list[StageOutcome] = []
+    outcomes: dict[str, StageOutcome] = {}
     for stage in graph.order:
         options: dict[str, Any] = {"name": stage, "task_run_name": stage, "timeout_seconds": timeouts.get(stage)}
         if stage == "download":  # the only stage that touches the network
             options.update(retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=5),
                            retry_condition_fn=_transient_only)
+        up_to_date = stage not in stale and not any(outcomes[u].ran for u in graph.upstream[stage])
         future = stage_task.with_options(**options).submit(
-            str(repo), stage, wait_for=[futures[u] for u in graph.upstream[stage]]
+            str(repo), stage, up_to_date, wait_for=[futures[u] for u in graph.upstream[stage]]
         )
         futures[stage] = future
         try:
-            outcomes.append(future.result())
+            outcomes[stage] = future.result()
         except StageFailed:
             skipped = graph.order[graph.order.index(stage) + 1:]
             get_run_logger().error(f"{stage} failed; not run: {', '.join(skipped) or 'nothing'}")
             raise
         except TimeoutError:
             raise StageFailed(stage, f"timed out after {timeouts.get(stage)} s (stage_timeouts)", None) from None
-    return outcomes
+    return list(outcomes.values())
 
 
 def publish_artifacts(repo: Path, outcomes: list[StageOutcome], experiment: str | None) -> dict[str, Any]:
@@ -218,16 +224,19 @@ def pipeline(
         if overrides:
             check_overrides(params_file, overrides)
             apply_overrides(params_file, overrides)
-        fate = plan(repo)
+        graph, reasons = inspect_repo(repo)
+        fate = plan(graph, reasons)
         for stage, what in fate.items():
             logger.info(f"plan: {stage}: {what}")
         if dry_run:
             params_file.write_text(original)  # a dry run leaves the workspace as it found it
             return {"plan": fate}
-        outcomes = run_stages(repo, stage_timeouts or {}, download_retries)
+        outcomes = run_stages(repo, graph, set(reasons), stage_timeouts or {}, download_retries)
         logger.info("summary: " + " | ".join(o.describe() for o in outcomes))
         experiment = None
-        if overrides:
+        if overrides and not any(o.ran for o in outcomes):
+            logger.info("nothing ran: the workspace already holds these results; no new experiment saved")
+        elif overrides:
             experiment = f"prefect-{_flow_run_name()}"
             dvc(repo, "exp", "save", "--force", "--name", experiment, "-m", f"prefect flow run {_flow_run_id()}")
             logger.info(f"saved as DVC experiment {experiment} (dvc exp show)")

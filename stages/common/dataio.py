@@ -38,6 +38,16 @@ PICKLE_META = "batches.meta"
 
 
 @contextlib.contextmanager
+def _disk_full_is_transient(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise TransientError(f"disk full while writing {path}; free space and rerun") from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; move it into place only if the block succeeds.
 
@@ -50,12 +60,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise TransientError(f"disk full while writing {path}; free space and rerun") from None
-        raise
+        with _disk_full_is_transient(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -67,14 +74,11 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise TransientError(f"disk full while writing {path}; free space and rerun") from None
-        raise
+        with _disk_full_is_transient(path):
+            yield tmp
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -41,6 +41,34 @@ def test_flow_runs_then_finds_everything_up_to_date(flow_project, prefect_env, p
     assert any("Accuracy" in (a.get("data") or "") for a in artifacts if a["key"] == "cifar10-report")
 
 
+def test_predict_any_image_size_and_mode(flow_project, prefect_env, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (100, 60), 90).save(tmp_path / "gray.png")
+    Image.new("RGBA", (16, 16), (200, 10, 10, 128)).save(tmp_path / "small.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    classes = json.loads((flow_project / "data/prepared/classes.json").read_text())
+    args = ["--model", str(flow_project / "models/model.keras"), "--classes", str(flow_project / "data/prepared/classes.json")]
+    result = cli(prefect_env, "predict", str(tmp_path / "gray.png"), str(tmp_path / "small.png"), *args)
+    assert result.returncode == 0, result.stderr
+    for line in result.stdout.splitlines():
+        path, rest = line.split(": ")
+        label, probability = rest.split(" (")
+        assert label in classes and 0.0 < float(probability.rstrip(")")) <= 1.0
+    bad = cli(prefect_env, "predict", str(tmp_path / "notes.txt"), *args)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: {tmp_path / 'notes.txt'} is not a readable image")
+
+
+def test_run_without_a_server_uses_a_temporary_api(flow_project, tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    result = cli(env, "run", "--repo", str(flow_project), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert set(stage_lines(result.stdout).values()) == {"up to date"}
+
+
 def test_dry_run_prints_the_plan_and_changes_nothing(flow_project, prefect_env):
     before = (flow_project / "params.yaml").read_text()
     result = cli(prefect_env, "run", "--repo", str(flow_project), "--dry-run", "--set", "train.epochs=3")
@@ -60,6 +88,13 @@ def test_train_override_reruns_train_evaluate_report_as_an_experiment(flow_proje
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=flow_project, capture_output=True, text=True)
     assert experiment in shown.stdout
     assert yaml.safe_load((flow_project / "params.yaml").read_text())["train"]["epochs"] == 2
+    status = cli(prefect_env, "status", "--repo", str(flow_project))
+    assert status.returncode == 0 and set(stage_lines(status.stdout).values()) == {"up to date"}
+    compared = cli(prefect_env, "compare", "HEAD", "--repo", str(flow_project))
+    assert compared.returncode == 0, compared.stderr
+    assert "train.epochs" in compared.stdout and "## Metrics" in compared.stdout
+    unknown = cli(prefect_env, "compare", "no-such-rev", "--repo", str(flow_project))
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: dvc params diff")
 
 
 def test_unknown_override_is_one_clear_line(flow_project, prefect_env):
