@@ -67,17 +67,56 @@ def run(
     push: Annotated[bool, typer.Option(help="dvc push the outputs afterwards.")] = False,
     lock_timeout: Annotated[float, typer.Option(help="Seconds to wait for another run of this repo.")] = 0.0,
     stage_timeout: TimeoutOption = None,
+    fallback: Annotated[bool, typer.Option(help="If the Prefect API is unreachable, run plain `dvc repro`.")] = False,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
-    from pipelines.dvcrepo import RepoBusy, StageFailed
-    from pipelines.flow import FlowLockBusy, check_overrides, pipeline
+    from pipelines.flow import check_overrides
 
     repo = require_repo(repo)
     overrides = parse_overrides(set_ or [])
     try:
         check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
+    except ValueError as err:
+        fail(str(err), 2)
+    api_url = os.environ.get("PREFECT_API_URL")
+    if api_url and not _api_reachable(api_url):
+        if not fallback:
+            fail(f"the Prefect API at {api_url} is unreachable; start it (cifar10-pipeline server), unset "
+                 "PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`", 75)
+        typer.echo(f"warning: the Prefect API at {api_url} is unreachable; running plain `dvc repro` "
+                   "(no Prefect logs, retries or artifacts)", err=True)
+        _plain_repro(repo, overrides, dry_run)
+        return
+    _run_flow(repo, overrides, dry_run, push, lock_timeout, parse_timeouts(stage_timeout or []))
+
+
+def _api_reachable(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _plain_repro(repo: Path, overrides: dict[str, Any], dry_run: bool) -> None:
+    """The pipeline without Prefect: DVC's own experiment runner when there are overrides."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={yaml.safe_dump(value).strip()}")]
+    command = [dvc, "exp", "run", *sets] if overrides else [dvc, "repro"]
+    if dry_run:
+        command.append("--dry")
+    raise typer.Exit(subprocess.call(command, cwd=repo))
+
+
+def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
+              timeouts: dict[str, float]) -> None:
+    from pipelines.dvcrepo import RepoBusy, StageFailed
+    from pipelines.flow import FlowLockBusy, pipeline
+
+    try:
         result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
-                          push=push, lock_timeout_s=lock_timeout, stage_timeouts=parse_timeouts(stage_timeout or []))
+                          push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts)
     except (StageFailed, FlowLockBusy, RepoBusy, ValueError) as err:
         fail(str(err))
     if dry_run:

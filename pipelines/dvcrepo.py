@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,39 +149,70 @@ _DVC_ERROR = re.compile(r"^ERROR: (.*)$", re.MULTILINE)
 _EXIT_CODE = re.compile(r"exited with (-?\d+)")
 
 
-def run_stage(repo_dir: Path, stage: str, log: Callable[[str], None] = print, env: dict | None = None) -> StageOutcome:
+# Process groups of stages now running, so the flow can end them when it is itself stopped.
+RUNNING: set[int] = set()
+
+
+def stop_group(pgid: int, grace_s: float = 15.0) -> None:
+    """SIGINT first (stages clean their temporary files and exit 130), SIGKILL after a grace."""
+    try:
+        os.killpg(pgid, signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises once every process of the group is gone
+            time.sleep(0.2)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_all_stages() -> None:
+    for pgid in list(RUNNING):
+        stop_group(pgid)
+        RUNNING.discard(pgid)
+
+
+def run_stage(
+    repo_dir: Path, stage: str, log: Callable[[str], None] = print, timeout_s: float | None = None
+) -> StageOutcome:
     """`dvc repro --single-item <stage>`, streaming its output to `log`.
 
-    The command runs in its own process group, so a timeout or cancellation that interrupts us
-    also ends the stage's Python process instead of orphaning it.
+    The command runs in its own process group: on timeout (or when the flow is stopped, see
+    `stop_all_stages`) the whole group is ended, dvc and the stage's Python process alike.
     """
     started = time.perf_counter()
     proc = subprocess.Popen(
         [dvc_executable(), "repro", "--single-item", stage],
-        cwd=repo_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env={**os.environ, **(env or {})},
+        cwd=repo_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+    RUNNING.add(proc.pid)
     lines: list[str] = []
-    try:
+
+    def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
             log(line.rstrip())
-        code = proc.wait()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_group(proc.pid)
+        raise StageFailed(stage, f"timed out after {timeout_s:g} s; stopped it (raise its stage timeout)", None) from None
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc.pid)
+        RUNNING.discard(proc.pid)
+        reader.join(timeout=10)
     output = "".join(lines)
     if code != 0:
         ours, dvcs = _ERROR_LINE.findall(output), _DVC_ERROR.findall(output)
         message = ours[-1] if ours else (dvcs[-1] if dvcs else f"dvc exited with {code}")
         found = _EXIT_CODE.search(output)
         exit_code = int(found.group(1)) if found else None
-        if "Unable to acquire lock" in output:
+        if "Unable to acquire lock" in output or "is being blocked by" in output:
             message, exit_code = "another dvc command holds this repo's lock; retry when it ends", TRANSIENT_EXIT
         raise StageFailed(stage, message, exit_code)
     return StageOutcome(stage, ran=f"Running stage '{stage}'" in output, seconds=time.perf_counter() - started)

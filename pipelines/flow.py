@@ -23,7 +23,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
-from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, dvc, inspect_repo, plan, run_stage
+from pipelines.dvcrepo import (
+    StageFailed,
+    StageGraph,
+    StageOutcome,
+    dvc,
+    inspect_repo,
+    plan,
+    run_stage,
+    stop_all_stages,
+)
 
 LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
 REPORT_ARTIFACT = "cifar10-report"
@@ -137,13 +146,13 @@ def _transient_only(task, task_run, state) -> bool:
 
 
 @task(name="dvc-stage")
-def stage_task(repo_dir: str, stage: str, up_to_date: bool) -> StageOutcome:
+def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | None = None) -> StageOutcome:
     logger = get_run_logger()
     if up_to_date:
         # `dvc status` already said so and nothing upstream ran: `dvc repro` would only skip it.
         outcome = StageOutcome(stage, ran=False, seconds=0.0)
     else:
-        outcome = run_stage(Path(repo_dir), stage, log=logger.info)
+        outcome = run_stage(Path(repo_dir), stage, log=logger.info, timeout_s=timeout_s)
     logger.info(outcome.describe())
     return outcome
 
@@ -155,13 +164,15 @@ def run_stages(
     futures: dict[str, Any] = {}
     outcomes: dict[str, StageOutcome] = {}
     for stage in graph.order:
-        options: dict[str, Any] = {"name": stage, "task_run_name": stage, "timeout_seconds": timeouts.get(stage)}
+        # The stage's timeout is enforced by run_stage itself, which can stop the stage's
+        # process group; a Prefect timeout would only interrupt this thread.
+        options: dict[str, Any] = {"name": stage, "task_run_name": stage}
         if stage == "download":  # the only stage that touches the network
             options.update(retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=5),
                            retry_condition_fn=_transient_only)
         up_to_date = stage not in stale and not any(outcomes[u].ran for u in graph.upstream[stage])
         future = stage_task.with_options(**options).submit(
-            str(repo), stage, up_to_date, wait_for=[futures[u] for u in graph.upstream[stage]]
+            str(repo), stage, up_to_date, timeouts.get(stage), wait_for=[futures[u] for u in graph.upstream[stage]]
         )
         futures[stage] = future
         try:
@@ -170,8 +181,6 @@ def run_stages(
             skipped = graph.order[graph.order.index(stage) + 1:]
             get_run_logger().error(f"{stage} failed; not run: {', '.join(skipped) or 'nothing'}")
             raise
-        except TimeoutError:
-            raise StageFailed(stage, f"timed out after {timeouts.get(stage)} s (stage_timeouts)", None) from None
     return list(outcomes.values())
 
 
@@ -231,7 +240,10 @@ def pipeline(
         if dry_run:
             params_file.write_text(original)  # a dry run leaves the workspace as it found it
             return {"plan": fate}
-        outcomes = run_stages(repo, graph, set(reasons), stage_timeouts or {}, download_retries)
+        try:
+            outcomes = run_stages(repo, graph, set(reasons), stage_timeouts or {}, download_retries)
+        finally:
+            stop_all_stages()  # the flow itself was stopped or failed: leave no stage running
         logger.info("summary: " + " | ".join(o.describe() for o in outcomes))
         experiment = None
         if overrides and not any(o.ran for o in outcomes):

@@ -38,8 +38,9 @@ class PrepareParams:
 # --- pure parts ----------------------------------------------------------------------------
 
 
-def decode_image(content: bytes, name: str, convert: bool) -> np.ndarray:
-    """A (32, 32, 3) uint8 array; other sizes/modes are an error unless `convert`."""
+def decode_image(content: bytes, name: str, convert: bool, conversions: list[dict] | None = None) -> np.ndarray:
+    """A (32, 32, 3) uint8 array; other sizes/modes are an error unless `convert`, in which case
+    the conversion is recorded in `conversions`."""
     try:
         with Image.open(io.BytesIO(content)) as img:
             img.load()
@@ -49,6 +50,8 @@ def decode_image(content: bytes, name: str, convert: bool) -> np.ndarray:
                         f"{name} is {img.size[0]}x{img.size[1]} {img.mode}, expected 32x32 RGB; "
                         "fix the file or set prepare.convert_images: true to convert it"
                     )
+                if conversions is not None:
+                    conversions.append({"file": name, "size": list(img.size), "mode": img.mode})
                 img = img.convert("RGB").resize(IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC)
             return np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -122,14 +125,16 @@ def image_metadata(images: np.ndarray, labels: np.ndarray, split: str, classes: 
 # --- reading the raw archive ---------------------------------------------------------------
 
 
-def read_raw(raw_dir: Path, convert: bool) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+def read_raw(
+    raw_dir: Path, convert: bool, conversions: list[dict] | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """{'train'|'test': (images, labels)} and the class names, as download recorded them."""
     manifest = dataio.read_json(raw_dir / "manifest.json")
     archive, classes = raw_dir / "archive", manifest["classes"]
     members = dataio.iter_members(archive, manifest["container"])
     if manifest["layout"] == "pickle-batches":
         return _read_pickles(members), classes
-    return _read_class_folders(members, classes, convert), classes
+    return _read_class_folders(members, classes, convert, conversions), classes
 
 
 def _read_pickles(members) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -143,7 +148,9 @@ def _read_pickles(members) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {s: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v])) for s, v in parts.items()}
 
 
-def _read_class_folders(members, classes: list[str], convert: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _read_class_folders(
+    members, classes: list[str], convert: bool, conversions: list[dict] | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     label_of = {c: i for i, c in enumerate(classes)}
     images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
@@ -152,7 +159,7 @@ def _read_class_folders(members, classes: list[str], convert: bool) -> dict[str,
         if entry is None:
             continue
         split, cls = entry
-        images[split].append(decode_image(content, name, convert))
+        images[split].append(decode_image(content, name, convert, conversions))
         labels[split].append(label_of[cls])
     return {s: (np.stack(images[s]), np.asarray(labels[s], dtype=np.int64)) for s in images}
 
@@ -176,22 +183,27 @@ def prepare(
     return splits, norm, table
 
 
-def write_prepared(out_dir: Path, splits, classes: list[str], norm: dict, table: pd.DataFrame) -> None:
+def write_prepared(
+    out_dir: Path, splits, classes: list[str], norm: dict, table: pd.DataFrame, conversions: list[dict]
+) -> None:
     with dataio.atomic_dir(out_dir) as tmp:
         for split, (images, labels) in splits.items():
             dataio.save_split(tmp / f"{split}.npz", images, labels)
         dataio.write_json(tmp / "classes.json", classes)
         dataio.write_json(tmp / "normalization.json", norm)
         table.to_csv(tmp / "metadata.csv", index=False)
+        dataio.write_json(tmp / "conversions.json", conversions)
 
 
 def main() -> None:
     params = load_section("prepare", PrepareParams)
-    source, classes = read_raw(RAW_DIR, params.convert_images)
+    conversions: list[dict] = []
+    source, classes = read_raw(RAW_DIR, params.convert_images, conversions)
     splits, norm, table = prepare(source, classes, params)
-    write_prepared(OUT_DIR, splits, classes, norm, table)
+    write_prepared(OUT_DIR, splits, classes, norm, table, conversions)
     sizes = ", ".join(f"{s} {len(y):,}" for s, (_, y) in splits.items())
-    print(f"prepare: {sizes} images, normalization {norm['method']} -> {OUT_DIR}")
+    converted = f", {len(conversions)} converted to 32x32 RGB" if conversions else ""
+    print(f"prepare: {sizes} images{converted}, normalization {norm['method']} -> {OUT_DIR}")
 
 
 if __name__ == "__main__":

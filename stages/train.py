@@ -1,12 +1,20 @@
 """train: fit a model from the zoo on the prepared arrays (Keras 3, TensorFlow backend).
 
 Outputs `models/model.keras` (normalisation included) and results/train/ (DVCLive's per-epoch
-metrics and curves, plus run_info.json saying which device trained and how long it took).
+metrics and curves, plus run_info.json: device, time, seed and library versions).
+
+A killed training resumes: Keras' BackupAndRestore keeps the last finished epoch under
+.dvc/tmp/train-backup/<key>, outside DVC's outputs (DVC deletes those before a stage runs), keyed
+by the train params and the prepared data, so a changed param never resumes another run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,13 +28,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
-from stages.common.errors import TrainingDiverged, run_main  # noqa: E402
+from stages.common.errors import ConfigError, TrainingDiverged, run_main  # noqa: E402
 from stages.common.models import MODELS, build_model  # noqa: E402
 from stages.common.params import knob, load_section  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
 MODEL_PATH = Path("models/model.keras")
 OUT_DIR = Path("results/train")
+BACKUP_ROOT = Path(".dvc/tmp/train-backup")
+HISTORY_FILE = "history.jsonl"
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
 
@@ -38,6 +48,7 @@ class TrainParams:
     optimizer: str = knob(choices=OPTIMIZERS)
     learning_rate: float = knob(min=0.0, max=10.0, min_exclusive=True)
     seed: int = knob(min=0)
+    require_gpu: bool
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None) -> tf.data.Dataset:
@@ -63,14 +74,57 @@ def train_device() -> str:
     return f"GPU ({gpus[0].name})" if gpus else "CPU"
 
 
+class EpochLog(keras.callbacks.Callback):
+    """Appends each finished epoch's metrics to a JSON-lines file, so a resumed run keeps them.
+
+    It runs before BackupAndRestore saves the epoch; a kill between the two leaves one row too
+    many, which `resume_history` drops.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def resume_history(backup_dir: Path) -> list[dict[str, float]]:
+    """Metrics of the epochs a previous, interrupted run finished (empty for a fresh start)."""
+    metadata = backup_dir / "training_metadata.json"
+    history = backup_dir / HISTORY_FILE
+    if not metadata.is_file() or not history.is_file():
+        return []
+    done = int(json.loads(metadata.read_text())["epoch"])
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["epoch"] < done]
+    history.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def backup_key(params: TrainParams, prepared_dir: Path) -> str:
+    """Changes whenever a train param or the prepared data does."""
+    digest = hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode())
+    for name in ("train.npz", "val.npz", "normalization.json", "classes.json"):
+        with open(prepared_dir / name, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
 def train(
     params: TrainParams,
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
     classes: list[str],
     normalization: dict,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    backup_dir: Path | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Build and fit the model; raise if the loss or weights stop being finite."""
+    """Build and fit the model (resuming from `backup_dir` if it holds an interrupted run);
+    raise if the loss or weights stop being finite. Returns the history of all epochs."""
     keras.utils.set_random_seed(params.seed)
     model = build_model(params.model, len(classes), normalization["mean"], normalization["std"])
     model.compile(
@@ -80,15 +134,24 @@ def train(
     )
     train_ds = make_dataset(*splits["train"], params.batch_size, shuffle_seed=params.seed)
     val_ds = make_dataset(*splits["val"], params.batch_size, shuffle_seed=None) if len(splits["val"][1]) else None
-    history = model.fit(
+    guards: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    previous: list[dict[str, float]] = []
+    if backup_dir is not None:
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        previous = resume_history(backup_dir)
+        guards += [EpochLog(backup_dir / HISTORY_FILE),
+                   keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True)]
+    fit = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=params.epochs,
         shuffle=False,  # the tf.data pipeline shuffles, seeded
-        callbacks=[keras.callbacks.TerminateOnNaN(), *(callbacks or [])],
+        callbacks=[*guards, *(callbacks or [])],
         verbose=2,
     )
-    losses = history.history.get("loss", [])
+    history = {k: [r[k] for r in previous] + list(v) for k, v in fit.history.items()}
+    losses = history.get("loss", [])
+    # TerminateOnNaN stops early, and Keras records no epoch for the batch that went NaN.
     if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
         raise TrainingDiverged(
             f"training diverged (loss {losses[-1] if losses else 'nan'} at epoch {len(losses)}); "
@@ -96,25 +159,39 @@ def train(
         )
     if not all(np.all(np.isfinite(w)) for w in model.get_weights()):
         raise TrainingDiverged("training ended with non-finite weights; lower train.learning_rate")
-    return model, history.history
+    return model, history
 
 
 def main() -> None:
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
+    from dvclive.utils import standardize_metric_name
 
     params = load_section("train", TrainParams)
+    device = train_device()
+    if params.require_gpu and device == "CPU":
+        raise ConfigError(
+            "train.require_gpu is true but TensorFlow sees no GPU; run on a GPU machine with "
+            "`pip install -e .[gpu]`, or set train.require_gpu: false"
+        )
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     normalization = dataio.read_json(PREPARED_DIR / "normalization.json")
     splits = {s: dataio.load_split(PREPARED_DIR / f"{s}.npz") for s in ("train", "val")}
-    device = train_device()
-    print(f"train: {params.model} on {device}, {len(splits['train'][1]):,} images, {params.epochs} epochs")
+    backup_dir = BACKUP_ROOT / backup_key(params, PREPARED_DIR)
+    previous = resume_history(backup_dir)
+    resumed = f", resuming after epoch {len(previous)}" if previous else ""
+    print(f"train: {params.model} on {device}, {len(splits['train'][1]):,} images, {params.epochs} epochs{resumed}")
 
     started = time.perf_counter()
     # dvcyaml=None: the stage's plots are declared in dvc.yaml, DVCLive must not edit it.
     with Live(str(OUT_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         live.log_params(asdict(params))
-        model, history = train(params, splits, classes, normalization, [DVCLiveCallback(live=live)])
+        for row in previous:  # the curves cover every epoch, also those before an interruption
+            for name, value in row.items():
+                if name != "epoch":
+                    live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
+            live.next_step()
+        model, history = train(params, splits, classes, normalization, [DVCLiveCallback(live=live)], backup_dir)
     seconds = time.perf_counter() - started
 
     with dataio.atomic_path(MODEL_PATH) as tmp:
@@ -122,11 +199,15 @@ def main() -> None:
     info: dict[str, Any] = {
         "device": device,
         "seconds": round(seconds, 1),
-        "seconds_per_epoch": round(seconds / params.epochs, 1),
+        "seconds_per_epoch": round(seconds / max(params.epochs - len(previous), 1), 1),
+        "resumed_after_epoch": len(previous),
         "parameters": model.count_params(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "seed": params.seed,
+        "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                     "tensorflow": tf.__version__, "keras": keras.__version__},
     }
     dataio.write_json(OUT_DIR / "run_info.json", info)
+    shutil.rmtree(backup_dir, ignore_errors=True)
     final = {k: round(v[-1], 4) for k, v in history.items()}
     print(f"train: done in {seconds:.1f} s on {device}; last epoch {final} -> {MODEL_PATH}")
 

@@ -198,12 +198,13 @@ def validate(
     return results, failures(results)
 
 
-def summarize(results: dict) -> dict:
+def summarize(results: dict, conversions: list[dict]) -> dict:
     stats = {name: r["statistics"] for name, r in results.items()}
     return {
         "success": all(r["success"] for r in results.values()),
         "evaluated": sum(s["evaluated_expectations"] for s in stats.values()),
         "failed": sum(s["unsuccessful_expectations"] for s in stats.values()),
+        "converted_images": len(conversions),  # resized or re-moded by prepare.convert_images
         "tables": stats,
     }
 
@@ -216,10 +217,11 @@ def main() -> None:
         raise DataError(f"{PREPARED_DIR / 'metadata.csv'} not found; run `dvc repro prepare` first")
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     norm = dataio.read_json(PREPARED_DIR / "normalization.json")
+    conversions = dataio.read_json(PREPARED_DIR / "conversions.json")
 
     with dataio.atomic_dir(OUT_DIR) as tmp:
         results, failed = validate(images, classes, norm, params, prepare, docs_dir=tmp / "data_docs")
-        summary = summarize(results)
+        summary = summarize(results, conversions)
         dataio.write_json(tmp / "result.json", results)
         dataio.write_json(tmp / "summary.json", summary)
     if failed:
@@ -229,7 +231,8 @@ def main() -> None:
             f"validation failed: {len(failed)} of {summary['evaluated']} expectations "
             f"(first: {failed[0]}); see {OUT_DIR}/data_docs/index.html, fix the data or the validate.* params"
         )
-    print(f"validate: all {summary['evaluated']} expectations passed -> {OUT_DIR}")
+    converted = f" ({len(conversions)} images were converted by prepare)" if conversions else ""
+    print(f"validate: all {summary['evaluated']} expectations passed{converted} -> {OUT_DIR}")
 
 
 if __name__ == "__main__":

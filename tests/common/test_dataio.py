@@ -65,3 +65,24 @@ def test_unrecognised_layouts_say_what_was_found(tmp_path, names, message):
     with pytest.raises(DataError) as err:
         dataio.detect_layout(names, tmp_path / "x.tar")
     assert message in str(err.value)
+
+
+def test_disk_full_is_transient_and_names_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from stages.common.errors import TransientError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    monkeypatch.setattr("pathlib.Path.write_text", full)
+    with pytest.raises(TransientError, match=f"disk full while writing {target}; free space and rerun"):
+        dataio.write_json(target, {"accuracy": 1})
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    with pytest.raises(TransientError, match="disk full"):
+        with dataio.atomic_dir(tmp_path / "out") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not (tmp_path / "out").exists()

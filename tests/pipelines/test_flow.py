@@ -99,7 +99,7 @@ def test_train_override_reruns_train_evaluate_report_as_an_experiment(flow_proje
 
 def test_unknown_override_is_one_clear_line(flow_project, prefect_env):
     result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.epoch=2")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == "error: override 'train.epoch' names no key in params.yaml; did you mean 'train.epochs'?"
 
 
@@ -184,3 +184,19 @@ def wait_for_runs(url: str, deployment_id: str, match, timeout: float) -> dict:
             return done[0]
         time.sleep(2)
     raise AssertionError(f"no matching run finished within {timeout} s: {json.dumps(runs)[:2000]}")
+
+
+def test_stage_timeout_stops_the_stage_process_group(flow_project, prefect_env):
+    import psutil
+
+    lock_before = (flow_project / "dvc.lock").read_text()
+    result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.seed=99", "--stage-timeout", "train=4")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: train failed: timed out after 4 s; stopped it (raise its stage timeout)"
+    )
+    time.sleep(1)
+    leftovers = [p for p in psutil.process_iter(["cmdline", "cwd"])
+                 if p.info["cwd"] == str(flow_project) and "stages.train" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+    assert (flow_project / "dvc.lock").read_text() == lock_before

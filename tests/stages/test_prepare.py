@@ -70,7 +70,9 @@ def test_decode_rejects_or_converts_wrong_size_and_mode():
     Image.new("L", (40, 30), 128).save(buf, format="PNG")
     with pytest.raises(DataError, match="cat/1.png is 40x30 L, expected 32x32 RGB.*convert_images"):
         decode_image(buf.getvalue(), "cat/1.png", convert=False)
-    assert decode_image(buf.getvalue(), "cat/1.png", convert=True).shape == (32, 32, 3)
+    conversions: list[dict] = []
+    assert decode_image(buf.getvalue(), "cat/1.png", convert=True, conversions=conversions).shape == (32, 32, 3)
+    assert conversions == [{"file": "cat/1.png", "size": [40, 30], "mode": "L"}]
     with pytest.raises(DataError, match="cat/2.jpg cannot be decoded"):
         decode_image(b"not an image", "cat/2.jpg", convert=False)
 

@@ -39,7 +39,7 @@ def test_dataset_yields_float_pixels_in_batches():
 
 
 def test_one_epoch_trains_and_is_seeded():
-    params = TrainParams("tutorial_cnn", 1, 8, "adam", 0.001, seed=5)
+    params = TrainParams("tutorial_cnn", 1, 8, "adam", 0.001, seed=5, require_gpu=False)
     _, history = train(params, splits(), CLASSES, NORM)
     _, again = train(params, splits(), CLASSES, NORM)
     assert set(history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
@@ -47,6 +47,6 @@ def test_one_epoch_trains_and_is_seeded():
 
 
 def test_huge_learning_rate_is_reported_as_divergence():
-    params = TrainParams("tutorial_cnn", 3, 4, "sgd", 10.0, seed=0)
+    params = TrainParams("tutorial_cnn", 3, 4, "sgd", 10.0, seed=0, require_gpu=False)
     with pytest.raises(TrainingDiverged, match="lower train.learning_rate"):
         train(params, splits(), CLASSES, NORM)

@@ -1,0 +1,213 @@
+"""Faults a nightly run meets, each through the real CLI: they fail loudly and lose nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests import synthetic
+from tests.conftest import git_dvc_project, set_params, tiny_params
+from tests.test_e2e import BIN, ENV, dvc, stages_run
+
+pytestmark = pytest.mark.e2e
+
+SLOW_TRAIN = {"model": "leaky_bn_cnn", "epochs": 4, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def prepared_project(tmp_path_factory):
+    """A repo whose data is prepared and validated, with enough images that an epoch takes a moment."""
+    root = tmp_path_factory.mktemp("reliability")
+    archive = synthetic.write_tar_gz(root / "data.tar.gz", synthetic.class_folder_files(60, 5))
+    repo = git_dvc_project(root / "project")
+    params = tiny_params(archive)
+    params["validate"] = {"expected_per_class": {"train": 60, "test": 5}}
+    set_params(repo / "params.yaml", **params)
+    dvc(repo, "repro", "validate")
+    return repo
+
+
+def start_repro(repo: Path, *targets: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "dvc"), "repro", *targets], cwd=repo, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def read_until(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"'{marker}' never appeared:\n{''.join(seen)}")
+
+
+def test_killed_training_resumes_from_its_last_epoch(prepared_project):
+    repo = prepared_project
+    set_params(repo / "params.yaml", train=SLOW_TRAIN)
+    lock_before = (repo / "dvc.lock").read_text()
+    proc = start_repro(repo, "train")
+    read_until(proc, "Epoch 3/4")  # two epochs finished and backed up
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (repo / "dvc.lock").read_text() == lock_before
+    assert not (repo / "models/model.keras").exists()
+
+    result = dvc(repo, "repro", "train")
+    assert "resuming after epoch 2" in result.stdout
+    assert "Epoch 3/4" in result.stdout and "Epoch 1/4" not in result.stdout
+    for curve in ("train/loss", "eval/accuracy"):
+        rows = (repo / f"results/train/plots/metrics/{curve}.tsv").read_text().splitlines()
+        assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+    assert json.loads((repo / "results/train/run_info.json").read_text())["resumed_after_epoch"] == 2
+    assert not any((repo / ".dvc/tmp/train-backup").iterdir())
+
+    # A changed param starts afresh instead of resuming someone else's run.
+    set_params(repo / "params.yaml", train={"epochs": 2})
+    assert "resuming" not in dvc(repo, "repro", "train").stdout
+
+
+def test_interrupted_repro_leaves_lock_and_outputs_as_they_were(prepared_project):
+    repo = prepared_project
+    set_params(repo / "params.yaml", train={**SLOW_TRAIN, "seed": 3})
+    dvc(repo, "repro", "train")
+    lock_before = (repo / "dvc.lock").read_text()
+    set_params(repo / "params.yaml", train={"seed": 4})
+    proc = start_repro(repo, "train")
+    read_until(proc, "Epoch 2/4")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert (repo / "dvc.lock").read_text() == lock_before
+    leftovers = [p for p in repo.rglob("*.tmp*") if ".dvc" not in p.parts]
+    assert leftovers == []
+    assert stages_run(dvc(repo, "repro", "train").stdout) == {"train"}
+
+
+def test_diverging_training_exits_5_and_writes_no_model(prepared_project):
+    repo = prepared_project
+    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "epochs": 3, "optimizer": "sgd",
+                                            "learning_rate": 10.0, "batch_size": 8})
+    result = dvc(repo, "repro", "train", check=False)
+    assert result.returncode != 0
+    assert "exited with 5" in result.stderr
+    # Either NaN loss stopped it, or the loss stayed finite while weights did not: both are caught.
+    assert re.search(r"error: training (diverged \(loss nan|ended with non-finite weights)", result.stderr)
+    assert not (repo / "models/model.keras").exists()
+
+
+def test_require_gpu_without_one_is_a_clear_error(prepared_project):
+    repo = prepared_project
+    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "epochs": 1, "optimizer": "adam",
+                                            "learning_rate": 0.001, "require_gpu": True})
+    result = dvc(repo, "repro", "train", check=False)
+    assert "exited with 2" in result.stderr
+    assert "error: train.require_gpu is true but TensorFlow sees no GPU" in result.stdout + result.stderr
+
+
+def test_same_seed_gives_identical_metrics_and_records_versions(prepared_project):
+    repo = prepared_project
+    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "epochs": 2, "optimizer": "adam",
+                                            "learning_rate": 0.001, "require_gpu": False, "seed": 11})
+    dvc(repo, "repro", "evaluate")
+    first = (repo / "results/evaluate/metrics.json").read_text()
+    dvc(repo, "repro", "--force", "--single-item", "train")
+    dvc(repo, "repro", "--single-item", "evaluate")
+    assert (repo / "results/evaluate/metrics.json").read_text() == first
+    info = json.loads((repo / "results/train/run_info.json").read_text())
+    assert info["seed"] == 11 and set(info["versions"]) == {"python", "numpy", "tensorflow", "keras"}
+
+
+def test_a_second_repro_is_refused_while_one_runs(prepared_project):
+    repo = prepared_project
+    set_params(repo / "params.yaml", train={**SLOW_TRAIN, "seed": 21})
+    proc = start_repro(repo, "train")
+    read_until(proc, "Epoch 1/4")
+    second = dvc(repo, "repro", "train", check=False)
+    out, _ = proc.communicate(timeout=300)
+    # DVC locks each output it reads or writes: the second run is refused, naming the busy path.
+    assert second.returncode != 0 and "is busy, it is being blocked by" in second.stderr
+    assert proc.returncode == 0, out
+    assert stages_run(dvc(repo, "repro", "train").stdout) == set()
+
+
+def test_unreachable_prefect_api_is_named_and_can_fall_back(prepared_project, tmp_path):
+    repo = prepared_project
+    env = {**ENV, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(tmp_path)}
+    refused = subprocess.run([str(BIN / "cifar10-pipeline"), "run", "--repo", str(repo)], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 75
+    assert refused.stderr.strip() == (
+        "error: the Prefect API at http://127.0.0.1:9/api is unreachable; start it (cifar10-pipeline server), "
+        "unset PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`"
+    )
+    fallback = subprocess.run([str(BIN / "cifar10-pipeline"), "run", "--repo", str(repo), "--fallback"], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert fallback.returncode == 0, fallback.stderr
+    assert "running plain `dvc repro`" in fallback.stderr
+
+
+def test_corrupted_remote_object_is_detected_not_checked_out(prepared_project, tmp_path):
+    repo = prepared_project
+    remote = tmp_path / "remote"
+    dvc(repo, "remote", "add", "--local", "-f", "store", str(remote))
+    dvc(repo, "remote", "modify", "--local", "store", "verify", "true")
+    dvc(repo, "push", "-r", "store", "data/raw")
+    manifest_hash = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["download"]["outs"][0]["md5"]
+    objects = [p for p in (remote / "files" / "md5").rglob("*") if p.is_file() and not p.name.endswith(".dir")]
+    for obj in objects:
+        obj.write_bytes(b"corrupted" + obj.read_bytes()[9:])
+    subprocess.run(["rm", "-rf", str(repo / ".dvc/cache"), str(repo / "data/raw")], check=True)
+    result = dvc(repo, "pull", "-r", "store", "data/raw", check=False)
+    assert result.returncode != 0, result.stdout
+    assert not (repo / "data/raw/archive").exists()
+    assert manifest_hash  # the lock still names the good version
+
+
+def test_bad_images_are_named_or_converted_and_counted(in_tmp):
+    from io import BytesIO
+
+    from PIL import Image
+
+    from tests.conftest import run_stage
+
+    files = synthetic.class_folder_files(20, 5)
+    buf = BytesIO()
+    import numpy as np
+
+    Image.fromarray(np.arange(1200, dtype=np.uint8).reshape(30, 40)).save(buf, format="PNG")  # grey, not blank
+    odd = next(name for name in files if name.startswith("train/cat/"))
+    files[odd] = buf.getvalue()  # replaces a good image: counts stay as validate expects
+    archive = synthetic.write_tar_gz(in_tmp / "odd.tar.gz", files)
+    params = tiny_params(archive)
+    set_params(in_tmp / "params.yaml", **params)
+    assert run_stage("download", in_tmp).returncode == 0
+    strict = run_stage("prepare", in_tmp)
+    assert strict.returncode == 3
+    assert strict.stderr.strip() == (f"error: {odd} is 40x30 L, expected 32x32 RGB; "
+                                     "fix the file or set prepare.convert_images: true to convert it")
+    assert not (in_tmp / "data/prepared").exists()
+
+    set_params(in_tmp / "params.yaml", prepare={"convert_images": True})
+    assert run_stage("prepare", in_tmp).returncode == 0
+    validated = run_stage("validate", in_tmp)
+    assert validated.returncode == 0, validated.stderr
+    assert json.loads((in_tmp / "results/validate/summary.json").read_text())["converted_images"] == 1
+
+    broken_name = next(name for name in files if name.startswith("test/dog/"))
+    files[broken_name] = b"\x89PNG broken"
+    synthetic.write_tar_gz(archive, files)
+    assert run_stage("download", in_tmp).returncode == 0
+    broken = run_stage("prepare", in_tmp)
+    assert broken.returncode == 3 and broken.stderr.startswith(f"error: {broken_name} cannot be decoded")
