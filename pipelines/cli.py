@@ -68,6 +68,7 @@ def run(
     lock_timeout: Annotated[float, typer.Option(help="Seconds to wait for another run of this repo.")] = 0.0,
     stage_timeout: TimeoutOption = None,
     fallback: Annotated[bool, typer.Option(help="If the Prefect API is unreachable, run plain `dvc repro`.")] = False,
+    gate: Annotated[bool, typer.Option("--gate", help="End with the quality gate against main; fail on regression.")] = False,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
     from pipelines.flow import check_overrides
@@ -87,7 +88,7 @@ def run(
                    "(no Prefect logs, retries or artifacts)", err=True)
         _plain_repro(repo, overrides, dry_run)
         return
-    _run_flow(repo, overrides, dry_run, push, lock_timeout, parse_timeouts(stage_timeout or []))
+    _run_flow(repo, overrides, dry_run, push, lock_timeout, parse_timeouts(stage_timeout or []), gate)
 
 
 def _api_reachable(url: str) -> bool:
@@ -110,14 +111,14 @@ def _plain_repro(repo: Path, overrides: dict[str, Any], dry_run: bool) -> None:
 
 
 def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
-              timeouts: dict[str, float]) -> None:
+              timeouts: dict[str, float], gate: bool) -> None:
     from pipelines.dvcrepo import RepoBusy, StageFailed
-    from pipelines.flow import FlowLockBusy, pipeline
+    from pipelines.flow import FlowLockBusy, GateFailed, pipeline
 
     try:
         result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
-                          push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts)
-    except (StageFailed, FlowLockBusy, RepoBusy, ValueError) as err:
+                          push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts, gate=gate)
+    except (StageFailed, FlowLockBusy, RepoBusy, GateFailed, ValueError) as err:
         fail(str(err))
     if dry_run:
         for stage, fate in result["plan"].items():
@@ -194,22 +195,93 @@ def status(repo: RepoOption = Path(".")) -> None:
 
 @app.command()
 def compare(
-    a: Annotated[str, typer.Argument(help="Git revision, branch, tag or experiment name.")],
-    b: Annotated[Optional[str], typer.Argument(help="Another revision (default: the workspace).")] = None,
+    a: Annotated[Optional[str], typer.Argument(help="Git revision, branch, tag or experiment name.")] = None,
+    b: Annotated[Optional[str], typer.Argument(help="Another one (default: the workspace).")] = None,
+    all_runs: Annotated[bool, typer.Option("--all", help="One table of every commit and experiment.")] = False,
+    sort_by: Annotated[str, typer.Option(help="Metric to sort --all by.")] = "accuracy",
+    csv: Annotated[Optional[Path], typer.Option(help="Also write the --all table as CSV here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.md/.html and figures.")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
-    """Params and metrics that differ between two commits or experiments (DVC's diffs)."""
+    """Two runs side by side with bootstrap intervals and McNemar's test, or --all runs in one table."""
+    from pipelines.compare import compare as compare_runs
+    from pipelines.compare import experiments_table, safe_name
+
+    repo = require_repo(repo)
+    try:
+        if all_runs:
+            table = experiments_table(repo, sort_by=sort_by)
+            typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
+            if csv:
+                table.to_csv(csv, index=False)
+                typer.echo(f"written: {csv}")
+            return
+        if a is None:
+            fail("compare needs a revision or experiment (or --all)", 2)
+        folder = out or repo / "comparisons" / safe_name(f"{a}_vs_{b or 'workspace'}")
+        text, _ = compare_runs(repo, a, b, folder)
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    typer.echo(text)
+    typer.echo(f"written: {folder / 'compare.md'} and compare.html")
+
+
+@app.command()
+def gate(
+    baseline: Annotated[Optional[str], typer.Option(help="Default: newest commit on main with metrics.")] = None,
+    candidate: Annotated[Optional[str], typer.Option(help="Default: the workspace.")] = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Exit 1 when the candidate's accuracy or a class's recall dropped beyond params.yaml's gate."""
+    from pipelines.gate import gate as run_gate
+    from stages.common.errors import ConfigError
+
+    try:
+        verdict = run_gate(require_repo(repo), baseline, candidate)
+    except (ValueError, RuntimeError, ConfigError) as err:
+        fail(str(err), 2)
+    typer.echo(verdict.markdown())
+    if not verdict.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Search space YAML (see sweeps/seed002.yaml).")],
+    n: Annotated[Optional[int], typer.Option("-n", help="Random points (overrides the file).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Points run at a time, each in its own temp workspace.")] = 1,
+    name: Annotated[Optional[str], typer.Option(help="Sweep name; points are NAME-1, NAME-2, ...")] = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Run a grid or random search as DVC experiments; end with the ranked table and the best point."""
+    from pipelines.sweep import load_sweep_config
+    from pipelines.sweep import sweep as sweep_flow
+
+    repo = require_repo(repo)
+    try:
+        cfg = load_sweep_config(config)
+        result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
+                            n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name)
+    except (ValueError, RuntimeError, OSError) as err:
+        fail(str(err))
+    typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
+
+
+@app.command()
+def promote(
+    experiment: Annotated[str, typer.Argument(help="Experiment name (dvc exp show).")],
+    branch: Annotated[Optional[str], typer.Option(help="Make a git branch of it instead of applying it here.")] = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Keep an experiment: as a new branch, or applied to the workspace (then git commit it)."""
     from pipelines.dvcrepo import dvc
 
     repo = require_repo(repo)
-    revs = [a] + ([b] if b else [])
     try:
-        params = dvc(repo, "params", "diff", *revs, "--md")
-        metrics = dvc(repo, "metrics", "diff", *revs, "--md", "--all")
+        output = dvc(repo, "exp", "branch", experiment, branch) if branch else dvc(repo, "exp", "apply", experiment)
     except RuntimeError as err:
-        fail(f"{err}; check the revision names (git log, dvc exp show)")
-    typer.echo(f"## Params ({a} -> {b or 'workspace'})\n\n{params.strip() or 'no differences'}\n")
-    typer.echo(f"## Metrics ({a} -> {b or 'workspace'})\n\n{metrics.strip() or 'no metrics'}")
+        fail(str(err))
+    typer.echo(output.strip() or f"{experiment} applied to the workspace; `git commit` it to keep it")
 
 
 @app.command()

@@ -43,6 +43,20 @@ class FlowLockBusy(RuntimeError):
     pass
 
 
+class GateFailed(RuntimeError):
+    pass
+
+
+def run_gate(repo: Path):
+    """The quality gate against the newest metrics on main, as a Prefect artifact too."""
+    from pipelines.gate import gate
+
+    verdict = gate(repo)
+    get_run_logger().info(verdict.markdown())
+    create_markdown_artifact(verdict.markdown(), key="cifar10-gate", description="Quality gate verdict")
+    return verdict
+
+
 @contextlib.contextmanager
 def flow_lock(repo: Path, timeout_s: float) -> Iterator[None]:
     """One flow run per repo at a time; a second waits up to `timeout_s`, then fails clearly.
@@ -184,7 +198,9 @@ def run_stages(
     return list(outcomes.values())
 
 
-def publish_artifacts(repo: Path, outcomes: list[StageOutcome], experiment: str | None) -> dict[str, Any]:
+def publish_artifacts(
+    repo: Path, outcomes: list[StageOutcome], experiment: str | None, gate_text: str | None = None
+) -> dict[str, Any]:
     """Markdown and table artifacts under stable keys, so the Prefect UI keeps their history."""
     metrics_path = repo / "results/evaluate/metrics.json"
     report_path = repo / "results/evaluate/classification_report.json"
@@ -202,7 +218,8 @@ def publish_artifacts(repo: Path, outcomes: list[StageOutcome], experiment: str 
         f"**Accuracy {metrics.get('accuracy')}**, macro F1 {metrics.get('f1_macro')}, loss {metrics.get('loss')}",
         "",
         "Stages: " + "; ".join(o.describe() for o in outcomes),
-        *( [f"", f"Saved as DVC experiment `{experiment}`."] if experiment else []),
+        *(["", f"Saved as DVC experiment `{experiment}`."] if experiment else []),
+        *(["", gate_text] if gate_text else []),
         "",
         "| class | precision | recall | F1 |",
         "|---|---:|---:|---:|",
@@ -223,6 +240,7 @@ def pipeline(
     stage_timeouts: dict[str, float] | None = None,
     download_retries: int = 3,
     lock_timeout_s: float = 0.0,
+    gate: bool = False,
 ) -> dict[str, Any]:
     """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped."""
     logger = get_run_logger()
@@ -254,7 +272,10 @@ def pipeline(
             logger.info(f"saved as DVC experiment {experiment} (dvc exp show)")
         if push:
             logger.info(dvc(repo, "push").strip() or "dvc push: nothing to push")
-        metrics = publish_artifacts(repo, outcomes, experiment)
+        verdict = run_gate(repo) if gate else None
+        metrics = publish_artifacts(repo, outcomes, experiment, verdict.markdown() if verdict else None)
+        if verdict is not None and not verdict.passed:
+            raise GateFailed("quality gate failed: " + "; ".join(verdict.reasons))
         return {
             "stages": {o.stage: {"ran": o.ran, "seconds": round(o.seconds, 1)} for o in outcomes},
             "experiment": experiment,

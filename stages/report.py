@@ -23,6 +23,8 @@ from stages.common.errors import DataError, run_main  # noqa: E402
 from stages.common.params import knob, load_section  # noqa: E402
 from stages.evaluate import EvaluateParams  # noqa: E402
 
+RAW_MANIFEST = Path("data/raw/manifest.json")
+MODEL_PATH = Path("models/model.keras")
 PREPARED_DIR = Path("data/prepared")
 TRAIN_DIR = Path("results/train")
 EVALUATE_DIR = Path("results/evaluate")
@@ -136,6 +138,32 @@ def render_markdown(metrics: dict, report: dict, classes: list[str], run_info: d
     return "\n".join(lines)
 
 
+def model_card(manifest: dict, train_params: dict, metrics: dict, model_md5: str, revision: str) -> str:
+    """Which data, params, code and metrics produced the model, so it can be traced back."""
+    params = ", ".join(f"{k}={v}" for k, v in train_params.items())
+    return "\n".join([
+        "## Model card",
+        "",
+        f"- model file: `{MODEL_PATH}` (md5 `{model_md5}`)",
+        f"- data: `{manifest.get('source')}` (sha256 `{manifest.get('sha256')}`, {manifest.get('layout')})",
+        f"- train params: {params}",
+        f"- code revision: `{revision}`",
+        f"- metrics: accuracy {metrics.get('accuracy')}, macro F1 {metrics.get('f1_macro')}, loss {metrics.get('loss')}",
+        "",
+    ])
+
+
+def code_revision() -> str:
+    """The git commit the stages ran from, marked when stage code had uncommitted changes."""
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "stages", "dvc.yaml"], capture_output=True, text=True)
+    return head.stdout.strip() + (" + uncommitted changes to stages/ or dvc.yaml" if dirty.stdout.strip() else "")
+
+
 def render_html(md_text: str) -> str:
     body = markdown.markdown(md_text, extensions=["tables"])
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
@@ -184,17 +212,32 @@ def main() -> None:
             plt.close(fig)
         md_text = render_markdown(metrics, report, classes, {**run_info, "split": split},
                                   {t: f for t, (f, _) in figures.items()})
+        md_text += "\n" + model_card(dataio.read_json(RAW_MANIFEST), _train_params(TRAIN_DIR), metrics,
+                                     _md5(MODEL_PATH), code_revision())
         (tmp / "report.md").write_text(md_text)
         (tmp / "report.html").write_text(render_html(md_text))
     print(f"report: {OUT_DIR / 'report.md'} and report.html, {len(figures)} figures")
 
 
-def _trained_model(train_dir: Path) -> dict:
-    """The model name, from the params DVCLive logged with the run."""
+def _train_params(train_dir: Path) -> dict:
+    """The train params DVCLive logged with the run."""
     import yaml
 
     path = train_dir / "params.yaml"
-    return {"model": yaml.safe_load(path.read_text()).get("model")} if path.is_file() else {}
+    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+
+
+def _trained_model(train_dir: Path) -> dict:
+    return {"model": _train_params(train_dir).get("model")}
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro train` first")
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 if __name__ == "__main__":

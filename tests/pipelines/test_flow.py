@@ -90,11 +90,13 @@ def test_train_override_reruns_train_evaluate_report_as_an_experiment(flow_proje
     assert yaml.safe_load((flow_project / "params.yaml").read_text())["train"]["epochs"] == 2
     status = cli(prefect_env, "status", "--repo", str(flow_project))
     assert status.returncode == 0 and set(stage_lines(status.stdout).values()) == {"up to date"}
-    compared = cli(prefect_env, "compare", "HEAD", "--repo", str(flow_project))
+    compared = cli(prefect_env, "compare", experiment, "--repo", str(flow_project))
     assert compared.returncode == 0, compared.stderr
-    assert "train.epochs" in compared.stdout and "## Metrics" in compared.stdout
+    assert "## Metrics" in compared.stdout and "Verdict: difference within noise (p=1)" in compared.stdout
     unknown = cli(prefect_env, "compare", "no-such-rev", "--repo", str(flow_project))
-    assert unknown.returncode == 1 and unknown.stderr.startswith("error: dvc params diff")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == ("error: 'no-such-rev' is neither a git revision nor a DVC experiment here; "
+                                      "see `git log` and `dvc exp show`")
 
 
 def test_unknown_override_is_one_clear_line(flow_project, prefect_env):

@@ -45,3 +45,12 @@ def test_figures_render(tmp_path):
     grid = image_grid(np.zeros((3, 32, 32, 3), np.uint8), ["x", "y", "z"], columns=2, dpi=50)
     grid.savefig(tmp_path / "g.png")
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_model_card_traces_data_params_code_and_metrics():
+    from stages.report import model_card
+
+    card = model_card({"source": "x.tar.gz", "sha256": "abc", "layout": "class-folders"}, {"model": "m", "epochs": 3},
+                      {"accuracy": 0.7, "f1_macro": 0.69, "loss": 0.9}, "d41d8", "1234abcd")
+    for fact in ("md5 `d41d8`", "sha256 `abc`", "model=m, epochs=3", "`1234abcd`", "accuracy 0.7"):
+        assert fact in card

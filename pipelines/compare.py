@@ -1,0 +1,302 @@
+"""Compare two runs (commits, branches, tags or DVC experiments) with their uncertainty.
+
+DVC gives raw diffs of params and metrics; this adds what a person needs to act on them: the
+per-class changes, both confusion matrices and their difference, the curves overlaid
+(`dvc plots diff`), a 95% bootstrap interval for each accuracy and for the difference, and
+McNemar's exact test on the paired test predictions, ending in a plain verdict.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.dvcrepo import dvc
+
+METRICS = "results/evaluate/metrics.json"
+REPORT = "results/evaluate/classification_report.json"
+CONFUSION = "results/evaluate/confusion_matrix.csv"
+PREDICTIONS = "results/evaluate/predictions.csv"
+WORKSPACE = "workspace"
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+
+def bootstrap_interval(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (per-image 0/1, or paired differences)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    means = values[idx].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
+    """(A right & B wrong, A wrong & B right, exact two-sided p) on paired predictions."""
+    from scipy.stats import binomtest
+
+    only_a = int(np.sum(correct_a & ~correct_b))
+    only_b = int(np.sum(~correct_a & correct_b))
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return only_a, only_b, p
+
+
+def verdict(name_a: str, name_b: str, difference: float, p: float | None, alpha: float = 0.05) -> str:
+    if p is None:
+        return "no paired predictions: significance unknown"
+    if p >= alpha or difference == 0:
+        return f"difference within noise (p={p:.3g})"
+    better = name_b if difference > 0 else name_a
+    return f"{better} is better, p={p:.3g}"
+
+
+@dataclass(frozen=True)
+class Uncertainty:
+    accuracy_a: float
+    interval_a: tuple[float, float]
+    accuracy_b: float
+    interval_b: tuple[float, float]
+    difference: float
+    interval_difference: tuple[float, float] | None
+    only_a: int | None
+    only_b: int | None
+    p_value: float | None
+    verdict: str
+
+
+def uncertainty(pred_a: pd.DataFrame, pred_b: pd.DataFrame, name_a: str, name_b: str, seed: int = 0) -> Uncertainty:
+    """Intervals for each run; the paired interval and McNemar when both saw the same images."""
+    correct_a = (pred_a["actual"] == pred_a["predicted"]).to_numpy()
+    correct_b = (pred_b["actual"] == pred_b["predicted"]).to_numpy()
+    paired = len(pred_a) == len(pred_b) and (pred_a["actual"].to_numpy() == pred_b["actual"].to_numpy()).all()
+    acc_a, acc_b = float(correct_a.mean()), float(correct_b.mean())
+    if paired:
+        diff_interval = bootstrap_interval(correct_b.astype(float) - correct_a.astype(float), seed=seed)
+        only_a, only_b, p = mcnemar(correct_a, correct_b)
+    else:
+        diff_interval, only_a, only_b, p = None, None, None, None
+    return Uncertainty(
+        acc_a, bootstrap_interval(correct_a.astype(float), seed=seed),
+        acc_b, bootstrap_interval(correct_b.astype(float), seed=seed),
+        acc_b - acc_a, diff_interval, only_a, only_b, p, verdict(name_a, name_b, acc_b - acc_a, p),
+    )
+
+
+# --- reading a run -------------------------------------------------------------------------
+
+
+def resolve(repo: Path, rev: str | None) -> str | None:
+    """A commit sha for a git revision or an experiment name; None for the workspace."""
+    if rev in (None, WORKSPACE):
+        return None
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
+                           capture_output=True, text=True)
+    if found.returncode == 0:
+        return found.stdout.strip()
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], cwd=repo,
+                          capture_output=True, text=True).stdout.splitlines()
+    for line in refs:
+        sha, ref = line.split(" ", 1)
+        if ref.rsplit("/", 1)[-1] == rev:
+            return sha
+    raise ValueError(f"'{rev}' is neither a git revision nor a DVC experiment here; see `git log` and `dvc exp show`")
+
+
+def read_at(repo: Path, path: str, sha: str | None) -> str | None:
+    """The file's text at a commit (None = workspace); None where the run has no such file."""
+    if sha is None:
+        file = repo / path
+        return file.read_text() if file.is_file() else None
+    shown = subprocess.run(["git", "show", f"{sha}:{path}"], cwd=repo, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
+@dataclass
+class Run:
+    name: str
+    sha: str | None
+    metrics: dict[str, Any]
+    report: dict[str, Any]
+    confusion: pd.DataFrame | None
+    predictions: pd.DataFrame | None
+
+
+def load_run(repo: Path, name: str) -> Run:
+    sha = resolve(repo, name)
+    metrics, report = read_at(repo, METRICS, sha), read_at(repo, REPORT, sha)
+    if metrics is None:
+        raise ValueError(f"'{name}' has no {METRICS}; pick a commit or experiment where evaluate ran")
+    confusion, predictions = read_at(repo, CONFUSION, sha), read_at(repo, PREDICTIONS, sha)
+    return Run(
+        name, sha, json.loads(metrics), json.loads(report) if report else {},
+        pd.read_csv(io.StringIO(confusion), index_col=0) if confusion else None,
+        pd.read_csv(io.StringIO(predictions)) if predictions else None,
+    )
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def per_class_changes(report_a: dict, report_b: dict) -> pd.DataFrame:
+    classes = [c for c in report_b if isinstance(report_b[c], dict) and c in report_a and "avg" not in c]
+    rows = []
+    for c in classes:
+        row = {"class": c}
+        for key, label in (("precision", "precision"), ("recall", "recall"), ("f1-score", "F1")):
+            row[label] = report_b[c][key]
+            row[f"Δ {label}"] = report_b[c][key] - report_a[c][key]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def confusion_figure(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diff = b.to_numpy() - a.to_numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    limit = max(abs(diff).max(), 1)
+    for ax, values, title, cmap, kwargs in (
+        (axes[0], a.to_numpy(), name_a, "Blues", {}),
+        (axes[1], b.to_numpy(), name_b, "Blues", {}),
+        (axes[2], diff, f"{name_b} − {name_a}", "RdBu", {"vmin": -limit, "vmax": limit}),
+    ):
+        ax.imshow(values, cmap=cmap, **kwargs)
+        ax.set_xticks(range(len(a)), a.columns, rotation=45, ha="right")
+        ax.set_yticks(range(len(a)), a.index)
+        ax.set(title=title, xlabel="predicted", ylabel="actual")
+        for i in range(len(a)):
+            for j in range(len(a)):
+                ax.text(j, i, int(values[i, j]), ha="center", va="center", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    """Markdown table; change columns (Δ ...) signed."""
+    head = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, row):
+            cells.append(f"{value:+.4f}" if column.startswith("Δ") else (f"{value:.4f}" if isinstance(value, float) else str(value)))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple[str, Uncertainty | None]:
+    """Write compare.md/.html (and figures) to `out_dir`; return the Markdown and the statistics."""
+    name_b = name_b or WORKSPACE
+    run_a, run_b = load_run(repo, name_a), load_run(repo, name_b)
+    revs = [name_a] + ([] if name_b == WORKSPACE else [name_b])
+    params = json.loads(dvc(repo, "params", "diff", *revs, "--json") or "{}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    lines = [f"# {name_a} vs {name_b}", ""]
+    changed = [(k, v.get("old"), v.get("new")) for f in params.values() for k, v in sorted(f.items())]
+    lines += ["## Params that differ", ""]
+    lines += (["| param | " + name_a + " | " + name_b + " |", "|---|---|---|"]
+              + [f"| {k} | {o} | {n} |" for k, o, n in changed]) if changed else ["none"]
+    keys = [k for k in run_b.metrics if k in run_a.metrics and isinstance(run_b.metrics[k], (int, float))]
+    lines += ["", "## Metrics", "", f"| metric | {name_a} | {name_b} | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {run_a.metrics[k]} | {run_b.metrics[k]} | {run_b.metrics[k] - run_a.metrics[k]:+.4f} |" for k in keys]
+
+    stats = None
+    if run_a.predictions is not None and run_b.predictions is not None:
+        stats = uncertainty(run_a.predictions, run_b.predictions, name_a, name_b)
+        lines += ["", "## Is the difference real?", "",
+                  f"- accuracy {name_a}: {stats.accuracy_a:.4f} (95% bootstrap CI {stats.interval_a[0]:.4f}-{stats.interval_a[1]:.4f})",
+                  f"- accuracy {name_b}: {stats.accuracy_b:.4f} (95% bootstrap CI {stats.interval_b[0]:.4f}-{stats.interval_b[1]:.4f})"]
+        if stats.interval_difference is not None:
+            lines += [f"- difference: {stats.difference:+.4f} (95% paired bootstrap CI "
+                      f"{stats.interval_difference[0]:+.4f} to {stats.interval_difference[1]:+.4f})",
+                      f"- McNemar (exact): {stats.only_a} images only {name_a} got right, {stats.only_b} only "
+                      f"{name_b}; p = {stats.p_value:.3g}"]
+        lines += ["", f"**Verdict: {stats.verdict}**"]
+    if run_a.report and run_b.report:
+        lines += ["", "## Per class", "", _md_table(per_class_changes(run_a.report, run_b.report))]
+    if run_a.confusion is not None and run_b.confusion is not None and run_a.confusion.shape == run_b.confusion.shape:
+        fig = confusion_figure(run_a.confusion, run_b.confusion, name_a, name_b)
+        fig.savefig(out_dir / "confusion.png", dpi=90)
+        lines += ["", "## Confusion matrices and their difference", "", "![confusion](confusion.png)"]
+    try:
+        dvc(repo, "plots", "diff", *revs, "-o", str(out_dir / "plots"))
+        lines += ["", "## Training curves", "", "Overlaid by `dvc plots diff`: [plots/index.html](plots/index.html)"]
+    except RuntimeError as err:
+        lines += ["", f"Training curves: not available ({err})"]
+    text = "\n".join(lines) + "\n"
+    (out_dir / "compare.md").write_text(text)
+    (out_dir / "compare.html").write_text(_html(text, f"{name_a} vs {name_b}"))
+    return text, stats
+
+
+def _html(md_text: str, title: str) -> str:
+    import markdown
+
+    body = markdown.markdown(md_text, extensions=["tables"])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}</style></head>"
+            f"<body>{body}</body></html>\n")
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
+# --- every run at once ---------------------------------------------------------------------
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}" if prefix else key, sub).items()}
+    return {prefix: value}
+
+
+def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFrame:
+    """One row per commit and experiment from `dvc exp show`: varying params and eval metrics."""
+    shown = json.loads(dvc(repo, "exp", "show", "--json", "-A") or "[]")
+    rows = []
+
+    def add(entry: dict, parent: str | None) -> None:
+        data = entry.get("data") or {}
+        row: dict[str, Any] = {
+            "name": entry.get("name") or (data.get("rev") or entry.get("rev", ""))[:7],
+            "rev": (data.get("rev") or entry.get("rev", ""))[:7],
+            "baseline": parent or "",
+            "status": "failed" if entry.get("error") or data.get("status") == "Failed" else "ok",
+        }
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        row.update({f"param {k}": v for k, v in _flat("", params).items() if not isinstance(v, list)})
+        metrics = ((data.get("metrics") or {}).get(METRICS) or {}).get("data") or {}
+        row.update(metrics)
+        rows.append(row)
+
+    for entry in shown:
+        add(entry, None)
+        for exp in entry.get("experiments") or []:
+            for run in exp.get("revs") or []:
+                add(run, entry.get("name") or entry.get("rev", "")[:7])
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    varying = [c for c in table.columns if c.startswith("param ") and table[c].astype(str).nunique() > 1]
+    keep = ["name", "rev", "baseline", "status", *varying] + [c for c in table.columns if not c.startswith("param ")
+                                                              and c not in ("name", "rev", "baseline", "status")]
+    table = table[keep]
+    if sort_by and sort_by in table.columns:
+        table = table.sort_values(sort_by, ascending="loss" in sort_by, na_position="last")
+    return table.reset_index(drop=True)

@@ -1,0 +1,157 @@
+"""Comparison statistics on fixed predictions, and compare/gate on real git + DVC repos."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.compare import Run, bootstrap_interval, mcnemar, uncertainty, verdict
+from pipelines.gate import GateParams, judge
+from tests.conftest import git_dvc_project, set_params, tiny_params
+from tests.pipelines.conftest import cli
+from tests.test_e2e import dvc
+
+
+def predictions(actual: list[int], predicted: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"index": range(len(actual)), "actual": actual, "predicted": predicted, "probability": 0.5})
+
+
+def test_mcnemar_matches_the_exact_binomial_by_hand():
+    a = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1], bool)
+    b = np.array([1, 1, 1, 0, 1, 1, 1, 1, 1, 1], bool)
+    only_a, only_b, p = mcnemar(a, b)
+    # discordant pairs: 1 where only A is right, 5 where only B is: p = 2 * P(X <= 1 | n=6, 1/2) = 2 * 7/64
+    assert (only_a, only_b) == (1, 5) and p == pytest.approx(14 / 64)
+    assert mcnemar(a, a)[2] == 1.0
+
+
+def test_bootstrap_interval_brackets_the_estimate_like_the_normal_approximation():
+    correct = np.array([1.0] * 700 + [0.0] * 300)
+    low, high = bootstrap_interval(correct, n_boot=4000, seed=1)
+    half = 1.96 * np.sqrt(0.7 * 0.3 / 1000)  # 0.0284
+    assert low == pytest.approx(0.7 - half, abs=0.006) and high == pytest.approx(0.7 + half, abs=0.006)
+    assert bootstrap_interval(np.ones(50)) == (1.0, 1.0)
+
+
+def test_uncertainty_and_verdicts_on_fixed_predictions():
+    actual = [i % 10 for i in range(1000)]
+    a = predictions(actual, [y if i % 4 else (y + 1) % 10 for i, y in enumerate(actual)])   # 75% right
+    b = predictions(actual, [y if i % 10 else (y + 1) % 10 for i, y in enumerate(actual)])  # 90% right
+    stats = uncertainty(a, b, "A", "B")
+    assert stats.accuracy_a == 0.75 and stats.accuracy_b == 0.9 and stats.difference == pytest.approx(0.15)
+    # A is wrong on i%4==0 (250 images), B on i%10==0 (100); both on i%20==0 (50)
+    assert (stats.only_a, stats.only_b) == (50, 200) and stats.p_value < 1e-15
+    assert stats.verdict.startswith("B is better, p=")
+    # paired differences: +1 x200, -1 x50, 0 x750 -> sd sqrt(0.25 - 0.15^2), half-width 1.96 * sd / sqrt(1000)
+    half = 1.96 * np.sqrt((0.25 - 0.15**2) / 1000)
+    assert stats.interval_difference == pytest.approx((0.15 - half, 0.15 + half), abs=0.006)
+    assert verdict("A", "B", 0.01, 0.3) == "difference within noise (p=0.3)"
+    assert verdict("A", "B", -0.02, 0.003) == "A is better, p=0.003"
+    unpaired = uncertainty(a, b.iloc[:500], "A", "B")
+    assert unpaired.p_value is None and unpaired.verdict == "no paired predictions: significance unknown"
+
+
+def run(name: str, accuracy: float, recalls: dict[str, float], preds: pd.DataFrame | None = None) -> Run:
+    report = {c: {"precision": r, "recall": r, "f1-score": r, "support": 10} for c, r in recalls.items()}
+    return Run(name, None, {"accuracy": accuracy}, report, None, preds)
+
+
+def test_gate_decisions():
+    params = GateParams(max_accuracy_drop=0.01, max_recall_drop=0.05, require_significance=False)
+    base = run("main", 0.80, {"cat": 0.7, "dog": 0.8})
+    assert judge(base, run("ws", 0.81, {"cat": 0.72, "dog": 0.8}), params).passed
+    dropped = judge(base, run("ws", 0.78, {"cat": 0.60, "dog": 0.8}), params)
+    assert not dropped.passed
+    assert dropped.reasons == ["accuracy dropped by 0.0200 > 0.01 (gate.max_accuracy_drop)",
+                               "recall of cat dropped by 0.1000 > 0.05 (gate.max_recall_drop)"]
+    # With require_significance a drop that McNemar calls noise passes.
+    actual = [i % 2 for i in range(100)]
+    noisy_a = predictions(actual, [y if i != 0 else 1 - y for i, y in enumerate(actual)])
+    noisy_b = predictions(actual, [y if i not in (0, 1, 2) else 1 - y for i, y in enumerate(actual)])
+    lenient = GateParams(0.01, 0.05, require_significance=True)
+    assert judge(run("main", 0.99, {"a": 1.0}, noisy_a), run("ws", 0.97, {"a": 1.0}, noisy_b), lenient).passed
+
+
+@pytest.fixture(scope="module")
+def two_commits(tmp_path_factory, tiny_archive):
+    """A repo with two committed runs that differ in train.epochs."""
+    repo = git_dvc_project(tmp_path_factory.mktemp("compare") / "project")
+    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    for epochs in (1, 3):
+        set_params(repo / "params.yaml", train={"epochs": epochs})
+        dvc(repo, "repro")
+        subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+        subprocess.run([*git, "commit", "-qm", f"{epochs} epochs"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.e2e
+def test_compare_two_commits_shows_param_and_metric_deltas(two_commits, prefect_env):
+    repo = two_commits
+    result = cli(prefect_env, "compare", "HEAD~1", "HEAD", "--repo", str(repo))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "| train.epochs | 1 | 3 |" in out
+    old = json.loads(subprocess.run(["git", "show", "HEAD~1:results/evaluate/metrics.json"], cwd=repo,
+                                    capture_output=True, text=True).stdout)
+    new = json.loads((repo / "results/evaluate/metrics.json").read_text())
+    assert f"| accuracy | {old['accuracy']} | {new['accuracy']} | {new['accuracy'] - old['accuracy']:+.4f} |" in out
+    assert "McNemar (exact)" in out and "**Verdict: " in out and "| class | precision |" in out
+    folder = repo / "comparisons" / "HEAD-1_vs_HEAD"
+    for name in ("compare.md", "compare.html", "confusion.png", "plots/index.html"):
+        assert (folder / name).is_file(), name
+
+    table = cli(prefect_env, "compare", "--all", "--csv", str(repo / "all.csv"), "--repo", str(repo))
+    assert table.returncode == 0, table.stderr
+    rows = pd.read_csv(repo / "all.csv")
+    assert len(rows) >= 2 and "param train.epochs" in rows.columns
+    assert rows["accuracy"].dropna().is_monotonic_decreasing and rows["accuracy"].iloc[-1] != rows["accuracy"].iloc[-1]
+
+
+@pytest.mark.e2e
+def test_gate_fails_a_planted_regression_and_passes_an_improvement(two_commits, prefect_env):
+    repo = two_commits
+    evaluate = repo / "results/evaluate"
+    saved = {p.name: p.read_text() for p in evaluate.iterdir()}
+    try:
+        preds = pd.read_csv(evaluate / "predictions.csv")
+        right = preds["actual"] == preds["predicted"]
+        worse = preds.copy()
+        worse.loc[right & (preds["actual"] == "cat"), "predicted"] = "dog"  # plant: cat recall collapses
+        worse.to_csv(evaluate / "predictions.csv", index=False)
+        metrics = json.loads(saved["metrics.json"])
+        metrics["accuracy"] = round(float((worse["actual"] == worse["predicted"]).mean()), 4)
+        (evaluate / "metrics.json").write_text(json.dumps(metrics))
+        report = json.loads(saved["classification_report.json"])
+        report["cat"]["recall"] = 0.0
+        (evaluate / "classification_report.json").write_text(json.dumps(report))
+        failed = cli(prefect_env, "gate", "--repo", str(repo))
+        assert failed.returncode == 1, failed.stdout
+        assert "Quality gate FAILED" in failed.stdout and "recall of cat dropped by" in failed.stdout
+
+        better = preds.copy()
+        better["predicted"] = better["actual"]
+        better.to_csv(evaluate / "predictions.csv", index=False)
+        (evaluate / "metrics.json").write_text(json.dumps({**metrics, "accuracy": 1.0}))
+        perfect = {c: ({**r, "recall": 1.0} if isinstance(r, dict) else r) for c, r in report.items()}
+        (evaluate / "classification_report.json").write_text(json.dumps(perfect))
+        passed = cli(prefect_env, "gate", "--repo", str(repo))
+        assert passed.returncode == 0 and "Quality gate passed" in passed.stdout
+    finally:
+        for name, text in saved.items():
+            (evaluate / name).write_text(text)
+
+
+@pytest.mark.e2e
+def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
+    from tests.pipelines.conftest import api
+
+    result = cli(prefect_env, "run", "--gate", "--repo", str(two_commits))
+    assert result.returncode == 0, result.stderr[-2000:]
+    gates = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-gate"]}}})
+    assert gates and "Quality gate passed" in gates[0]["data"]

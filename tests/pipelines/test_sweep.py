@@ -1,0 +1,49 @@
+import subprocess
+
+import pandas as pd
+import pytest
+
+from pipelines.sweep import _override, sample_points
+from tests.conftest import git_dvc_project, set_params, tiny_params
+from tests.pipelines.conftest import BIN, cli
+from tests.test_e2e import dvc
+
+
+def test_grid_and_random_points():
+    grid = sample_points({"train.optimizer": ["adam", "sgd"], "train.batch_size": {"choice": [8, 16]}}, "grid", 0, 0)
+    assert len(grid) == 4 and {"train.optimizer": "sgd", "train.batch_size": 16} in grid
+    space = {"train.learning_rate": {"log_uniform": [1e-4, 1e-3]}, "train.epochs": {"int_uniform": [1, 3]}}
+    points = sample_points(space, "random", 50, seed=2)
+    assert points == sample_points(space, "random", 50, seed=2)
+    assert all(1e-4 <= p["train.learning_rate"] <= 1e-3 and p["train.epochs"] in (1, 2, 3) for p in points)
+    with pytest.raises(ValueError, match="unknown search space kind 'normal'"):
+        sample_points({"x": {"normal": [0, 1]}}, "random", 1, 0)
+    assert _override("train.learning_rate", 0.000123456789) == "train.learning_rate=0.000123457"
+    assert _override("train.optimizer", "sgd") == "train.optimizer=sgd"
+
+
+@pytest.mark.e2e
+def test_a_sweep_of_three_points_leaves_three_experiments(tmp_path, tiny_archive, prefect_env):
+    repo = git_dvc_project(tmp_path / "project")
+    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
+    dvc(repo, "repro")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
+    (tmp_path / "space.yaml").write_text(
+        "kind: random\nn: 3\nseed: 1\nspace:\n  train.learning_rate: {log_uniform: [0.0005, 0.005]}\n"
+        "  train.optimizer: {choice: [adam, sgd]}\n"
+    )
+    result = cli(prefect_env, "sweep", str(tmp_path / "space.yaml"), "--name", "t", "--repo", str(repo))
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True, text=True).stdout
+    assert all(f'"t-{i}"' in shown for i in (1, 2, 3))
+    table = pd.read_csv(repo / "comparisons" / "t.csv")
+    assert sorted(table["name"]) == ["t-1", "t-2", "t-3"] and (table["status"] == "ok").all()
+    assert table["accuracy"].is_monotonic_decreasing  # ranked, best first
+    assert "Best: `" in result.stdout
+
+    promoted = cli(prefect_env, "promote", table["name"][0], "--branch", "best", "--repo", str(repo))
+    assert promoted.returncode == 0, promoted.stderr
+    branches = subprocess.run(["git", "branch", "--list", "best"], cwd=repo, capture_output=True, text=True).stdout
+    assert "best" in branches
