@@ -80,6 +80,15 @@ def inspect_repo(repo_dir: Path) -> tuple[StageGraph, dict[str, list[str]]]:
     return stage_graph, _reasons(repo_dir, status)
 
 
+def git_tracked_outputs(repo_dir: Path) -> list[str]:
+    """Outputs DVC leaves to git (`cache: false`: metrics, curves, predictions), relative paths."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        return sorted({str(Path(out.fs_path).relative_to(repo_dir.resolve())) for out in repo.index.outs
+                       if not out.use_cache})
+
+
 def _file_order(repo_dir: Path, dag: nx.DiGraph) -> list[str]:
     """Topological order, ties broken by the order stages are written in dvc.yaml."""
     import yaml

@@ -28,6 +28,7 @@ from pipelines.dvcrepo import (
     StageGraph,
     StageOutcome,
     dvc,
+    git_tracked_outputs,
     inspect_repo,
     plan,
     run_stage,
@@ -268,7 +269,9 @@ def pipeline(
             logger.info("nothing ran: the workspace already holds these results; no new experiment saved")
         elif overrides:
             experiment = f"prefect-{_flow_run_name()}"
-            dvc(repo, "exp", "save", "--force", "--name", experiment, "-m", f"prefect flow run {_flow_run_id()}")
+            # Metrics and curves are git's to track; include them even before their first commit.
+            include = [arg for path in git_tracked_outputs(repo) if (repo / path).exists() for arg in ("-I", path)]
+            dvc(repo, "exp", "save", "--force", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}")
             logger.info(f"saved as DVC experiment {experiment} (dvc exp show)")
         if push:
             logger.info(dvc(repo, "push").strip() or "dvc push: nothing to push")
