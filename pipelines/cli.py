@@ -285,6 +285,27 @@ def promote(
 
 
 @app.command()
+def preset(
+    name: Annotated[Optional[str], typer.Argument(help="Preset name; omit to list them.")] = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Write a named recipe (presets/NAME.yaml: the seeds' notebooks, the fast default) into params.yaml."""
+    from pipelines import presets
+    from stages.common.errors import ConfigError
+
+    if name is None:
+        typer.echo("\n".join(presets.available()))
+        return
+    repo = require_repo(repo)
+    try:
+        values = presets.apply(repo / "params.yaml", name)
+    except (ValueError, ConfigError) as err:
+        fail(str(err), 2)
+    typer.echo(f"params.yaml now holds preset '{name}' ({values['train']['model']}, "
+               f"{values['train']['epochs']} epochs); `dvc repro` or `cifar10-pipeline run` to train it")
+
+
+@app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode.")],
     model: Annotated[Path, typer.Option(help="Trained model.")] = Path("models/model.keras"),

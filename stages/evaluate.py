@@ -32,6 +32,7 @@ class EvaluateParams:
     # "val" while tuning keeps the test split untouched until the final evaluation.
     split: str = knob(choices=("test", "val"))
     batch_size: int = knob(min=1, max=65_536)
+    tta_flip: bool
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
@@ -64,20 +65,31 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) 
     return {"metrics": metrics, "report": report, "report_text": text, "confusion": confusion, "predictions": predictions}
 
 
-def predict_probabilities(model_path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_probabilities(model, images: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
+    """Class probabilities; with `tta_flip`, the mean over each image and its mirror image."""
+    pixels = images.astype(np.float32)
+    probabilities = np.asarray(model.predict(pixels, batch_size=batch_size, verbose=0), dtype=np.float64)
+    if tta_flip:
+        mirrored = np.asarray(model.predict(pixels[:, :, ::-1], batch_size=batch_size, verbose=0), dtype=np.float64)
+        probabilities = (probabilities + mirrored) / 2
+    return probabilities
+
+
+def load_model(model_path: Path):
     import keras
+
+    import stages.train  # noqa: F401  registers the custom learning-rate schedule for loading
 
     if not model_path.is_file():
         raise DataError(f"{model_path} not found; run `dvc repro train` first")
-    model = keras.models.load_model(model_path)
-    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+    return keras.models.load_model(model_path)
 
 
 def main() -> None:
     params = load_section("evaluate", EvaluateParams)
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     images, labels = dataio.load_split(PREPARED_DIR / f"{params.split}.npz")
-    probabilities = predict_probabilities(MODEL_PATH, images, params.batch_size)
+    probabilities = predict_probabilities(load_model(MODEL_PATH), images, params.batch_size, params.tta_flip)
     if not np.all(np.isfinite(probabilities)):
         raise DataError(f"{MODEL_PATH} produced non-finite probabilities; retrain it (dvc repro -f train)")
     result = evaluate(probabilities, labels, classes)

@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import ConfigError, TrainingDiverged, run_main  # noqa: E402
-from stages.common.models import MODELS, build_model  # noqa: E402
+from stages.common.models import MODELS, arch_options, augmentation, build_model  # noqa: E402
 from stages.common.params import knob, load_section  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
@@ -37,36 +37,115 @@ MODEL_PATH = Path("models/model.keras")
 OUT_DIR = Path("results/train")
 BACKUP_ROOT = Path(".dvc/tmp/train-backup")
 HISTORY_FILE = "history.jsonl"
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+OPTIMIZERS = ("adam", "adamw", "sgd", "nadam", "adagrad", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool
+    crop_pad: int = knob(min=0, max=16)  # random translation by up to this many pixels, zero-padded
+    rotation: float = knob(min=0.0, max=0.5)  # fraction of a full turn
+    zoom: float = knob(min=0.0, max=0.5)
+    contrast: float = knob(min=0.0, max=1.0)
+    shear: float = knob(min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
 class TrainParams:
     model: str = knob(choices=tuple(MODELS))
+    arch: dict[str, Any]  # keyword options of the model's builder (stages/common/models.py)
     epochs: int = knob(min=1, max=10_000)
     batch_size: int = knob(min=1, max=65_536)
     optimizer: str = knob(choices=OPTIMIZERS)
     learning_rate: float = knob(min=0.0, max=10.0, min_exclusive=True)
+    momentum: float = knob(min=0.0, max=1.0)  # sgd and rmsprop
+    nesterov: bool  # sgd
+    weight_decay: float = knob(min=0.0, max=1.0)  # decoupled, as the optimizer applies it
+    schedule: str = knob(choices=SCHEDULES)
+    warmup_epochs: float = knob(min=0.0)
+    step_every: int = knob(min=1)  # step: epochs between drops; plateau: patience
+    step_factor: float = knob(min=0.0, max=1.0, min_exclusive=True)
+    label_smoothing: float = knob(min=0.0, max=0.5)
+    augment: Augment
+    early_stopping: int | None = knob(min=1)  # patience on val_loss, best weights restored
+    ema: bool  # keep an exponential moving average of the weights and evaluate with it
+    mixed_precision: bool  # bfloat16 on CPU, float16 on GPU
+    xla: bool
     seed: int = knob(min=0)
     require_gpu: bool
 
+    def __post_init__(self) -> None:
+        allowed = arch_options(self.model)
+        for key in self.arch:
+            if key not in allowed:
+                raise ConfigError(f"params.yaml: 'train.arch.{key}' is not an option of {self.model}; "
+                                  f"its options: {', '.join(allowed)}")
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None) -> tf.data.Dataset:
-    """uint8 arrays in, float32 pixel batches out; the model itself normalises."""
+
+def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None,
+                 num_classes: int) -> tf.data.Dataset:
+    """uint8 arrays in, float32 pixel batches and one-hot labels out; the model itself normalises."""
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
-    return {
-        "adam": keras.optimizers.Adam,
-        "adamw": keras.optimizers.AdamW,
-        "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
-        "rmsprop": keras.optimizers.RMSprop,
-    }[name](learning_rate=learning_rate)
+@keras.saving.register_keras_serializable(package="cifar10_pipeline")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to the peak, then linear decay to zero (the fast trainers' triangle)."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = step / max(self.warmup_steps, 1)
+        down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def make_schedule(params: TrainParams, steps_per_epoch: int):
+    lr, total = params.learning_rate, params.epochs * steps_per_epoch
+    warmup = int(params.warmup_epochs * steps_per_epoch)
+    if params.schedule == "step":
+        boundaries = list(range(params.step_every * steps_per_epoch, total, params.step_every * steps_per_epoch))
+        values = [lr * params.step_factor**i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else lr
+    if params.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            lr if not warmup else 0.0, max(total - warmup, 1), warmup_target=lr if warmup else None,
+            warmup_steps=warmup)
+    if params.schedule == "onecycle":
+        return OneCycle(lr, warmup, total)
+    return lr  # constant, and plateau (ReduceLROnPlateau lowers it)
+
+
+def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    lr = make_schedule(params, steps_per_epoch)
+    common = {"learning_rate": lr, "weight_decay": params.weight_decay or None, "use_ema": params.ema}
+    if params.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=params.momentum, nesterov=params.nesterov, **common)
+    if params.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(momentum=params.momentum, **common)
+    return {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "nadam": keras.optimizers.Nadam,
+            "adagrad": keras.optimizers.Adagrad}[params.optimizer](**common)
+
+
+class NanGuard(keras.callbacks.TerminateOnNaN):
+    """TerminateOnNaN that remembers it fired, so early stopping is not mistaken for divergence."""
+
+    fired = False
+
+    def on_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        super().on_batch_end(batch, logs)
+        self.fired = self.fired or bool(self.model.stop_training)
 
 
 def train_device() -> str:
@@ -126,15 +205,32 @@ def train(
     """Build and fit the model (resuming from `backup_dir` if it holds an interrupted run);
     raise if the loss or weights stop being finite. Returns the history of all epochs."""
     keras.utils.set_random_seed(params.seed)
-    model = build_model(params.model, len(classes), normalization["mean"], normalization["std"])
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    keras.mixed_precision.set_global_policy(
+        ("mixed_float16" if gpu else "mixed_bfloat16") if params.mixed_precision else "float32")
+    a = params.augment
+    model = build_model(params.model, len(classes), normalization["mean"], normalization["std"], params.arch,
+                        augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
+    steps = -(-len(splits["train"][1]) // params.batch_size)
     model.compile(
-        optimizer=make_optimizer(params.optimizer, params.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        optimizer=make_optimizer(params, steps),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
         metrics=["accuracy"],
+        jit_compile=params.xla,
     )
-    train_ds = make_dataset(*splits["train"], params.batch_size, shuffle_seed=params.seed)
-    val_ds = make_dataset(*splits["val"], params.batch_size, shuffle_seed=None) if len(splits["val"][1]) else None
-    guards: list[keras.callbacks.Callback] = [keras.callbacks.TerminateOnNaN()]
+    k = len(classes)
+    train_ds = make_dataset(*splits["train"], params.batch_size, shuffle_seed=params.seed, num_classes=k)
+    has_val = len(splits["val"][1]) > 0
+    val_ds = make_dataset(*splits["val"], params.batch_size, shuffle_seed=None, num_classes=k) if has_val else None
+    nan_guard = NanGuard()
+    guards: list[keras.callbacks.Callback] = [nan_guard]
+    monitor = "val_loss" if has_val else "loss"
+    if params.schedule == "plateau":
+        guards.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=params.step_factor,
+                                                        patience=params.step_every, min_lr=1e-6))
+    if params.early_stopping:
+        guards.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=params.early_stopping,
+                                                    restore_best_weights=True))
     previous: list[dict[str, float]] = []
     if backup_dir is not None:
         backup_dir.mkdir(parents=True, exist_ok=True)
@@ -149,10 +245,10 @@ def train(
         callbacks=[*guards, *(callbacks or [])],
         verbose=2,
     )
-    history = {k: [r[k] for r in previous] + list(v) for k, v in fit.history.items()}
+    history = {key: [r[key] for r in previous if key in r] + [float(v) for v in values]
+               for key, values in fit.history.items() if key != "learning_rate"}
     losses = history.get("loss", [])
-    # TerminateOnNaN stops early, and Keras records no epoch for the batch that went NaN.
-    if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
+    if nan_guard.fired or not np.all(np.isfinite(losses)):
         raise TrainingDiverged(
             f"training diverged (loss {losses[-1] if losses else 'nan'} at epoch {len(losses)}); "
             "lower train.learning_rate or change train.optimizer"

@@ -1,38 +1,42 @@
 """The model zoo: each architecture is one small builder, picked by name from `train.model`.
 
-Every model takes raw pixel values (float, 0..255) and starts with the normalisation that prepare
-fitted on the training split, so evaluation and `predict` cannot forget it. Builders return
-logits; `build_model` adds the softmax, so the saved model outputs probabilities.
+Every model takes raw pixel values (float, 0..255), starts with the normalisation that prepare
+fitted on the training split (so evaluation and `predict` cannot forget it), then the training-only
+augmentation layers, then the builder's body. Builders return logits and take their options as
+keyword arguments, which `train.arch` sets; `build_model` adds the softmax.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
-from keras import layers
+from keras import layers, regularizers
 
 INPUT_SHAPE = (32, 32, 3)
 
-Builder = Callable[[keras.KerasTensor, int], keras.KerasTensor]
+Builder = Callable[..., keras.KerasTensor]
 
 
-def tutorial_cnn(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
-    """TensorFlow's CNN tutorial (seed 003): 3 conv layers, Dense 64; ~122k parameters."""
-    x = layers.Conv2D(32, 3, activation="relu")(x)
-    x = layers.MaxPooling2D(2)(x)
-    x = layers.Conv2D(64, 3, activation="relu")(x)
-    x = layers.MaxPooling2D(2)(x)
-    x = layers.Conv2D(64, 3, activation="relu")(x)
+def tutorial_cnn(x, num_classes: int, widths: tuple[int, ...] = (32, 64, 64), dense: int = 64,
+                 pool: int = 2, activation: str = "relu"):
+    """TensorFlow's CNN tutorial (seed 003) and its variants: valid convs, pooling between, one Dense."""
+    for i, width in enumerate(widths):
+        x = layers.Conv2D(width, 3, activation=activation)(x)
+        if i < len(widths) - 1:
+            x = layers.MaxPooling2D(pool)(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(64, activation="relu")(x)
+    x = layers.Dense(dense, activation=activation)(x)
     return layers.Dense(num_classes)(x)
 
 
-def leaky_bn_cnn(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
-    """Seed 001: three double-conv LeakyReLU/BatchNorm blocks (32-64-128), Dense 512; ~1.3M parameters."""
-    for width, dropout in ((32, 0.2), (64, 0.3), (128, 0.4)):
+def leaky_bn_cnn(x, num_classes: int, widths: tuple[int, ...] = (32, 64, 128),
+                 dropouts: tuple[float, ...] = (0.2, 0.3, 0.4), dense: int = 512):
+    """Seed 001: double-conv LeakyReLU/BatchNorm blocks (32-64-128), Dense 512; ~1.3M parameters."""
+    for width, dropout in zip(widths, dropouts):
         for _ in range(2):
             x = layers.Conv2D(width, 3, padding="same")(x)
             x = layers.LeakyReLU(negative_slope=0.1)(x)
@@ -40,23 +44,172 @@ def leaky_bn_cnn(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
         x = layers.MaxPooling2D(2)(x)
         x = layers.Dropout(dropout)(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(512)(x)
+    x = layers.Dense(dense)(x)
     x = layers.LeakyReLU(negative_slope=0.1)(x)
     x = layers.BatchNormalization()(x)
     x = layers.Dropout(0.4)(x)
     return layers.Dense(num_classes)(x)
 
 
-MODELS: dict[str, Builder] = {
-    "tutorial_cnn": tutorial_cnn,
-    "leaky_bn_cnn": leaky_bn_cnn,
+def vgg_blocks(x, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.15,
+               dense: int = 128, dense_dropout: float = 0.35):
+    """Seed 000: VGG blocks (two BN convs + pool + dropout each), Dense 128 head."""
+    for width in widths:
+        for _ in range(2):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(dropout)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(dense, activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Dropout(dense_dropout)(x)
+    return layers.Dense(num_classes)(x)
+
+
+def bn_cnn(x, num_classes: int, widths: tuple[int, ...] = (64, 128, 96), dense: int = 128,
+           l2: float = 0.0, dropout: float = 0.0):
+    """Seed 002: BatchNorm CNN (the tuned 64/128/96 + Dense 128); `l2`/`dropout` give its variant."""
+    reg = regularizers.L2(l2) if l2 else None
+    for width in widths:
+        x = layers.Conv2D(width, 3, activation="relu", kernel_regularizer=reg)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(2)(x) if x.shape[1] >= 4 else x
+        x = layers.Dropout(dropout)(x) if dropout else x
+    x = layers.Flatten()(x)
+    x = layers.Dense(dense, activation="relu", kernel_regularizer=reg)(x)
+    x = layers.Dropout(dropout)(x) if dropout else x
+    return layers.Dense(num_classes)(x)
+
+
+def gap_cnn(x, num_classes: int, widths: tuple[int, ...] = (64, 128, 256), convs_per_block: int = 3,
+            weight_decay: float = 5e-4):
+    """Seed 004's direction: deeper BN blocks, global average pooling head, weight decay."""
+    reg = regularizers.L2(weight_decay) if weight_decay else None
+    for i, width in enumerate(widths):
+        for _ in range(convs_per_block):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_regularizer=reg)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.Activation("relu")(x)
+        if i < len(widths) - 1:
+            x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dense(num_classes, kernel_regularizer=reg)(x)
+
+
+def _residual(x, width: int, stride: int):
+    shortcut = x
+    y = layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False)(x)
+    y = layers.BatchNormalization()(y)
+    y = layers.Activation("relu")(y)
+    y = layers.Conv2D(width, 3, padding="same", use_bias=False)(y)
+    y = layers.BatchNormalization()(y)
+    if stride != 1 or shortcut.shape[-1] != width:
+        shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False)(shortcut)
+        shortcut = layers.BatchNormalization()(shortcut)
+    return layers.Activation("relu")(layers.Add()([y, shortcut]))
+
+
+def resnet(x, num_classes: int, widths: tuple[int, ...] = (16, 32, 64), blocks_per_stage: int = 3):
+    """A CIFAR ResNet (He et al.): 3 stages of basic blocks; the defaults make ResNet-20."""
+    x = layers.Conv2D(widths[0], 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Activation("relu")(x)
+    for stage, width in enumerate(widths):
+        for block in range(blocks_per_stage):
+            x = _residual(x, width, 2 if stage > 0 and block == 0 else 1)
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dense(num_classes)(x)
+
+
+def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropout: float = 0.0):
+    """The CPU-fast default: airbench-style blocks (conv-pool-BN-GELU-conv-BN-GELU), a stem, GAP head."""
+    x = layers.Conv2D(widths[0] // 2, 2, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Activation("gelu")(x)
+    for width in widths:
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("gelu")(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("gelu")(x)
+        x = layers.Dropout(dropout)(x) if dropout else x
+    x = layers.GlobalMaxPooling2D()(x)
+    return layers.Dense(num_classes, use_bias=False)(x)
+
+
+TRANSFER_BASES = {
+    "resnet50v2": ("ResNet50V2", "resnet_v2"),
+    "efficientnetb0": ("EfficientNetB0", "efficientnet"),
+    "xception": ("Xception", "xception"),
 }
 
 
-def build_model(name: str, num_classes: int, mean: list[float], std: list[float]) -> keras.Model:
-    """`MODELS[name]` behind the fitted normalisation, ending in softmax probabilities."""
+def transfer(x, num_classes: int, base: str = "resnet50v2", size: int = 96, weights: str | None = None,
+             trainable: bool = True, dropout: float = 0.2):
+    """A `keras.applications` backbone on upscaled images. `weights: imagenet` downloads ImageNet
+    weights on first use (not possible offline: keep null there)."""
+    if base not in TRANSFER_BASES:
+        raise ValueError(f"train.arch.base '{base}' is not one of {', '.join(TRANSFER_BASES)}")
+    cls_name, module = TRANSFER_BASES[base]
+    app = getattr(keras.applications, cls_name)
+    preprocess = getattr(keras.applications, module).preprocess_input
+    x = layers.Resizing(size, size)(x)
+    backbone = app(include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg")
+    backbone.trainable = trainable
+    x = backbone(preprocess(x))
+    x = layers.Dropout(dropout)(x)
+    return layers.Dense(num_classes)(x)
+
+
+MODELS: dict[str, Builder] = {
+    "tutorial_cnn": tutorial_cnn,
+    "leaky_bn_cnn": leaky_bn_cnn,
+    "vgg_blocks": vgg_blocks,
+    "bn_cnn": bn_cnn,
+    "gap_cnn": gap_cnn,
+    "resnet": resnet,
+    "fast_vgg": fast_vgg,
+    "transfer": transfer,
+}
+
+
+def arch_options(name: str) -> list[str]:
+    return [p for p in inspect.signature(MODELS[name]).parameters if p not in ("x", "num_classes")]
+
+
+def augmentation(flip: bool, crop_pad: int, rotation: float, zoom: float, contrast: float, shear: float,
+                 seed: int) -> list[layers.Layer]:
+    """Training-only augmentation layers (Keras disables them at inference)."""
+    out: list[layers.Layer] = []
+    if flip:
+        out.append(layers.RandomFlip("horizontal", seed=seed))
+    if crop_pad:
+        out.append(layers.RandomTranslation(crop_pad / 32, crop_pad / 32, fill_mode="constant", seed=seed))
+    if rotation:
+        out.append(layers.RandomRotation(rotation, fill_mode="constant", seed=seed))
+    if zoom:
+        out.append(layers.RandomZoom(zoom, fill_mode="constant", seed=seed))
+    if contrast:
+        out.append(layers.RandomContrast(contrast, seed=seed))
+    if shear:
+        out.append(layers.RandomShear(x_factor=shear, y_factor=shear, fill_mode="constant", seed=seed))
+    return out
+
+
+def build_model(name: str, num_classes: int, mean: list[float], std: list[float],
+                arch: dict[str, Any] | None = None, augment: list[layers.Layer] | None = None) -> keras.Model:
+    """`MODELS[name]` behind the fitted normalisation and augmentation, ending in softmax probabilities."""
     inputs = keras.Input(shape=INPUT_SHAPE, name="pixels")
-    x = layers.Normalization(mean=mean, variance=np.square(std).tolist(), name="normalize")(inputs)
-    logits = MODELS[name](x, num_classes)
+    # keras.applications backbones bring their own preprocessing of raw 0..255 pixels.
+    x = inputs if name == "transfer" else layers.Normalization(
+        mean=mean, variance=np.square(std).tolist(), name="normalize")(inputs)
+    for layer in augment or []:
+        x = layer(x)
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in (arch or {}).items()}
+    logits = MODELS[name](x, num_classes, **options)
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,86 @@
+"""Training throughput (images/s) of the train stage's input pipeline against a bare model.fit.
+
+Both fit the same model, batch size and images for one timed epoch after a warm-up epoch; the
+pipeline path is `stages.train.make_dataset` (tf.data from uint8, one-hot, shuffled), the bare path
+is `model.fit` on in-memory float32 arrays. The model, batch size and augmentation come from
+params.yaml (or a preset), so the numbers describe what `dvc repro` would train.
+
+    python benchmarks/throughput.py                      # params.yaml's train section
+    python benchmarks/throughput.py --preset seed001 --images 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stages.common.models import augmentation, build_model  # noqa: E402
+from stages.common.params import parse_section, read_params  # noqa: E402
+from stages.train import TrainParams, make_dataset, make_optimizer  # noqa: E402
+
+
+def train_params(preset: str | None) -> TrainParams:
+    section = read_params(Path("params.yaml"))["train"]
+    if preset:
+        from pipelines.presets import resolve
+
+        section = {**section, **resolve(preset)["train"]}
+    return parse_section(section, TrainParams, "train")
+
+
+def compiled(params: TrainParams, steps: int) -> keras.Model:
+    keras.utils.set_random_seed(params.seed)
+    a = params.augment
+    model = build_model(params.model, 10, [125.0, 123.0, 114.0], [63.0, 62.0, 66.0], params.arch,
+                        augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
+    model.compile(make_optimizer(params, steps), keras.losses.CategoricalCrossentropy(params.label_smoothing),
+                  metrics=["accuracy"], jit_compile=params.xla)
+    return model
+
+
+def timed_epoch(fit) -> float:
+    fit()  # warm-up: tracing and compilation
+    started = time.perf_counter()
+    fit()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset")
+    parser.add_argument("--images", type=int, default=5000)
+    args = parser.parse_args()
+    params = train_params(args.preset)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=args.images)
+    steps = -(-args.images // params.batch_size)
+
+    model = compiled(params, steps)
+    ds = make_dataset(images, labels, params.batch_size, shuffle_seed=0, num_classes=10)
+    pipeline_s = timed_epoch(lambda: model.fit(ds, epochs=1, verbose=0, shuffle=False))
+
+    bare = compiled(params, steps)
+    x, y = images.astype(np.float32), np.eye(10, dtype=np.float32)[labels]
+    bare_s = timed_epoch(lambda: bare.fit(x, y, batch_size=params.batch_size, epochs=1, verbose=0))
+
+    result = {
+        "model": params.model, "arch": params.arch, "batch_size": params.batch_size, "images": args.images,
+        "parameters": model.count_params(),
+        "pipeline_images_per_s": round(args.images / pipeline_s, 1),
+        "bare_fit_images_per_s": round(args.images / bare_s, 1),
+        "pipeline_over_bare": round(bare_s / pipeline_s, 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Presets: named params sets (presets/*.yaml) written into params.yaml by one command.
+
+A preset is `presets/_base.yaml` with the preset's values on top, and applying it writes every
+one of those keys into params.yaml: DVC then sees each effective value as a parameter
+(`dvc params diff` and `dvc exp show` tell two presets apart) and nothing of a previous preset
+survives. Keys a preset does not cover (data source, seeds, report layout) are left alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in presets_dir.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        # arch and augment are replaced whole: a preset's architecture is its own, not a blend.
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and key in ("train", "prepare", "evaluate") \
+            and isinstance(base.get(key), dict) else value
+    return out
+
+
+def resolve(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
+    path = presets_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"no preset '{name}'; available: {', '.join(available(presets_dir))}")
+    base = yaml.safe_load((presets_dir / "_base.yaml").read_text())
+    preset = yaml.safe_load(path.read_text()) or {}
+    return {section: _merge(base.get(section, {}), preset.get(section, {})) if section in base else preset[section]
+            for section in {**base, **preset}}
+
+
+def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
+    """Write the preset into params_file (comments kept) after checking it against the schema."""
+    from ruamel.yaml import YAML
+
+    from stages.common.params import parse_section
+    from stages.evaluate import EvaluateParams
+    from stages.prepare import PrepareParams
+    from stages.train import TrainParams
+
+    values = resolve(name, presets_dir)
+    text = params_file.read_text()
+    plain = yaml.safe_load(text)
+    for section, keys in values.items():
+        plain[section].update(keys)
+    for section, cls in {"prepare": PrepareParams, "train": TrainParams, "evaluate": EvaluateParams}.items():
+        parse_section(plain[section], cls, section)  # a bad preset never reaches params.yaml
+    rt = YAML()
+    data = rt.load(text)
+    for section, keys in values.items():
+        for key, value in keys.items():
+            data[section][key] = value
+    with open(params_file, "w") as fh:
+        rt.dump(data, fh)
+    return values

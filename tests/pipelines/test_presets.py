@@ -1,0 +1,56 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import presets
+from stages.common.errors import ConfigError
+from stages.common.params import load_section
+from stages.evaluate import EvaluateParams
+from stages.prepare import PrepareParams
+from stages.train import TrainParams
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", presets.available())
+def test_every_preset_validates_against_the_params_schema(tmp_path, name):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    presets.apply(params, name)
+    train = load_section("train", TrainParams, params)
+    load_section("prepare", PrepareParams, params)
+    load_section("evaluate", EvaluateParams, params)
+    assert train == load_section("train", TrainParams, params)
+
+
+def test_switching_presets_leaves_nothing_behind_and_keeps_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    presets.apply(params, "gpu-fast")
+    presets.apply(params, "seed001")
+    values = yaml.safe_load(params.read_text())
+    assert values["train"]["model"] == "leaky_bn_cnn" and values["train"]["mixed_precision"] is False
+    assert values["train"]["arch"] == {"widths": [32, 64, 128], "dropouts": [0.2, 0.3, 0.4], "dense": 512}
+    assert values["download"] == yaml.safe_load((REPO / "params.yaml").read_text())["download"]
+    assert "# Every knob of the pipeline." in params.read_text()
+
+
+def test_presets_differ_where_the_seeds_differ():
+    seed001, seed003 = presets.resolve("seed001"), presets.resolve("seed003")
+    assert (seed001["train"]["model"], seed001["train"]["epochs"]) == ("leaky_bn_cnn", 40)
+    assert (seed003["train"]["model"], seed003["train"]["batch_size"]) == ("tutorial_cnn", 32)
+
+
+def test_unknown_or_invalid_preset(tmp_path):
+    with pytest.raises(ValueError, match="no preset 'seed9'; available: "):
+        presets.resolve("seed9")
+    (tmp_path / "_base.yaml").write_text((presets.PRESETS_DIR / "_base.yaml").read_text())
+    (tmp_path / "bad.yaml").write_text("train: {epochs: 0}\n")
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    before = params.read_text()
+    with pytest.raises(ConfigError, match="'train.epochs' is 0"):
+        presets.apply(params, "bad", tmp_path)
+    assert params.read_text() == before
