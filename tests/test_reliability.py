@@ -98,7 +98,7 @@ def test_interrupted_repro_leaves_lock_and_outputs_as_they_were(prepared_project
 def test_diverging_training_exits_5_and_writes_no_model(prepared_project):
     repo = prepared_project
     set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "epochs": 3, "optimizer": "sgd",
-                                            "learning_rate": 10.0, "batch_size": 8})
+                                            "learning_rate": 10.0, "batch_size": 8, "schedule": "constant"})
     result = dvc(repo, "repro", "train", check=False)
     assert result.returncode != 0
     assert "exited with 5" in result.stderr

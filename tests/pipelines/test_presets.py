@@ -54,3 +54,24 @@ def test_unknown_or_invalid_preset(tmp_path):
     with pytest.raises(ConfigError, match="'train.epochs' is 0"):
         presets.apply(params, "bad", tmp_path)
     assert params.read_text() == before
+
+
+def test_gpu_fast_preset_trains_on_the_cpu_with_tiny_data():
+    import numpy as np
+
+    from stages.common.params import parse_section
+    from stages.train import train
+    from tests import synthetic
+
+    section = {**yaml.safe_load((REPO / "params.yaml").read_text())["train"], **presets.resolve("gpu-fast")["train"]}
+    params = parse_section({**section, "epochs": 1, "batch_size": 16}, TrainParams, "train")
+    assert params.mixed_precision and params.xla
+    images, labels = synthetic.make_images(8, ["a", "b"])
+    splits = {"train": (images[::2], labels[::2]), "val": (images[1::2], labels[1::2])}
+    try:
+        _, history = train(params, splits, ["a", "b"], {"mean": [120.0] * 3, "std": [60.0] * 3})
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(history["loss"][0])
