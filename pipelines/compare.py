@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.dvcrepo import dvc
+from stages.report import render_html
 
 METRICS = "results/evaluate/metrics.json"
 REPORT = "results/evaluate/classification_report.json"
@@ -239,18 +240,8 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
         lines += ["", f"Training curves: not available ({err})"]
     text = "\n".join(lines) + "\n"
     (out_dir / "compare.md").write_text(text)
-    (out_dir / "compare.html").write_text(_html(text, f"{name_a} vs {name_b}"))
+    (out_dir / "compare.html").write_text(render_html(text, f"{name_a} vs {name_b}"))
     return text, stats
-
-
-def _html(md_text: str, title: str) -> str:
-    import markdown
-
-    body = markdown.markdown(md_text, extensions=["tables"])
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
-            "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}</style></head>"
-            f"<body>{body}</body></html>\n")
 
 
 def safe_name(text: str) -> str:

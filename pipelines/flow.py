@@ -203,16 +203,15 @@ def publish_artifacts(
     repo: Path, outcomes: list[StageOutcome], experiment: str | None, gate_text: str | None = None
 ) -> dict[str, Any]:
     """Markdown and table artifacts under stable keys, so the Prefect UI keeps their history."""
+    from stages.report import per_class_table  # matplotlib: kept off the flow's start-up path
+
     metrics_path = repo / "results/evaluate/metrics.json"
     report_path = repo / "results/evaluate/classification_report.json"
     if not metrics_path.is_file():
         return {}
     metrics = json.loads(metrics_path.read_text())
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    per_class = [
-        f"| {name} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1-score']:.4f} |"
-        for name, r in report.items() if isinstance(r, dict) and name not in ("macro avg", "weighted avg")
-    ]
+    classes = [name for name, r in report.items() if isinstance(r, dict) and "avg" not in name]
     markdown = "\n".join([
         "# CIFAR-10 pipeline run",
         "",
@@ -222,9 +221,7 @@ def publish_artifacts(
         *(["", f"Saved as DVC experiment `{experiment}`."] if experiment else []),
         *(["", gate_text] if gate_text else []),
         "",
-        "| class | precision | recall | F1 |",
-        "|---|---:|---:|---:|",
-        *per_class,
+        per_class_table(report, classes) if classes else "",
     ])
     create_markdown_artifact(markdown, key=REPORT_ARTIFACT, description="Headline of the pipeline's report")
     create_table_artifact([{"metric": k, "value": v} for k, v in metrics.items()], key=METRICS_ARTIFACT,

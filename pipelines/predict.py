@@ -40,7 +40,7 @@ def predict_files(paths: list[Path], model_path: Path, classes_path: Path) -> It
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
-    model = keras.models.load_model(model_path)
+    model = keras.models.load_model(model_path, compile=False)  # inference only: no optimizer needed
     names = json.loads(classes_path.read_text())
     probabilities = np.asarray(model.predict(batch, verbose=0))
     for path, row in zip(paths, probabilities):

@@ -78,11 +78,10 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int, tta_flip: 
 def load_model(model_path: Path):
     import keras
 
-    import stages.train  # noqa: F401  registers the custom learning-rate schedule for loading
-
     if not model_path.is_file():
         raise DataError(f"{model_path} not found; run `dvc repro train` first")
-    return keras.models.load_model(model_path)
+    # Inference only: compile=False skips the optimizer and its (custom) learning-rate schedule.
+    return keras.models.load_model(model_path, compile=False)
 
 
 def main() -> None:

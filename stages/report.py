@@ -164,11 +164,11 @@ def code_revision() -> str:
     return head.stdout.strip() + (" + uncommitted changes to stages/ or dvc.yaml" if dirty.stdout.strip() else "")
 
 
-def render_html(md_text: str) -> str:
+def render_html(md_text: str, title: str = "CIFAR-10 report") -> str:
     body = markdown.markdown(md_text, extensions=["tables"])
     style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
             "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape('CIFAR-10 report')}</title>" \
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
            f"<style>{style}</style></head><body>{body}</body></html>\n"
 
 
