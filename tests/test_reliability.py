@@ -19,7 +19,8 @@ from tests.test_e2e import BIN, ENV, dvc, stages_run
 
 pytestmark = pytest.mark.e2e
 
-SLOW_TRAIN = {"model": "leaky_bn_cnn", "epochs": 4, "batch_size": 16}
+# arch is reset with the model: the default arch (fast_vgg's widths) is no option of other models.
+SLOW_TRAIN = {"model": "leaky_bn_cnn", "arch": {}, "epochs": 4, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_interrupted_repro_leaves_lock_and_outputs_as_they_were(prepared_project
 
 def test_diverging_training_exits_5_and_writes_no_model(prepared_project):
     repo = prepared_project
-    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "epochs": 3, "optimizer": "sgd",
+    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "arch": {}, "epochs": 3, "optimizer": "sgd",
                                             "learning_rate": 10.0, "batch_size": 8, "schedule": "constant"})
     result = dvc(repo, "repro", "train", check=False)
     assert result.returncode != 0
@@ -109,7 +110,7 @@ def test_diverging_training_exits_5_and_writes_no_model(prepared_project):
 
 def test_require_gpu_without_one_is_a_clear_error(prepared_project):
     repo = prepared_project
-    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "epochs": 1, "optimizer": "adam",
+    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "arch": {}, "epochs": 1, "optimizer": "adam",
                                             "learning_rate": 0.001, "require_gpu": True})
     result = dvc(repo, "repro", "train", check=False)
     assert "exited with 2" in result.stderr
@@ -118,7 +119,7 @@ def test_require_gpu_without_one_is_a_clear_error(prepared_project):
 
 def test_same_seed_gives_identical_metrics_and_records_versions(prepared_project):
     repo = prepared_project
-    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "epochs": 2, "optimizer": "adam",
+    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "arch": {}, "epochs": 2, "optimizer": "adam",
                                             "learning_rate": 0.001, "require_gpu": False, "seed": 11})
     dvc(repo, "repro", "evaluate")
     first = (repo / "results/evaluate/metrics.json").read_text()
