@@ -61,4 +61,4 @@ def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProc
 def api(url: str, method: str, path: str, json: dict | None = None):
     response = httpx.request(method, f"{url}{path}", json=json, timeout=30)
     response.raise_for_status()
-    return response.json()
+    return response.json() if response.content else None

@@ -169,6 +169,8 @@ def test_scheduled_deployment_runs_by_itself_and_on_demand(flow_project, prefect
         import os
         import signal
 
+        if deployment is not None:  # no more scheduled runs, whatever the runner does on its way out
+            api(prefect_api, "DELETE", f"/deployments/{deployment['id']}")
         os.killpg(serve.pid, signal.SIGINT)
         try:
             serve.wait(timeout=60)
@@ -188,11 +190,12 @@ def wait_for_runs(url: str, deployment_id: str, match, timeout: float) -> dict:
     raise AssertionError(f"no matching run finished within {timeout} s: {json.dumps(runs)[:2000]}")
 
 
-def test_stage_timeout_stops_the_stage_process_group(flow_project, prefect_env):
+def test_stage_timeout_stops_the_stage_process_group(tmp_path, tiny_archive, prefect_env):
     import psutil
 
-    if not (flow_project / "dvc.lock").exists():  # run alone: make the outputs a timeout must not touch
-        assert cli(prefect_env, "run", "--repo", str(flow_project)).returncode == 0
+    flow_project = git_dvc_project(tmp_path / "project")  # its own repo: no other run can touch it
+    set_params(flow_project / "params.yaml", **tiny_params(tiny_archive))
+    assert cli(prefect_env, "run", "--repo", str(flow_project)).returncode == 0
     train_lock = lambda: yaml.safe_load((flow_project / "dvc.lock").read_text())["stages"]["train"]  # noqa: E731
     lock_before = train_lock()
     result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.seed=99", "--stage-timeout", "train=4")
