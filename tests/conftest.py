@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Nothing may wait on the network: this machine reaches no analytics host.
 os.environ.update(DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", KERAS_BACKEND="tensorflow")
+# Stages' output must stream line by line: tests act on "Epoch N/M" as it appears.
+os.environ["PYTHONUNBUFFERED"] = "1"
 
 
 @pytest.fixture

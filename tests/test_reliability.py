@@ -84,9 +84,9 @@ def test_interrupted_repro_leaves_lock_and_outputs_as_they_were(prepared_project
     set_params(repo / "params.yaml", train={**SLOW_TRAIN, "seed": 3})
     dvc(repo, "repro", "train")
     lock_before = (repo / "dvc.lock").read_text()
-    set_params(repo / "params.yaml", train={"seed": 4})
+    set_params(repo / "params.yaml", train={"seed": 4, "epochs": 30})  # far from done when interrupted
     proc = start_repro(repo, "train")
-    read_until(proc, "Epoch 2/4")
+    read_until(proc, "Epoch 2/30")
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0

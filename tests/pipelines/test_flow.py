@@ -198,7 +198,9 @@ def test_stage_timeout_stops_the_stage_process_group(tmp_path, tiny_archive, pre
     assert cli(prefect_env, "run", "--repo", str(flow_project)).returncode == 0
     train_lock = lambda: yaml.safe_load((flow_project / "dvc.lock").read_text())["stages"]["train"]  # noqa: E731
     lock_before = train_lock()
-    result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.seed=99", "--stage-timeout", "train=4")
+    # 300 epochs cannot finish in 4 s, so the timeout always strikes mid-training.
+    result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.epochs=300", "--stage-timeout",
+                 "train=4")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: train failed: timed out after 4 s; stopped it (raise its stage timeout)"
