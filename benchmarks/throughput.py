@@ -7,6 +7,7 @@ params.yaml (or a preset), so the numbers describe what `dvc repro` would train.
 
     python benchmarks/throughput.py                      # params.yaml's train section
     python benchmarks/throughput.py --preset seed001 --images 10000
+    python benchmarks/throughput.py --set mixed_precision=true --set xla=true
 """
 
 from __future__ import annotations
@@ -21,23 +22,34 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
+from stages.common.errors import ConfigError, run_main  # noqa: E402
 from stages.common.models import augmentation, build_model  # noqa: E402
 from stages.common.params import parse_section, read_params  # noqa: E402
-from stages.train import TrainParams, make_dataset, make_optimizer  # noqa: E402
+from stages.train import TrainParams, make_dataset, make_optimizer, set_precision  # noqa: E402
 
 
-def train_params(preset: str | None) -> TrainParams:
+def train_params(preset: str | None, overrides: list[str]) -> TrainParams:
     section = read_params(Path("params.yaml"))["train"]
     if preset:
         from pipelines.presets import resolve
 
-        section = {**section, **resolve(preset)["train"]}
+        try:
+            section = {**section, **resolve(preset)["train"]}
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if not equals:
+            raise ConfigError(f"--set {override}: expected KEY=VALUE, e.g. --set mixed_precision=true")
+        section[key] = yaml.safe_load(value)
     return parse_section(section, TrainParams, "train")
 
 
 def compiled(params: TrainParams, steps: int) -> keras.Model:
     keras.utils.set_random_seed(params.seed)
+    set_precision(params.mixed_precision)
     a = params.augment
     model = build_model(params.model, 10, [125.0, 123.0, 114.0], [63.0, 62.0, 66.0], params.arch,
                         augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
@@ -57,8 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset")
     parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train.* key, e.g. mixed_precision=true")
     args = parser.parse_args()
-    params = train_params(args.preset)
+    params = train_params(args.preset, args.set)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=args.images)
@@ -74,6 +88,7 @@ def main() -> None:
 
     result = {
         "model": params.model, "arch": params.arch, "batch_size": params.batch_size, "images": args.images,
+        "mixed_precision": params.mixed_precision, "xla": params.xla,
         "parameters": model.count_params(),
         "pipeline_images_per_s": round(args.images / pipeline_s, 1),
         "bare_fit_images_per_s": round(args.images / bare_s, 1),
@@ -83,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

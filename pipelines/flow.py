@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -121,8 +122,9 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
         for part in parents:
             node = node[part]
         node[leaf] = value
-    with open(params_file, "w") as fh:
-        yaml.dump(data, fh)
+    text = io.StringIO()
+    yaml.dump(data, text)  # rendered in full before params.yaml is touched: never half a file
+    params_file.write_text(text.getvalue())
 
 
 def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:

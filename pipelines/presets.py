@@ -8,6 +8,7 @@ survives. Keys a preset does not cover (data source, seeds, report layout) are l
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict
     for section, keys in values.items():
         for key, value in keys.items():
             data[section][key] = value
-    with open(params_file, "w") as fh:
-        rt.dump(data, fh)
+    rendered = io.StringIO()
+    rt.dump(data, rendered)  # rendered in full before params.yaml is touched: never half a file
+    params_file.write_text(rendered.getvalue())
     return values

@@ -153,6 +153,25 @@ def train_device() -> str:
     return f"GPU ({gpus[0].name})" if gpus else "CPU"
 
 
+def set_precision(mixed: bool) -> None:
+    """float16 pays off on GPUs only; on a CPU the mixed type is bfloat16, which only helps where the
+    CPU has AVX-512 BF16 or AMX (measure with benchmarks/throughput.py --set mixed_precision=true)."""
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    keras.mixed_precision.set_global_policy(("mixed_float16" if gpu else "mixed_bfloat16") if mixed else "float32")
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Adds each epoch's wall-clock seconds to its logs, so DVCLive's curves (train/epoch_seconds)
+    and the resume history carry them: time-to-accuracy is read from a run's own record."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.started
+
+
 class EpochLog(keras.callbacks.Callback):
     """Appends each finished epoch's metrics to a JSON-lines file, so a resumed run keeps them.
 
@@ -205,9 +224,7 @@ def train(
     """Build and fit the model (resuming from `backup_dir` if it holds an interrupted run);
     raise if the loss or weights stop being finite. Returns the history of all epochs."""
     keras.utils.set_random_seed(params.seed)
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    keras.mixed_precision.set_global_policy(
-        ("mixed_float16" if gpu else "mixed_bfloat16") if params.mixed_precision else "float32")
+    set_precision(params.mixed_precision)
     a = params.augment
     model = build_model(params.model, len(classes), normalization["mean"], normalization["std"], params.arch,
                         augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
@@ -223,7 +240,8 @@ def train(
     has_val = len(splits["val"][1]) > 0
     val_ds = make_dataset(*splits["val"], params.batch_size, shuffle_seed=None, num_classes=k) if has_val else None
     nan_guard = NanGuard()
-    guards: list[keras.callbacks.Callback] = [nan_guard]
+    # The clock comes first: the callbacks after it see the epoch's time in the same logs.
+    guards: list[keras.callbacks.Callback] = [EpochClock(), nan_guard]
     monitor = "val_loss" if has_val else "loss"
     if params.schedule == "plateau":
         guards.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=params.step_factor,

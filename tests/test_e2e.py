@@ -72,6 +72,24 @@ def test_noop_repro_runs_nothing(project):
     assert "up to date" in result.stdout
 
 
+def test_time_to_accuracy_is_read_from_the_run(project):
+    seconds = (project / "results/train/plots/metrics/train/epoch_seconds.tsv").read_text().splitlines()
+    assert len(seconds) == 2 and float(seconds[1].split("\t")[1]) > 0  # header + the one epoch
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks/time_to_accuracy.py"),
+                             "--repo", str(project), "--targets", "0.0", "1.01"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    accuracy = json.loads((project / "results/evaluate/metrics.json").read_text())["accuracy"]
+    assert f"test accuracy **{accuracy:.4f}**" in result.stdout
+    assert re.search(r"\| 0\.0 \| 1 \| [\d.]+ \|", result.stdout) and "| 1.01 | not reached | |" in result.stdout
+
+
+def test_time_to_accuracy_names_a_missing_run(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks/time_to_accuracy.py"
+    result = subprocess.run([sys.executable, str(script), "--repo", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 3 and result.stderr.startswith("error: ") and "not found; run `dvc repro`" in result.stderr
+
+
 @pytest.mark.parametrize(
     "section, change, expected",
     [

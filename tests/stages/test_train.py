@@ -61,6 +61,7 @@ def test_schedules_augmentation_and_training_switches_run(schedule):
                augment=Augment(True, 4, 0.05, 0.1, 0.1, 0.1), mixed_precision=schedule == "onecycle")
     model, history = train(p, splits(), CLASSES, NORM)
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+    assert len(history["epoch_seconds"]) == 2 and all(s > 0 for s in history["epoch_seconds"])
     import keras
 
     keras.mixed_precision.set_global_policy("float32")
