@@ -58,7 +58,7 @@ def render(repo: Path, targets: list[float], test_target: float, minutes: float)
     info = json.loads((repo / RUN_INFO).read_text()) if (repo / RUN_INFO).is_file() else {}
     met = test >= test_target and total <= minutes * 60
     lines = [
-        f"{train['model']} {train.get('arch') or ''}, {len(val)} epochs, batch {train['batch_size']}, "
+        f"{train['model']} {json.dumps(train.get('arch') or {})}, {len(val)} epochs, batch {train['batch_size']}, "
         f"on {info.get('device', 'unknown device')}",
         "",
         f"test accuracy **{test:.4f}** after **{total:.1f} s** ({total / 60:.1f} min) of training: "
