@@ -10,12 +10,16 @@ by the train params and the prepared data, so a changed param never resumes anot
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +176,42 @@ class EpochClock(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self.started
 
 
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Ctrl-C stops training at the next batch with a KeyboardInterrupt (the stage exits 130).
+
+    The signal handler only records the signal. A KeyboardInterrupt raised wherever Python happens
+    to be can land in Keras/TensorFlow code that swallows it (bare `except:` clauses); an
+    interrupted `dvc repro` once ran on and exited 0. Raised from here, between batches, it cannot.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread; elsewhere Ctrl-C is not ours
+            return
+        previous = signal.signal(signal.SIGINT, self._record)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+
+    def _stop_if_interrupted(self, *args: object, **kwargs: object) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    # Not on_epoch_end: the epoch that just finished is still backed up for a resume.
+    on_train_batch_end = on_test_batch_end = on_epoch_begin = _stop_if_interrupted
+
+
 class EpochLog(keras.callbacks.Callback):
     """Appends each finished epoch's metrics to a JSON-lines file, so a resumed run keeps them.
 
@@ -255,14 +295,16 @@ def train(
         previous = resume_history(backup_dir)
         guards += [EpochLog(backup_dir / HISTORY_FILE),
                    keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True)]
-    fit = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=params.epochs,
-        shuffle=False,  # the tf.data pipeline shuffles, seeded
-        callbacks=[*guards, *(callbacks or [])],
-        verbose=2,
-    )
+    interrupt = StopOnInterrupt()
+    with interrupt.installed():
+        fit = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=params.epochs,
+            shuffle=False,  # the tf.data pipeline shuffles, seeded
+            callbacks=[interrupt, *guards, *(callbacks or [])],
+            verbose=2,
+        )
     history = {key: [r[key] for r in previous if key in r] + [float(v) for v in values]
                for key, values in fit.history.items() if key != "learning_rate"}
     losses = history.get("loss", [])

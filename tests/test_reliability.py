@@ -89,7 +89,7 @@ def test_interrupted_repro_leaves_lock_and_outputs_as_they_were(prepared_project
     read_until(proc, "Epoch 2/30")
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, out[-3000:]
     assert (repo / "dvc.lock").read_text() == lock_before
     leftovers = [p for p in repo.rglob("*.tmp*") if ".dvc" not in p.parts]
     assert leftovers == []

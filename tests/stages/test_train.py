@@ -85,3 +85,30 @@ def test_flip_tta_changes_predictions_only_as_intended():
     mirrored = predict_probabilities(model, images[:, :, ::-1], 8, tta_flip=False)
     averaged = predict_probabilities(model, images, 8, tta_flip=True)
     assert np.allclose(averaged, (plain + mirrored) / 2, atol=1e-6) and not np.allclose(averaged, plain)
+
+
+def test_an_interrupt_swallowed_inside_training_still_stops_it():
+    """Keras/TensorFlow code has bare `except:` clauses; a Ctrl-C landing in one must not be lost."""
+    import os
+    import signal
+    import time
+
+    import keras
+
+    class SwallowsAnInterrupt(keras.callbacks.Callback):
+        epochs_begun = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epochs_begun += 1
+            if epoch == 0:
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.2)  # the handler runs here
+                except:  # noqa: E722 - the pattern that swallowed it
+                    pass
+
+    spy = SwallowsAnInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        train(params(epochs=3), splits(), CLASSES, NORM, [spy])
+    assert spy.epochs_begun == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
