@@ -202,6 +202,8 @@ class StopOnInterrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
     def _record(self, signum: int, frame: object) -> None:
+        if self.interrupted:  # a second Ctrl-C does not wait for the batch to end
+            raise KeyboardInterrupt
         self.interrupted = True
 
     def _stop_if_interrupted(self, *args: object, **kwargs: object) -> None:
