@@ -179,9 +179,9 @@ class EpochClock(keras.callbacks.Callback):
 class StopOnInterrupt(keras.callbacks.Callback):
     """Ctrl-C stops training at the next batch with a KeyboardInterrupt (the stage exits 130).
 
-    The signal handler only records the signal. A KeyboardInterrupt raised wherever Python happens
-    to be can land in Keras/TensorFlow code that swallows it (bare `except:` clauses); an
-    interrupted `dvc repro` once ran on and exited 0. Raised from here, between batches, it cannot.
+    The signal handler only records the signal: a KeyboardInterrupt raised wherever Python happens
+    to be could land in Keras/TensorFlow code that swallows it (they have bare `except:` clauses).
+    Raised from here, between batches, it cannot be.
     """
 
     def __init__(self) -> None:
@@ -190,8 +190,11 @@ class StopOnInterrupt(keras.callbacks.Callback):
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers belong to the main thread; elsewhere Ctrl-C is not ours
+        # Signal handlers belong to the main thread; and a process started with SIGINT ignored
+        # (a background job) keeps ignoring it, as Python itself does.
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            yield
             return
         previous = signal.signal(signal.SIGINT, self._record)
         try:

@@ -37,8 +37,11 @@ def prepared_project(tmp_path_factory):
 
 
 def start_repro(repo: Path, *targets: str) -> subprocess.Popen:
+    # SIGINT as at a terminal, also when the tests run as a background job (which ignores it and
+    # would hand that on to dvc and the stage).
     return subprocess.Popen([str(BIN / "dvc"), "repro", *targets], cwd=repo, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def read_until(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
