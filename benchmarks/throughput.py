@@ -23,14 +23,14 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from stages.common.errors import ConfigError, run_main  # noqa: E402
-from stages.common.models import augmentation, build_model  # noqa: E402
 from stages.common.params import parse_section, read_params  # noqa: E402
-from stages.train import TrainParams, make_dataset, make_optimizer, set_precision  # noqa: E402
+from stages.train import TrainParams, compiled_model, make_dataset  # noqa: E402
+
+NORMALIZATION = {"mean": [125.0, 123.0, 114.0], "std": [63.0, 62.0, 66.0]}  # CIFAR-10's, roughly
 
 
 def train_params(preset: str | None, overrides: list[str]) -> TrainParams:
@@ -48,17 +48,6 @@ def train_params(preset: str | None, overrides: list[str]) -> TrainParams:
             raise ConfigError(f"--set {override}: expected KEY=VALUE, e.g. --set mixed_precision=true")
         section[key] = yaml.safe_load(value)
     return parse_section(section, TrainParams, "train")
-
-
-def compiled(params: TrainParams, steps: int) -> keras.Model:
-    keras.utils.set_random_seed(params.seed)
-    set_precision(params.mixed_precision)
-    a = params.augment
-    model = build_model(params.model, 10, [125.0, 123.0, 114.0], [63.0, 62.0, 66.0], params.arch,
-                        augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
-    model.compile(make_optimizer(params, steps), keras.losses.CategoricalCrossentropy(params.label_smoothing),
-                  metrics=["accuracy"], jit_compile=params.xla)
-    return model
 
 
 def timed_epochs(fits: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -91,9 +80,9 @@ def main() -> None:
     labels = rng.integers(0, 10, size=args.images)
     steps = -(-args.images // params.batch_size)
 
-    model = compiled(params, steps)
+    model = compiled_model(params, 10, NORMALIZATION, steps)
     ds = make_dataset(images, labels, params.batch_size, shuffle_seed=0, num_classes=10)
-    bare = compiled(params, steps)
+    bare = compiled_model(params, 10, NORMALIZATION, steps)
     x, y = images.astype(np.float32), np.eye(10, dtype=np.float32)[labels]
     seconds = timed_epochs({
         "pipeline": lambda: model.fit(ds, epochs=1, verbose=0, shuffle=False),

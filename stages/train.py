@@ -258,6 +258,22 @@ def backup_key(params: TrainParams, prepared_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def compiled_model(params: TrainParams, num_classes: int, normalization: dict, steps_per_epoch: int) -> keras.Model:
+    """The model as training fits it: seeded, at the configured precision, compiled."""
+    keras.utils.set_random_seed(params.seed)
+    set_precision(params.mixed_precision)
+    a = params.augment
+    model = build_model(params.model, num_classes, normalization["mean"], normalization["std"], params.arch,
+                        augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
+    model.compile(
+        optimizer=make_optimizer(params, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=params.xla,
+    )
+    return model
+
+
 def train(
     params: TrainParams,
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -268,18 +284,8 @@ def train(
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build and fit the model (resuming from `backup_dir` if it holds an interrupted run);
     raise if the loss or weights stop being finite. Returns the history of all epochs."""
-    keras.utils.set_random_seed(params.seed)
-    set_precision(params.mixed_precision)
-    a = params.augment
-    model = build_model(params.model, len(classes), normalization["mean"], normalization["std"], params.arch,
-                        augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
     steps = -(-len(splits["train"][1]) // params.batch_size)
-    model.compile(
-        optimizer=make_optimizer(params, steps),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
-        metrics=["accuracy"],
-        jit_compile=params.xla,
-    )
+    model = compiled_model(params, len(classes), normalization, steps)
     k = len(classes)
     train_ds = make_dataset(*splits["train"], params.batch_size, shuffle_seed=params.seed, num_classes=k)
     has_val = len(splits["val"][1]) > 0
