@@ -37,6 +37,18 @@ PICKLE_META = "batches.meta"
 # --- atomic writes -------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _usual_mode(path: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700; outputs get the modes an ordinary write would give."""
+    base = 0o777 if path.is_dir() else 0o666
+    path.chmod(base & ~_umask())
+
+
 @contextlib.contextmanager
 def _disk_full_is_transient(path: Path) -> Iterator[None]:
     try:
@@ -62,6 +74,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     try:
         with _disk_full_is_transient(path):
             yield tmp
+            _usual_mode(tmp)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -76,6 +89,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     try:
         with _disk_full_is_transient(path):
             yield tmp
+            _usual_mode(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -97,7 +111,10 @@ def read_json(path: Path | str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found; run the stage that writes it first (dvc repro)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}); rerun the stage that writes it (dvc repro -f)") from None
 
 
 # --- prepared arrays -----------------------------------------------------------------------
@@ -113,8 +130,11 @@ def load_split(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found; run `dvc repro prepare` first")
-    with np.load(path) as data:
-        return data["images"], data["labels"]
+    try:
+        with np.load(path) as data:
+            return data["images"], data["labels"]
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path} is corrupt or not a prepared split ({err}); rerun `dvc repro -f prepare`") from None
 
 
 # --- raw archives --------------------------------------------------------------------------

@@ -7,8 +7,14 @@ traceback to learn what went wrong.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import traceback
 from collections.abc import Callable
+
+# Set to 1 to see the traceback behind an unexpected error (it is one line otherwise).
+TRACEBACK_ENV = "CIFAR10_PIPELINE_TRACEBACK"
 
 
 class PipelineError(Exception):
@@ -43,8 +49,34 @@ class TransientError(PipelineError):
     exit_code = 75
 
 
+def describe_unexpected(err: BaseException) -> tuple[str, int]:
+    """One line and an exit code for an error no stage or command anticipated.
+
+    Out-of-memory and permission problems are named with their fix; anything else says what it
+    was and how to see the traceback.
+    """
+    name = type(err).__name__
+    if isinstance(err, MemoryError) or name == "ResourceExhaustedError":
+        return ("out of memory; lower train.batch_size (or evaluate.batch_size), or use a machine with more "
+                "memory", ConfigError.exit_code)
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err.filename or err}; fix the file's permissions or run as its owner", 1
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full while writing {err.filename or 'a file'}; free space and rerun", TransientError.exit_code
+    return f"unexpected {name}: {err}; rerun with {TRACEBACK_ENV}=1 to see the traceback", 1
+
+
+def report_unexpected(err: BaseException) -> int:
+    """Print the one-line error (and the traceback when asked); return the exit code."""
+    if os.environ.get(TRACEBACK_ENV):
+        traceback.print_exception(err)
+    message, code = describe_unexpected(err)
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """Run a stage's main(), mapping our errors to one stderr line and their exit code."""
+    """Run a stage's main(), mapping every error to one stderr line and its exit code."""
     try:
         main()
     except PipelineError as err:
@@ -53,3 +85,5 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; outputs of this stage were not written", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # the last resort: one line, never a bare traceback
+        sys.exit(report_unexpected(err))

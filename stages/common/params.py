@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,37 @@ import yaml
 from stages.common.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+
+# Each stage's section and the dataclass that checks it ("module:Class", imported only when
+# asked for: train's pulls in TensorFlow).
+SECTIONS = {
+    "download": "stages.download:DownloadParams",
+    "prepare": "stages.prepare:PrepareParams",
+    "validate": "stages.validate:ValidateParams",
+    "train": "stages.train:TrainParams",
+    "evaluate": "stages.evaluate:EvaluateParams",
+    "report": "stages.report:ReportParams",
+}
+
+
+def section_schema(name: str) -> type:
+    import importlib
+
+    module, _, cls = SECTIONS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_sections(params: dict[str, Any], names: typing.Iterable[str]) -> None:
+    """Check the named sections of a params mapping in full (types, ranges, choices; for train,
+    that the model builds), raising ConfigError with the first problem."""
+    for name in names:
+        if name not in SECTIONS:
+            continue
+        checked = parse_section(params.get(name), section_schema(name), name)
+        if name == "train":
+            from stages.common.models import check_builds
+
+            check_builds(checked.model, checked.options)  # type: ignore[attr-defined]
 
 T = TypeVar("T")
 
@@ -36,11 +68,30 @@ def knob(
     return dataclasses.field(metadata=meta)
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but numbers read as YAML 1.2 (and DVC, through ruamel) read them:
+    `1e-3` and `5e-4` are floats, not the strings YAML 1.1 makes of them."""
+
+
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as DVC reads it (numbers per YAML 1.2): params.yaml, `-S` values, presets."""
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the project root, where params.yaml lives")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -86,3 +86,54 @@ def test_disk_full_is_transient_and_names_the_path(tmp_path, monkeypatch):
         with dataio.atomic_dir(tmp_path / "out") as tmp:
             raise OSError(errno.ENOSPC, "No space left on device")
     assert not (tmp_path / "out").exists()
+
+
+def test_atomic_outputs_get_the_usual_modes(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700; outputs are as readable as any file the user writes."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        dataio.write_json(tmp_path / "m.json", {"a": 1})
+        with dataio.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "x.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_corrupt_split_or_json_is_a_data_error(tmp_path):
+    from stages.common.errors import DataError
+
+    (tmp_path / "train.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match=r"train.npz is corrupt or not a prepared split .*dvc repro -f prepare"):
+        dataio.load_split(tmp_path / "train.npz")
+    (tmp_path / "classes.json").write_text("[\"cat\", ")
+    with pytest.raises(DataError, match="classes.json is not valid JSON"):
+        dataio.read_json(tmp_path / "classes.json")
+
+
+def test_run_main_turns_any_error_into_one_line(capsys, monkeypatch):
+    from stages.common.errors import TRACEBACK_ENV, run_main
+
+    def broken():
+        raise KeyError("images")
+
+    def denied():
+        raise PermissionError(13, "Permission denied", "data/prepared/train.npz")
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    for main, code, line in [
+        (broken, 1, f"error: unexpected KeyError: 'images'; rerun with {TRACEBACK_ENV}=1 to see the traceback"),
+        (denied, 1, "error: permission denied: data/prepared/train.npz; fix the file's permissions"),
+        (lambda: (_ for _ in ()).throw(MemoryError()), 2, "error: out of memory; lower train.batch_size"),
+    ]:
+        with pytest.raises(SystemExit) as ended:
+            run_main(main)
+        err = capsys.readouterr().err
+        assert ended.value.code == code and err.startswith(line) and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(SystemExit):
+        run_main(broken)
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

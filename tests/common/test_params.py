@@ -80,14 +80,35 @@ def test_missing_section_and_file(tmp_path):
 def test_repo_params_yaml_is_valid_for_every_stage():
     from pathlib import Path
 
-    from stages.download import DownloadParams
-    from stages.evaluate import EvaluateParams
-    from stages.prepare import PrepareParams
-    from stages.report import ReportParams
-    from stages.train import TrainParams
-    from stages.validate import ValidateParams
+    from stages.common.params import SECTIONS, check_sections, read_params, section_schema
 
     path = Path(__file__).resolve().parents[2] / "params.yaml"
-    for name, cls in [("download", DownloadParams), ("prepare", PrepareParams), ("validate", ValidateParams),
-                      ("train", TrainParams), ("evaluate", EvaluateParams), ("report", ReportParams)]:
-        load_section(name, cls, path)
+    assert set(SECTIONS) == {"download", "prepare", "validate", "train", "evaluate", "report"}
+    for name in SECTIONS:
+        load_section(name, section_schema(name), path)
+    check_sections(read_params(path), SECTIONS)  # train's model builds, too
+
+
+def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
+    """PyYAML (YAML 1.1) reads 5e-4 as a string; DVC (ruamel, YAML 1.2) as a number."""
+    from stages.common.params import load_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text("ex:\n  epochs: 5\n  rate: 5e-4\n  name: a\n  limit: 1_000\n  flag: true\n  counts: null\n"
+                    "  items: [1e-3]\n")
+    with pytest.raises(ConfigError, match=r"'ex.items\[0\]' is 0.001; it must be a string"):
+        load_section("ex", Example, path)  # the list item is a number, not the text '1e-3'
+    path.write_text(path.read_text().replace("[1e-3]", "[x]"))
+    params = load_section("ex", Example, path)
+    assert params.rate == 0.0005 and params.epochs == 5
+    assert load_yaml("1e-3") == 0.001 and load_yaml("-2E+2") == -200.0 and load_yaml("7") == 7
+    assert load_yaml("1.5") == 1.5 and load_yaml("abc") == "abc" and load_yaml(".inf") == float("inf")
+
+
+def test_a_zero_validation_fraction_is_refused_up_front():
+    from stages.prepare import PrepareParams
+
+    raw = {"val_fraction": 0.0, "normalization": "standardize", "train_limit_per_class": None,
+           "convert_images": False, "seed": 1}
+    with pytest.raises(ConfigError, match=r"'prepare.val_fraction' is 0.0; it must be > 0.0"):
+        parse_section(raw, PrepareParams, "prepare")
