@@ -12,9 +12,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+def presets_dir(repo: Path) -> Path:
+    """The project's own presets/ when it has one (a non-editable install ships none), else ours."""
+    return repo / "presets" if (repo / "presets" / "_base.yaml").is_file() else PRESETS_DIR
 
 
 def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
@@ -34,8 +37,10 @@ def resolve(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, A
     path = presets_dir / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"no preset '{name}'; available: {', '.join(available(presets_dir))}")
-    base = yaml.safe_load((presets_dir / "_base.yaml").read_text())
-    preset = yaml.safe_load(path.read_text()) or {}
+    from stages.common.params import load_yaml
+
+    base = load_yaml((presets_dir / "_base.yaml").read_text())
+    preset = load_yaml(path.read_text()) or {}
     return {section: _merge(base.get(section, {}), preset.get(section, {})) if section in base else preset[section]
             for section in {**base, **preset}}
 
@@ -44,18 +49,15 @@ def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict
     """Write the preset into params_file (comments kept) after checking it against the schema."""
     from ruamel.yaml import YAML
 
-    from stages.common.params import parse_section
-    from stages.evaluate import EvaluateParams
-    from stages.prepare import PrepareParams
-    from stages.train import TrainParams
+    from stages.common import dataio
+    from stages.common.params import check_sections, load_yaml
 
     values = resolve(name, presets_dir)
     text = params_file.read_text()
-    plain = yaml.safe_load(text)
+    plain = load_yaml(text)
     for section, keys in values.items():
         plain[section].update(keys)
-    for section, cls in {"prepare": PrepareParams, "train": TrainParams, "evaluate": EvaluateParams}.items():
-        parse_section(plain[section], cls, section)  # a bad preset never reaches params.yaml
+    check_sections(plain, values)  # a bad preset never reaches params.yaml
     rt = YAML()
     data = rt.load(text)
     for section, keys in values.items():
@@ -63,5 +65,5 @@ def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict
             data[section][key] = value
     rendered = io.StringIO()
     rt.dump(data, rendered)  # rendered in full before params.yaml is touched: never half a file
-    params_file.write_text(rendered.getvalue())
+    dataio.write_text(params_file, rendered.getvalue())
     return values

@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import ConfigError, TrainingDiverged, run_main  # noqa: E402
-from stages.common.models import MODELS, arch_options, augmentation, build_model  # noqa: E402
+from stages.common.models import MODELS, augmentation, build_model, check_arch, check_builds  # noqa: E402
 from stages.common.params import knob, load_section  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
@@ -58,7 +58,9 @@ class Augment:
 @dataclass(frozen=True)
 class TrainParams:
     model: str = knob(choices=tuple(MODELS))
-    arch: dict[str, Any]  # keyword options of the model's builder (stages/common/models.py)
+    # Per model, the keyword options of its builder (stages/common/models.py): switching
+    # train.model never hands one model's options to another.
+    arch: dict[str, dict[str, Any]]
     epochs: int = knob(min=1, max=10_000)
     batch_size: int = knob(min=1, max=65_536)
     optimizer: str = knob(choices=OPTIMIZERS)
@@ -80,11 +82,22 @@ class TrainParams:
     require_gpu: bool
 
     def __post_init__(self) -> None:
-        allowed = arch_options(self.model)
-        for key in self.arch:
-            if key not in allowed:
-                raise ConfigError(f"params.yaml: 'train.arch.{key}' is not an option of {self.model}; "
-                                  f"its options: {', '.join(allowed)}")
+        check_arch(self.arch)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The builder options of the model being trained (its defaults where arch has none)."""
+        return self.arch.get(self.model) or {}
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        """Warmup within the run: a warmup as long as the run would never reach its decay."""
+        return int(min(self.warmup_epochs, self.epochs / 2) * steps_per_epoch)
+
+    def warnings(self) -> list[str]:
+        if self.schedule in ("cosine", "onecycle") and self.warmup_epochs > self.epochs / 2:
+            return [f"train.warmup_epochs {self.warmup_epochs:g} leaves no decay in {self.epochs} epoch(s) of "
+                    f"{self.schedule}; warming up for {self.epochs / 2:g} epochs instead (half the run)"]
+        return []
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None,
@@ -117,7 +130,7 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
 def make_schedule(params: TrainParams, steps_per_epoch: int):
     lr, total = params.learning_rate, params.epochs * steps_per_epoch
-    warmup = int(params.warmup_epochs * steps_per_epoch)
+    warmup = params.warmup_steps(steps_per_epoch)
     if params.schedule == "step":
         boundaries = list(range(params.step_every * steps_per_epoch, total, params.step_every * steps_per_epoch))
         values = [lr * params.step_factor**i for i in range(len(boundaries) + 1)]
@@ -134,11 +147,13 @@ def make_schedule(params: TrainParams, steps_per_epoch: int):
 def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     lr = make_schedule(params, steps_per_epoch)
     common = {"learning_rate": lr, "weight_decay": params.weight_decay or None, "use_ema": params.ema}
+    if params.optimizer == "adamw":  # AdamW takes the decay as a number, 0 included
+        return keras.optimizers.AdamW(**{**common, "weight_decay": params.weight_decay})
     if params.optimizer == "sgd":
         return keras.optimizers.SGD(momentum=params.momentum, nesterov=params.nesterov, **common)
     if params.optimizer == "rmsprop":
         return keras.optimizers.RMSprop(momentum=params.momentum, **common)
-    return {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "nadam": keras.optimizers.Nadam,
+    return {"adam": keras.optimizers.Adam, "nadam": keras.optimizers.Nadam,
             "adagrad": keras.optimizers.Adagrad}[params.optimizer](**common)
 
 
@@ -263,8 +278,9 @@ def compiled_model(params: TrainParams, num_classes: int, normalization: dict, s
     keras.utils.set_random_seed(params.seed)
     set_precision(params.mixed_precision)
     a = params.augment
-    model = build_model(params.model, num_classes, normalization["mean"], normalization["std"], params.arch,
-                        augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed))
+    fill = float(np.mean(normalization["mean"]))
+    model = build_model(params.model, num_classes, normalization["mean"], normalization["std"], params.options,
+                        augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed, fill))
     model.compile(
         optimizer=make_optimizer(params, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
@@ -335,6 +351,9 @@ def main() -> None:
     from dvclive.utils import standardize_metric_name
 
     params = load_section("train", TrainParams)
+    check_builds(params.model, params.options)  # before any data is loaded
+    for warning in params.warnings():
+        print(f"warning: {warning}")
     device = train_device()
     if params.require_gpu and device == "CPU":
         raise ConfigError(

@@ -1,9 +1,10 @@
 """The model zoo: each architecture is one small builder, picked by name from `train.model`.
 
-Every model takes raw pixel values (float, 0..255), starts with the normalisation that prepare
-fitted on the training split (so evaluation and `predict` cannot forget it), then the training-only
-augmentation layers, then the builder's body. Builders return logits and take their options as
-keyword arguments, which `train.arch` sets; `build_model` adds the softmax.
+Every model takes raw pixel values (float, 0..255), starts with the training-only augmentation
+layers (on raw pixels, where their clipping to 0..255 is right), then the normalisation that
+prepare fitted on the training split (so evaluation and `predict` cannot forget it), then the
+builder's body. Builders return logits and take their options as keyword arguments, which
+`train.arch.<model>` sets; `build_model` adds the softmax.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import keras
 import numpy as np
 from keras import layers, regularizers
+
+from stages.common.errors import ConfigError
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -36,7 +39,9 @@ def tutorial_cnn(x, num_classes: int, widths: tuple[int, ...] = (32, 64, 64), de
 def leaky_bn_cnn(x, num_classes: int, widths: tuple[int, ...] = (32, 64, 128),
                  dropouts: tuple[float, ...] = (0.2, 0.3, 0.4), dense: int = 512):
     """Seed 001: double-conv LeakyReLU/BatchNorm blocks (32-64-128), Dense 512; ~1.3M parameters."""
-    for width, dropout in zip(widths, dropouts):
+    if len(widths) != len(dropouts):
+        raise ValueError(f"widths has {len(widths)} blocks but dropouts {len(dropouts)}; give one dropout per block")
+    for width, dropout in zip(widths, dropouts, strict=True):
         for _ in range(2):
             x = layers.Conv2D(width, 3, padding="same")(x)
             x = layers.LeakyReLU(negative_slope=0.1)(x)
@@ -153,7 +158,7 @@ def transfer(x, num_classes: int, base: str = "resnet50v2", size: int = 96, weig
     """A `keras.applications` backbone on upscaled images. `weights: imagenet` downloads ImageNet
     weights on first use (not possible offline: keep null there)."""
     if base not in TRANSFER_BASES:
-        raise ValueError(f"train.arch.base '{base}' is not one of {', '.join(TRANSFER_BASES)}")
+        raise ValueError(f"base '{base}' is not one of {', '.join(TRANSFER_BASES)}")
     cls_name, module = TRANSFER_BASES[base]
     app = getattr(keras.applications, cls_name)
     preprocess = getattr(keras.applications, module).preprocess_input
@@ -182,34 +187,76 @@ def arch_options(name: str) -> list[str]:
 
 
 def augmentation(flip: bool, crop_pad: int, rotation: float, zoom: float, contrast: float, shear: float,
-                 seed: int) -> list[layers.Layer]:
-    """Training-only augmentation layers (Keras disables them at inference)."""
+                 seed: int, fill_value: float = 0.0) -> list[layers.Layer]:
+    """Training-only augmentation layers on raw pixels (Keras disables them at inference).
+
+    `fill_value` fills what shifts, rotations, zooms and shears uncover; the mean pixel keeps the
+    fill close to 0 after standardisation, as it was when these layers ran after it.
+    """
+    fill = {"fill_mode": "constant", "fill_value": fill_value, "seed": seed}
     out: list[layers.Layer] = []
     if flip:
         out.append(layers.RandomFlip("horizontal", seed=seed))
     if crop_pad:
-        out.append(layers.RandomTranslation(crop_pad / 32, crop_pad / 32, fill_mode="constant", seed=seed))
+        out.append(layers.RandomTranslation(crop_pad / 32, crop_pad / 32, **fill))
     if rotation:
-        out.append(layers.RandomRotation(rotation, fill_mode="constant", seed=seed))
+        out.append(layers.RandomRotation(rotation, **fill))
     if zoom:
-        out.append(layers.RandomZoom(zoom, fill_mode="constant", seed=seed))
+        out.append(layers.RandomZoom(zoom, **fill))
     if contrast:
-        out.append(layers.RandomContrast(contrast, seed=seed))
+        out.append(layers.RandomContrast(contrast, value_range=(0, 255), seed=seed))
     if shear:
-        out.append(layers.RandomShear(x_factor=shear, y_factor=shear, fill_mode="constant", seed=seed))
+        out.append(layers.RandomShear(x_factor=shear, y_factor=shear, **fill))
     return out
 
 
+def check_arch(arch: dict[str, dict[str, Any]]) -> None:
+    """Refuse `train.arch` entries that name no model or no option of their model (light: no build)."""
+    import difflib
+
+    for model, options in arch.items():
+        if model not in MODELS:
+            hint = difflib.get_close_matches(str(model), MODELS, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"models: {', '.join(MODELS)}"
+            raise ConfigError(f"params.yaml: 'train.arch.{model}' names no model; {fix}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"params.yaml: 'train.arch.{model}' must be a mapping of options, got {options!r}")
+        allowed = arch_options(model)
+        for key in options:
+            if key not in allowed:
+                raise ConfigError(f"params.yaml: 'train.arch.{model}.{key}' is not an option of {model}; "
+                                  f"its options: {', '.join(allowed)}")
+
+
+def check_builds(name: str, options: dict[str, Any], num_classes: int = 10) -> None:
+    """Build the model's body on a symbolic input, so a bad option is a config error before any
+    stage runs, not a traceback from inside Keras after the data was prepared."""
+    try:
+        body(name, keras.Input(shape=INPUT_SHAPE), num_classes, options)
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"params.yaml: train.arch.{name} {options} does not build a {name} ({text}); "
+                          "fix the options (see the builder in stages/common/models.py)") from None
+
+
+def body(name: str, x, num_classes: int, options: dict[str, Any]):
+    """The builder's logits for `x`, with list options passed as the tuples the builders take."""
+    if "widths" in options and not options["widths"]:
+        raise ValueError("widths is empty; give at least one block width")
+    return MODELS[name](x, num_classes, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
 def build_model(name: str, num_classes: int, mean: list[float], std: list[float],
-                arch: dict[str, Any] | None = None, augment: list[layers.Layer] | None = None) -> keras.Model:
-    """`MODELS[name]` behind the fitted normalisation and augmentation, ending in softmax probabilities."""
+                options: dict[str, Any] | None = None, augment: list[layers.Layer] | None = None) -> keras.Model:
+    """`MODELS[name]` (with `options`, its `train.arch` entry) behind the augmentation and the fitted
+    normalisation, ending in softmax probabilities."""
     inputs = keras.Input(shape=INPUT_SHAPE, name="pixels")
-    # keras.applications backbones bring their own preprocessing of raw 0..255 pixels.
-    x = inputs if name == "transfer" else layers.Normalization(
-        mean=mean, variance=np.square(std).tolist(), name="normalize")(inputs)
+    x = inputs
     for layer in augment or []:
         x = layer(x)
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in (arch or {}).items()}
-    logits = MODELS[name](x, num_classes, **options)
+    # keras.applications backbones bring their own preprocessing of raw 0..255 pixels.
+    if name != "transfer":
+        x = layers.Normalization(mean=mean, variance=np.square(std).tolist(), name="normalize")(x)
+    logits = body(name, x, num_classes, options or {})
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=name)

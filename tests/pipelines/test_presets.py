@@ -1,4 +1,5 @@
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,17 @@ REPO = Path(__file__).resolve().parents[2]
 def test_every_preset_validates_against_the_params_schema(tmp_path, name):
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
-    presets.apply(params, name)
+    values = presets.apply(params, name)
     train = load_section("train", TrainParams, params)
     load_section("prepare", PrepareParams, params)
     load_section("evaluate", EvaluateParams, params)
-    assert train == load_section("train", TrainParams, params)
+    # What params.yaml now holds is the preset over _base, key by key.
+    expected = presets.resolve(name)
+    assert values == expected
+    for key, value in expected["train"].items():
+        got = getattr(train, key)
+        assert (got.__dict__ if key == "augment" else got) == value, key
+    assert train.options == (expected["train"]["arch"].get(expected["train"]["model"]) or {})
 
 
 def test_switching_presets_leaves_nothing_behind_and_keeps_comments(tmp_path):
@@ -32,7 +39,8 @@ def test_switching_presets_leaves_nothing_behind_and_keeps_comments(tmp_path):
     presets.apply(params, "seed001")
     values = yaml.safe_load(params.read_text())
     assert values["train"]["model"] == "leaky_bn_cnn" and values["train"]["mixed_precision"] is False
-    assert values["train"]["arch"] == {"widths": [32, 64, 128], "dropouts": [0.2, 0.3, 0.4], "dense": 512}
+    assert values["train"]["arch"] == {"leaky_bn_cnn": {"widths": [32, 64, 128], "dropouts": [0.2, 0.3, 0.4],
+                                                        "dense": 512}}
     assert values["download"] == yaml.safe_load((REPO / "params.yaml").read_text())["download"]
     assert "# Every knob of the pipeline." in params.read_text()
 
@@ -75,3 +83,21 @@ def test_gpu_fast_preset_trains_on_the_cpu_with_tiny_data():
 
         keras.mixed_precision.set_global_policy("float32")
     assert np.isfinite(history["loss"][0])
+
+
+def test_presets_are_read_from_the_project_not_only_the_installed_package(tmp_path):
+    from tests.pipelines.conftest import BIN
+
+    project = tmp_path / "project"
+    (project / "presets").mkdir(parents=True)
+    shutil.copy(REPO / "presets" / "_base.yaml", project / "presets" / "_base.yaml")
+    (project / "presets" / "team-recipe.yaml").write_text("train: {epochs: 3}\n")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    cli = str(BIN / "cifar10-pipeline")
+    listed = subprocess.run([cli, "preset", "--repo", str(project)], capture_output=True, text=True, timeout=300)
+    assert listed.stdout.split() == ["team-recipe"], listed.stderr
+    applied = subprocess.run([cli, "preset", "team-recipe", "--repo", str(project)], capture_output=True, text=True,
+                             timeout=300)
+    assert applied.returncode == 0, applied.stderr
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == 3

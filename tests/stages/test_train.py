@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from stages.common.errors import TrainingDiverged
-from stages.common.models import MODELS, build_model
-from stages.train import Augment, TrainParams, make_dataset, train
+from stages.common.errors import ConfigError
+from stages.common.models import MODELS, augmentation, build_model, check_builds
+from stages.train import Augment, TrainParams, make_optimizer, make_schedule, train
 from tests import synthetic
 
 CLASSES = ["a", "b", "c"]
@@ -31,14 +31,76 @@ SMALL_TRANSFER = {"base": "resnet50v2", "size": 32, "weights": None}
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_zoo_model_builds_and_trains_one_step(name):
-    arch = SMALL_TRANSFER if name == "transfer" else {}
-    model = build_model(name, len(CLASSES), NORM["mean"], NORM["std"], arch)
+    options = SMALL_TRANSFER if name == "transfer" else {}
+    model = build_model(name, len(CLASSES), NORM["mean"], NORM["std"], options)
     out = np.asarray(model.predict(np.full((2, 32, 32, 3), 128.0, np.float32), verbose=0))
     assert out.shape == (2, 3) and np.allclose(out.sum(axis=1), 1.0, atol=1e-5)
     if name != "transfer":  # keras.applications bring their own preprocessing
         assert model.layers[1].name == "normalize"
-    _, history = train(params(model=name, arch=arch, batch_size=12), splits(), CLASSES, NORM)
-    assert np.isfinite(history["loss"][0])
+    p = params(model=name, arch={name: options}, batch_size=12)
+    from stages.train import compiled_model
+
+    before = [w.copy() for w in compiled_model(p, len(CLASSES), NORM, 1).get_weights()]
+    trained, history = train(p, splits(), CLASSES, NORM)
+    assert np.isfinite(history["loss"][0]) and len(history["loss"]) == 1
+    # The step changed the weights (same seed: the same initial weights as `before`).
+    after = trained.get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(before, after) if a.shape == b.shape)
+
+
+def _body_input(model):
+    """What the builder's first layer sees: the output of augmentation and normalisation."""
+    import keras
+
+    preprocessing = ("normalize", "random_flip", "random_translation", "random_rotation", "random_zoom",
+                     "random_contrast", "random_shear")
+    first = next(layer for layer in model.layers[1:] if not layer.name.startswith(preprocessing))
+    return keras.Model(model.input, first.input)
+
+
+def test_augmentation_runs_on_raw_pixels_so_contrast_keeps_standardized_values():
+    """RandomContrast clips to its value range: after standardisation that zeroed every below-mean pixel."""
+    layers = augmentation(False, 0, 0.0, 0.0, 0.5, 0.0, seed=1, fill_value=110.0)
+    model = build_model("tutorial_cnn", 3, NORM["mean"], NORM["std"], augment=layers)
+    images = synthetic.make_images(4, CLASSES)[0].astype(np.float32)
+    seen = np.asarray(_body_input(model)(images, training=True))
+    assert seen.min() < -0.5, "below-mean pixels must stay negative after standardisation"
+    assert np.allclose(np.asarray(_body_input(model)(images, training=False)),
+                       (images - np.array(NORM["mean"])) / np.array(NORM["std"]), atol=1e-4)
+
+
+def test_adamw_without_weight_decay_builds():
+    optimizer = make_optimizer(params(optimizer="adamw", weight_decay=0.0), 10)
+    assert type(optimizer).__name__ == "AdamW" and optimizer.weight_decay == 0.0
+
+
+def test_arch_is_per_model_so_switching_models_carries_nothing_over():
+    p = params(model="bn_cnn", arch={"fast_vgg": {"widths": [48, 96, 192]}})
+    assert p.options == {}  # bn_cnn's defaults, not fast_vgg's widths
+    with pytest.raises(ConfigError, match="'train.arch.fastvgg' names no model; did you mean 'fast_vgg'"):
+        params(arch={"fastvgg": {}})
+
+
+@pytest.mark.parametrize("model, options, fragment", [
+    ("fast_vgg", {"widths": []}, "widths is empty"),
+    ("tutorial_cnn", {"widths": [32, 64, 64, 64]}, "does not build a tutorial_cnn"),
+    ("leaky_bn_cnn", {"widths": [32, 64], "dropouts": [0.2, 0.3, 0.4]}, "widths has 2 blocks but dropouts 3"),
+    ("transfer", {"base": "vgg99"}, "base 'vgg99' is not one of resnet50v2"),
+])
+def test_options_that_do_not_build_are_one_line_config_errors(model, options, fragment):
+    with pytest.raises(ConfigError, match=r"^params.yaml: train.arch." + model) as err:
+        check_builds(model, options)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_so_the_schedule_decays():
+    p = params(epochs=1, schedule="onecycle", warmup_epochs=2.0, learning_rate=0.2)
+    schedule = make_schedule(p, steps_per_epoch=100)
+    lr = [float(schedule(step)) for step in (25, 50, 75, 99)]
+    assert lr[1] == pytest.approx(0.2) and lr[0] < lr[1] and lr[3] < lr[2] < lr[1]
+    assert p.warnings() == ["train.warmup_epochs 2 leaves no decay in 1 epoch(s) of onecycle; "
+                            "warming up for 0.5 epochs instead (half the run)"]
+    assert params(epochs=16, schedule="onecycle", warmup_epochs=2.0).warnings() == []
 
 
 @pytest.mark.parametrize("base", ["efficientnetb0", "xception"])
@@ -48,10 +110,8 @@ def test_other_transfer_backbones_build(base):
 
 
 def test_unknown_arch_option_is_a_config_error():
-    from stages.common.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="'train.arch.depth' is not an option of resnet; its options: widths"):
-        params(model="resnet", arch={"depth": 3})
+    with pytest.raises(ConfigError, match="'train.arch.resnet.depth' is not an option of resnet; its options: widths"):
+        params(model="resnet", arch={"resnet": {"depth": 3}})
 
 
 @pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "plateau"])
