@@ -85,6 +85,8 @@ def inspect_archive(archive: Path, classes: list[str] | None) -> dict:
         "container": container,
         "layout": layout.kind,
         "classes": check_classes(found, classes, str(archive)),
+        # The archive's own label order (batches.meta): prepare maps its label numbers by name.
+        "source_classes": found,
         "counts": counts,
     }
 
@@ -150,23 +152,40 @@ def _fetch_url(url: str, dest: Path, timeout_s: float) -> dict[str, str]:
 
 
 def _pack_directory(root: Path, dest: Path) -> None:
+    """A tar of the folder whose bytes depend on file names and contents only (no times, owners
+    or modes), so its checksum identifies the data and download.sha256 can pin it."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    with tarfile.open(dest, "w") as tf:
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
         for path in files:
-            tf.add(path, arcname=path.relative_to(root).as_posix(), recursive=False)
+            info = tarfile.TarInfo(path.relative_to(root).as_posix())
+            info.size, info.mode = path.stat().st_size, 0o644
+            with open(path, "rb") as fh:
+                tf.addfile(info, fh)
 
 
 # --- stage ---------------------------------------------------------------------------------
 
 
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def require_checksum_for_local(params: DownloadParams, digests: dict[str, str]) -> None:
+    """DVC sees params, not files outside the repo: a local source that changed in place would never
+    be fetched again. Its checksum, a param, is what makes a change rerun the pipeline."""
+    if not is_url(params.source) and not (params.md5 or params.sha256):
+        raise ConfigError(
+            f"download.source '{params.source}' is a local path, which DVC cannot watch for changes; "
+            f"pin its content: set download.sha256: {digests['sha256']}"
+        )
+
+
 def download(params: DownloadParams, out_dir: Path = OUT_DIR) -> dict:
     """Fetch, verify and inspect into a temporary folder, then move it to `out_dir` whole."""
-    is_dir = not params.source.startswith(("http://", "https://")) and Path(params.source).is_dir()
-    if is_dir and (params.md5 or params.sha256):
-        raise ConfigError("download.md5/sha256 apply to archives; set them to null for a directory source")
     with dataio.atomic_dir(out_dir) as tmp_dir:
         archive = tmp_dir / "archive"
         digests = fetch(params.source, archive, params.timeout_s)
+        require_checksum_for_local(params, digests)
         verify_checksums(digests, {"md5": params.md5, "sha256": params.sha256}, params.source)
         manifest = {"source": params.source, "bytes": archive.stat().st_size, **digests}
         manifest.update(inspect_archive(archive, params.classes))

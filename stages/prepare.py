@@ -28,7 +28,8 @@ IMAGE_SHAPE = (32, 32, 3)
 
 @dataclass(frozen=True)
 class PrepareParams:
-    val_fraction: float = knob(min=0.0, max=0.9)
+    # > 0: validate checks the validation split and train monitors it.
+    val_fraction: float = knob(min=0.0, max=0.9, min_exclusive=True)
     normalization: str = knob(choices=("standardize", "scale"))
     train_limit_per_class: int | None = knob(min=1)
     convert_images: bool
@@ -130,11 +131,26 @@ def read_raw(
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """{'train'|'test': (images, labels)} and the class names, as download recorded them."""
     manifest = dataio.read_json(raw_dir / "manifest.json")
+    needed = {"classes", "container", "layout"}
+    if manifest.get("layout") == "pickle-batches":
+        needed.add("source_classes")
+    if missing := sorted(needed - set(manifest)):
+        raise DataError(f"{raw_dir / 'manifest.json'} lacks {', '.join(missing)} (written by an older download); "
+                        "rerun `dvc repro -f download`")
     archive, classes = raw_dir / "archive", manifest["classes"]
     members = dataio.iter_members(archive, manifest["container"])
     if manifest["layout"] == "pickle-batches":
-        return _read_pickles(members), classes
+        pickles = _read_pickles(members)
+        remap = label_map(manifest["source_classes"], classes)
+        return {split: (images, remap[labels]) for split, (images, labels) in pickles.items()}, classes
     return _read_class_folders(members, classes, convert, conversions), classes
+
+
+def label_map(source_classes: list[str], classes: list[str]) -> np.ndarray:
+    """Array mapping the archive's label numbers to positions in `classes` (download.classes'
+    order), by name: a download.classes in another order than batches.meta relabels, never
+    mislabels."""
+    return np.asarray([classes.index(name) for name in source_classes], dtype=np.int64)
 
 
 def _read_pickles(members) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import os
 import shutil
@@ -58,10 +59,15 @@ def set_params(path: Path, **sections: dict) -> None:
 TINY_TRAIN, TINY_TEST = 20, 5
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def tiny_params(archive: Path) -> dict[str, dict]:
     """Params for a generated dataset of TINY_TRAIN/TINY_TEST images per class, 1 epoch."""
     return {
-        "download": {"source": str(archive), "md5": None, "sha256": None},
+        # A local source is pinned by its checksum (DVC cannot watch a file outside the repo).
+        "download": {"source": str(archive), "md5": None, "sha256": sha256_of(archive)},
         "validate": {"expected_per_class": {"train": TINY_TRAIN, "test": TINY_TEST}},
         "train": {"epochs": 1, "batch_size": 32},
         "report": {"misclassified": 4, "samples_per_class": 2},
@@ -98,4 +104,11 @@ def git_dvc_project(dest: Path) -> Path:
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "pipeline"], cwd=dest, check=True)
+    return dest
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A copy of a built git + DVC repo, so a test can change it without touching the next test's
+    starting point (DVC's temporary state stays behind: it is tied to the original's path)."""
+    shutil.copytree(src, dest, symlinks=True, ignore=lambda folder, names: ["tmp"] if folder.endswith(".dvc") else [])
     return dest

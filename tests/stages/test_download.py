@@ -1,17 +1,23 @@
 import hashlib
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages.common.errors import ConfigError, DataError, IntegrityError
 from stages.download import DownloadParams, download, verify_checksums
 from tests import synthetic
-from tests.conftest import run_stage, set_params
+from tests.conftest import run_stage, set_params, sha256_of
 
 CLASSES = synthetic.CLASSES
 
 
 def params(source, md5=None, sha256=None, classes=CLASSES) -> DownloadParams:
+    """A local archive is pinned by its sha256 unless the test gives a checksum."""
+    local = not str(source).startswith("http") and Path(source).is_file()
+    if local and md5 is None and sha256 is None:
+        sha256 = sha256_of(source)
     return DownloadParams(source=str(source), md5=md5, sha256=sha256, classes=classes, timeout_s=10)
 
 
@@ -44,8 +50,27 @@ def test_zip_and_directory_sources(tmp_path, files):
     zipped = synthetic.write_zip(tmp_path / "data.bin", files)
     assert download(params(zipped), tmp_path / "raw1")["container"] == "zip"
     folder = synthetic.write_directory(tmp_path / "tree", files)
-    manifest = download(params(folder), tmp_path / "raw2")
+    with pytest.raises(ConfigError, match="is a local path, which DVC cannot watch") as refused:
+        download(params(folder), tmp_path / "raw2")
+    pinned = str(refused.value).rsplit("download.sha256: ", 1)[1]
+    manifest = download(params(folder, sha256=pinned), tmp_path / "raw2")
     assert manifest["container"] == "tar" and sum(manifest["counts"]["train"].values()) == 30
+    (folder / "train/cat/0000.png").touch()  # a new mtime: the packed folder's checksum is the same
+    assert download(params(folder, sha256=pinned), tmp_path / "raw3")["sha256"] == pinned
+
+
+def test_a_local_source_changed_in_place_is_not_used_silently(tmp_path, files):
+    """DVC sees params, not a file outside the repo: the pinned checksum is what notices."""
+    archive = synthetic.write_tar_gz(tmp_path / "data.tar.gz", files)
+    with pytest.raises(ConfigError, match=f"set download.sha256: {sha256_of(archive)}"):
+        download(DownloadParams(str(archive), None, None, CLASSES, 10), tmp_path / "raw")
+    pinned = sha256_of(archive)
+    download(params(archive, sha256=pinned), tmp_path / "raw")
+    changed = dict(files)
+    changed["train/cat/0000.png"] = files["train/dog/0000.png"]
+    synthetic.write_tar_gz(archive, changed)  # same path, new content
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        download(params(archive, sha256=pinned), tmp_path / "raw")
 
 
 def test_checksum_mismatch_names_both_hashes_and_leaves_nothing(tmp_path, http_server, files):
@@ -85,10 +110,30 @@ def test_unexpected_classes_are_named(tmp_path):
     assert not (tmp_path / "raw").exists()
 
 
-def test_checksum_on_a_directory_source_is_refused(tmp_path, files):
+def test_a_wrong_checksum_on_a_directory_source_is_an_integrity_error(tmp_path, files):
     folder = synthetic.write_directory(tmp_path / "tree", files)
-    with pytest.raises(ConfigError, match="set them to null for a directory"):
+    with pytest.raises(IntegrityError, match="md5 mismatch"):
         download(params(folder, md5="0" * 32), tmp_path / "raw")
+
+
+def test_pickle_labels_follow_download_classes_by_name(tmp_path):
+    """download.classes in another order than batches.meta relabels each image by its class name."""
+    from stages.prepare import _read_pickles, read_raw
+
+    from stages.common import dataio
+
+    archive = synthetic.write_tar_gz(tmp_path / "py.tar.gz", synthetic.pickle_batches_files(10, 10))
+    reordered = list(reversed(CLASSES))
+    manifest = download(params(archive, classes=reordered), tmp_path / "raw")
+    assert manifest["classes"] == reordered and manifest["source_classes"] == CLASSES
+    original = _read_pickles(dataio.iter_members(archive, "tar"))
+    source, classes = read_raw(tmp_path / "raw", convert=False)
+    assert classes == reordered
+    for split in ("train", "test"):
+        labels = source[split][1]
+        assert np.array_equal(labels, 9 - original[split][1]) and len(set(labels.tolist())) == 10
+        names = [classes[i] for i in labels]
+        assert names == [CLASSES[i] for i in original[split][1]]  # every image keeps its class name
 
 
 def test_verify_checksums_accepts_matching_and_skips_null():
