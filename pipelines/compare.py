@@ -27,6 +27,7 @@ REPORT = "results/evaluate/classification_report.json"
 CONFUSION = "results/evaluate/confusion_matrix.csv"
 PREDICTIONS = "results/evaluate/predictions.csv"
 WORKSPACE = "workspace"
+ALPHA = 0.05  # significance level of McNemar's test, for compare's verdict and the gate
 
 
 # --- statistics ----------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, flo
     return only_a, only_b, p
 
 
-def verdict(name_a: str, name_b: str, difference: float, p: float | None, alpha: float = 0.05) -> str:
+def verdict(name_a: str, name_b: str, difference: float, p: float | None, alpha: float = ALPHA) -> str:
     if p is None:
         return "no paired predictions: significance unknown"
     if p >= alpha or difference == 0:
@@ -132,6 +133,21 @@ class Run:
     predictions: pd.DataFrame | None
 
 
+def check_comparable(a: Run, b: Run) -> list[str]:
+    """Refuse runs evaluated on different splits or data; note what cannot be checked."""
+    split_a, split_b = a.metrics.get("split"), b.metrics.get("split")
+    if split_a and split_b and split_a != split_b:
+        raise ValueError(f"{a.name} was evaluated on the {split_a} split and {b.name} on the {split_b} split; "
+                         "compare runs evaluated on the same split (evaluate.split)")
+    data_a, data_b = a.metrics.get("data"), b.metrics.get("data")
+    if data_a and data_b and data_a != data_b:
+        raise ValueError(f"{a.name} and {b.name} were evaluated on different images (data {data_a} vs {data_b}); "
+                         "compare runs on the same prepared data")
+    unknown = [run.name for run in (a, b) if not run.metrics.get("split")]
+    return [f"{', '.join(unknown)} does not record its evaluated split (evaluated before it was recorded)"] \
+        if unknown else []
+
+
 def load_run(repo: Path, name: str) -> Run:
     sha = resolve(repo, name)
     metrics, report = read_at(repo, METRICS, sha), read_at(repo, REPORT, sha)
@@ -202,11 +218,12 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
     """Write compare.md/.html (and figures) to `out_dir`; return the Markdown and the statistics."""
     name_b = name_b or WORKSPACE
     run_a, run_b = load_run(repo, name_a), load_run(repo, name_b)
+    notes = check_comparable(run_a, run_b)
     revs = [name_a] + ([] if name_b == WORKSPACE else [name_b])
     params = json.loads(dvc(repo, "params", "diff", *revs, "--json") or "{}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    lines = [f"# {name_a} vs {name_b}", ""]
+    lines = [f"# {name_a} vs {name_b}", "", *[f"Note: {note}." for note in notes], *([""] if notes else [])]
     changed = [(k, v.get("old"), v.get("new")) for f in params.values() for k, v in sorted(f.items())]
     lines += ["## Params that differ", ""]
     lines += (["| param | " + name_a + " | " + name_b + " |", "|---|---|---|"]

@@ -1,7 +1,8 @@
 """The quality gate: refuse a candidate whose accuracy or any class's recall dropped too far.
 
-Thresholds live in params.yaml (`gate:`). The baseline defaults to the newest commit on the main
-branch that has evaluation metrics; the candidate defaults to the workspace.
+Thresholds live in params.yaml (`gate:`). The baseline defaults to the newest commit with
+evaluation metrics at or before where the candidate left the upstream main branch (never the
+candidate's own commit); the candidate defaults to the workspace.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
-from pipelines.compare import METRICS, WORKSPACE, Run, load_run, uncertainty
+from pipelines.compare import ALPHA, METRICS, WORKSPACE, Run, check_comparable, load_run, mcnemar, resolve, uncertainty
 
 
 @dataclass(frozen=True)
 class GateParams:
     max_accuracy_drop: float
     max_recall_drop: float
-    require_significance: bool  # fail only drops McNemar finds significant (p < 0.05)
+    require_significance: bool  # fail only drops McNemar finds significant (p < compare.ALPHA)
 
 
 @dataclass(frozen=True)
@@ -41,43 +41,94 @@ def load_gate_params(repo: Path) -> GateParams:
     return parse_section(read_params(repo / "params.yaml").get("gate", {}), GateParams, "gate")
 
 
-def default_baseline(repo: Path, branch: str = "main") -> str:
-    """The newest commit on `branch` that tracks evaluation metrics."""
-    log = subprocess.run(["git", "log", "--format=%H", branch, "--", METRICS], cwd=repo, capture_output=True, text=True)
-    commits = log.stdout.split()
-    if log.returncode != 0 or not commits:
-        raise ValueError(f"no commit on '{branch}' has {METRICS}; commit a run first or pass --baseline")
-    return commits[0]
+UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def default_baseline(repo: Path, candidate: str | None = None) -> str:
+    """The newest commit with metrics at or before the merge-base of the candidate and the upstream
+    main branch, skipping the candidate's own commit (on main, that is the commit before it).
+
+    CI checkouts often have no local `main`, so `origin/main` is tried first.
+    """
+    upstream = next((ref for ref in UPSTREAM_MAIN if _git(repo, "rev-parse", "--verify", "--quiet", ref)), None)
+    if upstream is None:
+        raise ValueError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
+    tip = resolve(repo, candidate) or "HEAD"
+    # The commit whose metrics the candidate carries; none when the workspace holds a new run.
+    own = _git(repo, "log", "-1", "--format=%H", tip, "--", METRICS)
+    if candidate in (None, WORKSPACE) and _git(repo, "status", "--porcelain", "--", METRICS):
+        own = None
+    start = _git(repo, "merge-base", tip, upstream)
+    if start is None:
+        raise ValueError(f"the candidate shares no history with {upstream}; pass --baseline REV")
+    for commit in (_git(repo, "log", "--format=%H", start, "--", METRICS) or "").split():
+        if commit != own:
+            return commit
+    raise ValueError(f"no commit before the candidate on {upstream} has {METRICS}; commit a run first or pass "
+                     "--baseline")
+
+
+def _paired(baseline: Run, candidate: Run) -> bool:
+    a, b = baseline.predictions, candidate.predictions
+    if a is None or b is None or len(a) != len(b):
+        return False
+    return bool((a["actual"].to_numpy() == b["actual"].to_numpy()).all())
+
+
+def class_drop_p(baseline: Run, candidate: Run, cls: str) -> float:
+    """McNemar on the class's own images: did its recall drop beyond chance?"""
+    a, b = baseline.predictions, candidate.predictions
+    assert a is not None and b is not None
+    mine = (a["actual"] == cls).to_numpy()
+    right_a, right_b = (a["actual"] == a["predicted"]).to_numpy(), (b["actual"] == b["predicted"]).to_numpy()
+    return mcnemar(right_a[mine], right_b[mine])[2]
 
 
 def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
-    """Pure decision on two loaded runs."""
+    """Pure decision on two loaded runs. With require_significance, the accuracy drop counts when
+    McNemar on all images finds it significant, a class's recall drop when McNemar on that class's
+    images does."""
     reasons, lines = [], []
     drop = baseline.metrics["accuracy"] - candidate.metrics["accuracy"]
+    paired = _paired(baseline, candidate)
     significant = True
-    if baseline.predictions is not None and candidate.predictions is not None:
+    if paired:
         stats = uncertainty(baseline.predictions, candidate.predictions, baseline.name, candidate.name)
-        if stats.p_value is not None:
-            significant = stats.p_value < 0.05
-            lines.append(f"McNemar p = {stats.p_value:.3g} ({stats.verdict})")
+        assert stats.p_value is not None
+        significant = stats.p_value < ALPHA
+        lines.append(f"McNemar p = {stats.p_value:.3g} ({stats.verdict})")
     elif params.require_significance:
         lines.append("no paired predictions: significance cannot be tested, so drops count as real")
-    counts = not params.require_significance or significant
     lines.insert(0, f"accuracy {baseline.metrics['accuracy']:.4f} -> {candidate.metrics['accuracy']:.4f} "
                     f"(drop {drop:+.4f}, allowed {params.max_accuracy_drop})")
-    if drop > params.max_accuracy_drop and counts:
+    if drop > params.max_accuracy_drop and (not params.require_significance or significant):
         reasons.append(f"accuracy dropped by {drop:.4f} > {params.max_accuracy_drop} (gate.max_accuracy_drop)")
     for cls, row in baseline.report.items():
         if not isinstance(row, dict) or "avg" in cls or cls not in candidate.report:
             continue
         recall_drop = row["recall"] - candidate.report[cls]["recall"]
-        if recall_drop > params.max_recall_drop and counts:
-            reasons.append(f"recall of {cls} dropped by {recall_drop:.4f} > {params.max_recall_drop} (gate.max_recall_drop)")
+        if recall_drop <= params.max_recall_drop:
+            continue
+        why = f"recall of {cls} dropped by {recall_drop:.4f} > {params.max_recall_drop} (gate.max_recall_drop)"
+        if params.require_significance and paired:
+            p = class_drop_p(baseline, candidate, cls)
+            if p >= ALPHA:
+                lines.append(f"{why}, but McNemar on its images finds it within noise (p = {p:.3g})")
+                continue
+            why += f", McNemar on its images p = {p:.3g}"
+        reasons.append(why)
     lines += reasons
     return GateVerdict(not reasons, baseline.name, candidate.name, reasons, lines)
 
 
 def gate(repo: Path, baseline: str | None = None, candidate: str | None = None) -> GateVerdict:
     params = load_gate_params(repo)
-    baseline_rev = baseline or default_baseline(repo)
-    return judge(load_run(repo, baseline_rev), load_run(repo, candidate or WORKSPACE), params)
+    baseline_rev = baseline or default_baseline(repo, candidate)
+    base_run, candidate_run = load_run(repo, baseline_rev), load_run(repo, candidate or WORKSPACE)
+    check_comparable(base_run, candidate_run)
+    return judge(base_run, candidate_run, params)

@@ -7,6 +7,7 @@ dvc.yaml's confusion plot reads.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,13 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) 
     return {"metrics": metrics, "report": report, "report_text": text, "confusion": confusion, "predictions": predictions}
 
 
+def data_hash(images: np.ndarray, labels: np.ndarray) -> str:
+    """Identifies the evaluated images and labels: two runs compare only on the same ones."""
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def predict_probabilities(model, images: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
     """Class probabilities; with `tta_flip`, the mean over each image and its mirror image."""
     pixels = images.astype(np.float32)
@@ -92,6 +100,9 @@ def main() -> None:
     if not np.all(np.isfinite(probabilities)):
         raise DataError(f"{MODEL_PATH} produced non-finite probabilities; retrain it (dvc repro -f train)")
     result = evaluate(probabilities, labels, classes)
+    # Which images the numbers are about: compare and the gate refuse to set a validation
+    # figure against a test figure, or figures on different data.
+    result["metrics"].update(split=params.split, data=data_hash(images, labels))
     dataio.write_json(OUT_DIR / "metrics.json", result["metrics"])
     dataio.write_json(OUT_DIR / "classification_report.json", result["report"])
     dataio.write_text(OUT_DIR / "classification_report.txt", result["report_text"])

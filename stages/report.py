@@ -21,7 +21,6 @@ import pandas as pd  # noqa: E402
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
 from stages.common.params import knob, load_section  # noqa: E402
-from stages.evaluate import EvaluateParams  # noqa: E402
 
 RAW_MANIFEST = Path("data/raw/manifest.json")
 MODEL_PATH = Path("models/model.keras")
@@ -177,9 +176,13 @@ def render_html(md_text: str, title: str = "CIFAR-10 report") -> str:
 
 def main() -> None:
     params = load_section("report", ReportParams)
-    split = load_section("evaluate", EvaluateParams).split
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     metrics = dataio.read_json(EVALUATE_DIR / "metrics.json")
+    # The split the metrics were computed on, not today's evaluate.split.
+    split = metrics.get("split")
+    if split not in ("test", "val"):
+        raise DataError(f"{EVALUATE_DIR / 'metrics.json'} does not say which split it evaluated; "
+                        "rerun `dvc repro -f evaluate`")
     report = dataio.read_json(EVALUATE_DIR / "classification_report.json")
     run_info = {**dataio.read_json(TRAIN_DIR / "run_info.json"), **_trained_model(TRAIN_DIR)}
     if not (EVALUATE_DIR / "predictions.csv").is_file():

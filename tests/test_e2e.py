@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import git_dvc_project, set_params, tiny_params
+from tests.conftest import copy_repo, git_dvc_project, set_params, tiny_params
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def stages_run(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_archive):
+def built(tmp_path_factory, tiny_archive):
     repo = git_dvc_project(tmp_path_factory.mktemp("e2e") / "project")
     set_params(repo / "params.yaml", **tiny_params(tiny_archive))
     result = dvc(repo, "repro")
@@ -40,9 +40,23 @@ def project(tmp_path_factory, tiny_archive):
     return repo
 
 
+@pytest.fixture
+def project(built, tmp_path):
+    """Each test starts from the same freshly built repo, whatever the tests before it changed."""
+    return copy_repo(built, tmp_path / "project")
+
+
 def test_repro_writes_every_stage_output(project):
+    import pandas as pd
+
     metrics = json.loads((project / "results/evaluate/metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["images"] == 50
+    predictions = pd.read_csv(project / "results/evaluate/predictions.csv")
+    confusion = pd.read_csv(project / "results/evaluate/confusion_matrix.csv", index_col=0).to_numpy()
+    # The headline agrees with the per-image predictions and the confusion matrix it came from.
+    assert metrics["images"] == 50 == len(predictions) == confusion.sum()
+    assert metrics["accuracy"] == round(float((predictions["actual"] == predictions["predicted"]).mean()), 4)
+    assert metrics["accuracy"] == round(float(confusion.trace() / confusion.sum()), 4)
+    assert metrics["split"] == "test" and len(metrics["data"]) == 16
     assert (project / "models/model.keras").stat().st_size > 0
     assert (project / "results/validate/data_docs/index.html").is_file()
     assert json.loads((project / "results/validate/summary.json").read_text())["success"] is True

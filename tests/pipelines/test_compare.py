@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.compare import Run, bootstrap_interval, mcnemar, uncertainty, verdict
-from pipelines.gate import GateParams, judge
+from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar, uncertainty, verdict
+from pipelines.gate import GateParams, default_baseline, judge
 from tests.conftest import git_dvc_project, set_params, tiny_params
 from tests.pipelines.conftest import cli
 from tests.test_e2e import dvc
@@ -76,6 +76,72 @@ def test_gate_decisions():
     assert judge(run("main", 0.99, {"a": 1.0}, noisy_a), run("ws", 0.97, {"a": 1.0}, noisy_b), lenient).passed
 
 
+def test_require_significance_tests_each_class_on_its_own_images():
+    """A class that collapses while overall accuracy stays flat is a real regression."""
+    classes = ["cat", "dog", "ship", "frog"]
+    actual = [classes[i % 4] for i in range(400)]
+    base_pred = [a if a in ("cat", "dog") or i % 8 < 4 else "dog" for i, a in enumerate(actual)]  # ship, frog: half
+    # cat collapses (all wrong), ship and frog get right what they missed: the same total.
+    cand_pred = ["dog" if a == "cat" else a if a != "dog" or i % 8 < 7 else "cat" for i, a in enumerate(actual)]
+    base, cand = predictions(actual, base_pred), predictions(actual, cand_pred)
+
+    def report(frame):
+        return {c: {"recall": float((frame.loc[frame.actual == c, "predicted"] == c).mean())} for c in classes}
+
+    accuracy = [float((f.actual == f.predicted).mean()) for f in (base, cand)]
+    assert accuracy == [0.75, 0.75]
+    lenient = GateParams(0.01, 0.05, require_significance=True)
+    verdict_ = judge(Run("main", None, {"accuracy": accuracy[0]}, report(base), None, base),
+                     Run("ws", None, {"accuracy": accuracy[1]}, report(cand), None, cand), lenient)
+    assert not verdict_.passed
+    assert verdict_.reasons[0].startswith("recall of cat dropped by 1.0000 > 0.05 (gate.max_recall_drop), McNemar")
+
+
+def test_runs_on_different_splits_or_data_are_not_compared():
+    test_run = Run("a", None, {"accuracy": 0.8, "split": "test", "data": "aa"}, {}, None, None)
+    val_run = Run("b", None, {"accuracy": 0.9, "split": "val", "data": "bb"}, {}, None, None)
+    with pytest.raises(ValueError, match="a was evaluated on the test split and b on the val split"):
+        check_comparable(test_run, val_run)
+    other_data = Run("c", None, {"accuracy": 0.9, "split": "test", "data": "cc"}, {}, None, None)
+    with pytest.raises(ValueError, match="different images"):
+        check_comparable(test_run, other_data)
+    old = Run("old", None, {"accuracy": 0.7}, {}, None, None)
+    assert check_comparable(old, test_run) == ["old does not record its evaluated split (evaluated before it "
+                                               "was recorded)"]
+
+
+def test_default_baseline_is_never_the_candidates_own_run(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "results/evaluate").mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+
+    def commit(message: str, accuracy: float | None = None) -> str:
+        if accuracy is not None:
+            (repo / "results/evaluate/metrics.json").write_text(json.dumps({"accuracy": accuracy}))
+        (repo / "log.txt").write_text(message)
+        subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+        subprocess.run([*git, "commit", "-qm", message], cwd=repo, check=True)
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    first = commit("run 1", 0.5)
+    second = commit("run 2", 0.6)
+    commit("docs")  # newer than the last run, no metrics
+    # On main with a clean workspace the candidate IS run 2: compare it with run 1, not itself.
+    assert default_baseline(repo) == first
+    (repo / "results/evaluate/metrics.json").write_text(json.dumps({"accuracy": 0.7}))  # a new, uncommitted run
+    assert default_baseline(repo) == second
+    subprocess.run(["git", "checkout", "-q", "-b", "feature"], cwd=repo, check=True)
+    commit("run 3 on a branch", 0.7)
+    assert default_baseline(repo) == second  # where the branch left main
+    # A CI checkout: a clone at the candidate, detached, with no local main, only origin/main.
+    ci = tmp_path / "ci"
+    subprocess.run(["git", "clone", "-q", str(repo), str(ci)], check=True)
+    subprocess.run(["git", "checkout", "-q", "--detach", "origin/feature"], cwd=ci, check=True)
+    assert subprocess.run(["git", "rev-parse", "--verify", "-q", "main"], cwd=ci).returncode != 0
+    assert default_baseline(ci) == second
+
+
 @pytest.fixture(scope="module")
 def two_commits(tmp_path_factory, tiny_archive):
     """A repo with two committed runs that differ in train.epochs."""
@@ -132,7 +198,7 @@ def test_gate_fails_a_planted_regression_and_passes_an_improvement(two_commits, 
         report = json.loads(saved["classification_report.json"])
         report[victim]["recall"] = 0.0
         (evaluate / "classification_report.json").write_text(json.dumps(report))
-        failed = cli(prefect_env, "gate", "--repo", str(repo))
+        failed = cli(prefect_env, "gate", "--baseline", "HEAD", "--repo", str(repo))
         assert failed.returncode == 1, failed.stdout
         assert "Quality gate FAILED" in failed.stdout and f"recall of {victim} dropped by" in failed.stdout
 
@@ -142,7 +208,7 @@ def test_gate_fails_a_planted_regression_and_passes_an_improvement(two_commits, 
         (evaluate / "metrics.json").write_text(json.dumps({**metrics, "accuracy": 1.0}))
         perfect = {c: ({**r, "recall": 1.0} if isinstance(r, dict) else r) for c, r in report.items()}
         (evaluate / "classification_report.json").write_text(json.dumps(perfect))
-        passed = cli(prefect_env, "gate", "--repo", str(repo))
+        passed = cli(prefect_env, "gate", "--baseline", "HEAD", "--repo", str(repo))
         assert passed.returncode == 0 and "Quality gate passed" in passed.stdout
     finally:
         for name, text in saved.items():
@@ -154,6 +220,11 @@ def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
     from tests.pipelines.conftest import api
 
     result = cli(prefect_env, "run", "--gate", "--repo", str(two_commits))
-    assert result.returncode == 0, result.stderr[-2000:]
     gates = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-gate"]}}})
-    assert gates and "Quality gate passed" in gates[0]["data"]
+    previous = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=two_commits, capture_output=True, text=True)
+    # The workspace is HEAD's run: the baseline is the run before it, never HEAD itself.
+    assert gates and f"workspace against {previous.stdout.strip()}" in gates[0]["data"]
+    if "Quality gate passed" in gates[0]["data"]:
+        assert result.returncode == 0, result.stderr[-2000:]
+    else:
+        assert result.returncode == 1 and "error: quality gate failed: " in result.stderr
