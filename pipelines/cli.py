@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
-import yaml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect.")
@@ -24,13 +24,21 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['train.epochs=5'] -> {'train.epochs': 5}; values are read as YAML (numbers, null, lists)."""
+    """['train.epochs=5'] -> {'train.epochs': 5}; values are read as YAML 1.2, as DVC reads them
+    (numbers such as 1e-3, null, lists)."""
+    import yaml
+
+    from stages.common.params import load_yaml
+
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             fail(f"--set expects key=value (e.g. train.epochs=5), got '{pair}'", 2)
-        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            overrides[key.strip()] = load_yaml(value) if value.strip() else None
+        except yaml.YAMLError:
+            fail(f"--set {pair}: the value is not valid YAML; quote it (e.g. key='a: b')", 2)
     return overrides
 
 
@@ -75,10 +83,7 @@ def run(
 
     repo = require_repo(repo)
     overrides = parse_overrides(set_ or [])
-    try:
-        check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
-    except ValueError as err:
-        fail(str(err), 2)
+    check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
     api_url = os.environ.get("PREFECT_API_URL")
     if api_url and not _api_reachable(api_url):
         if not fallback:
@@ -102,12 +107,15 @@ def _api_reachable(url: str) -> bool:
 
 def _plain_repro(repo: Path, overrides: dict[str, Any], dry_run: bool) -> None:
     """The pipeline without Prefect: DVC's own experiment runner when there are overrides."""
-    dvc = str(Path(sys.executable).parent / "dvc")
-    sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={yaml.safe_dump(value).strip()}")]
-    command = [dvc, "exp", "run", *sets] if overrides else [dvc, "repro"]
-    if dry_run:
-        command.append("--dry")
-    raise typer.Exit(subprocess.call(command, cwd=repo))
+    raise typer.Exit(subprocess.call(fallback_command(overrides, dry_run), cwd=repo))
+
+
+def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
+    from pipelines.dvcrepo import dvc_executable, set_arg
+
+    sets = [arg for key, value in overrides.items() for arg in ("-S", set_arg(key, value))]
+    command = [dvc_executable(), "exp", "run", *sets] if overrides else [dvc_executable(), "repro"]
+    return [*command, "--dry"] if dry_run else command
 
 
 def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
@@ -118,14 +126,16 @@ def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, 
     try:
         result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
                           push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts, gate=gate)
-    except (StageFailed, FlowLockBusy, RepoBusy, GateFailed, ValueError) as err:
+    except StageFailed as err:  # the stage's own exit code: 2 config, 3 data, 4 integrity, ...
+        fail(str(err), err.exit_code if err.exit_code and err.exit_code > 0 else 1)
+    except (FlowLockBusy, RepoBusy, GateFailed) as err:
         fail(str(err))
     if dry_run:
         for stage, fate in result["plan"].items():
             typer.echo(f"{stage}: {fate}")
         return
     for stage, info in result["stages"].items():
-        typer.echo(f"{stage}: {'ran ' + format(info['seconds'], '.0f') + ' s' if info['ran'] else 'up to date'}")
+        typer.echo(info["outcome"])
     if result.get("experiment"):
         typer.echo(f"experiment: {result['experiment']}")
     if result.get("metrics"):
@@ -148,10 +158,7 @@ def serve(
 
     repo = require_repo(repo)
     overrides = parse_overrides(set_ or [])
-    try:
-        check_overrides(repo / "params.yaml", overrides)
-    except ValueError as err:
-        fail(str(err), 2)
+    check_overrides(repo / "params.yaml", overrides)
     if not PREFECT_API_URL.value():
         fail("serve needs a Prefect server: start one with `cifar10-pipeline server`, then "
              f"export PREFECT_API_URL=http://127.0.0.1:{DEFAULT_PORT}/api", 2)
@@ -265,6 +272,8 @@ def sweep(
     except (ValueError, RuntimeError, OSError) as err:
         fail(str(err))
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
+    if result["failed"]:
+        fail(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}", 1)
 
 
 @app.command()
@@ -291,15 +300,15 @@ def preset(
 ) -> None:
     """Write a named recipe (presets/NAME.yaml: the seeds' notebooks, the fast default) into params.yaml."""
     from pipelines import presets
-    from stages.common.errors import ConfigError
 
+    folder = presets.presets_dir(repo.resolve())
     if name is None:
-        typer.echo("\n".join(presets.available()))
+        typer.echo("\n".join(presets.available(folder)))
         return
     repo = require_repo(repo)
     try:
-        values = presets.apply(repo / "params.yaml", name)
-    except (ValueError, ConfigError) as err:
+        values = presets.apply(repo / "params.yaml", name, folder)
+    except ValueError as err:
         fail(str(err), 2)
     typer.echo(f"params.yaml now holds preset '{name}' ({values['train']['model']}, "
                f"{values['train']['epochs']} epochs); `dvc repro` or `cifar10-pipeline run` to train it")
@@ -322,7 +331,30 @@ def predict(
 
 
 def main() -> None:
-    app()
+    """Every command's errors end here: one line on stderr and the exit code of their cause."""
+    from stages.common.errors import PipelineError, report_unexpected
+
+    # Prefect waits 20 s for its temporary API; a 2-core AVX2 machine under load took longer
+    # (seen in this project's tests). Set before Prefect is imported, which reads it then; a
+    # user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    try:
+        code = app(standalone_mode=False)
+    except PipelineError as err:
+        typer.echo(f"error: {err}", err=True)
+        code = err.exit_code
+    except click.exceptions.Abort:  # Ctrl-C while Click was prompting or parsing
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; stages it started were stopped", err=True)
+        code = 130
+    except click.ClickException as err:  # usage errors: Click's own message, exit 2
+        err.show()
+        code = err.exit_code
+    except Exception as err:
+        code = report_unexpected(err)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ place it is written. Stages run through the `dvc` CLI, so DVC alone decides what
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -32,11 +33,16 @@ class StageGraph:
 @dataclass(frozen=True)
 class StageOutcome:
     stage: str
-    ran: bool
+    ran: bool  # the stage's outputs in the workspace changed: run, or restored from DVC's run-cache
     seconds: float
+    from_run_cache: bool = False
 
     def describe(self) -> str:
-        return f"{self.stage}: ran {self.seconds:.0f} s" if self.ran else f"{self.stage}: up to date"
+        if not self.ran:
+            return f"{self.stage}: up to date"
+        if self.from_run_cache:
+            return f"{self.stage}: restored from run-cache"
+        return f"{self.stage}: ran {self.seconds:.0f} s"
 
 
 class StageFailed(RuntimeError):
@@ -158,27 +164,71 @@ _DVC_ERROR = re.compile(r"^ERROR: (.*)$", re.MULTILINE)
 _EXIT_CODE = re.compile(r"exited with (-?\d+)")
 
 
-# Process groups of stages now running, so the flow can end them when it is itself stopped.
-RUNNING: set[int] = set()
+# Stages now running (by process group), so the flow can end them when it is itself stopped.
+RUNNING: dict[int, subprocess.Popen] = {}
 
 
-def stop_group(pgid: int, grace_s: float = 15.0) -> None:
-    """SIGINT first (stages clean their temporary files and exit 130), SIGKILL after a grace."""
+def stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGINT first (stages clean their temporary files and exit 130), SIGKILL after a grace.
+
+    The leader is reaped as it exits (an unreaped one would keep answering `killpg(pgid, 0)`),
+    and the wait ends as soon as no process of the group is left.
+    """
+    pgid = proc.pid
     try:
         os.killpg(pgid, signal.SIGINT)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            os.killpg(pgid, 0)  # raises once every process of the group is gone
-            time.sleep(0.2)
+    except ProcessLookupError:
+        proc.poll()
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not _group_alive(pgid):
+            return
+        time.sleep(0.05)
+    try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def stop_all_stages() -> None:
-    for pgid in list(RUNNING):
-        stop_group(pgid)
-        RUNNING.discard(pgid)
+    for proc in list(RUNNING.values()):
+        stop_group(proc)
+        RUNNING.pop(proc.pid, None)
+
+
+def lock_entry(repo_dir: Path, stage: str) -> object:
+    """The stage's entry in dvc.lock (None before its first run): what DVC records it produced."""
+    import yaml
+
+    try:
+        return (yaml.safe_load((repo_dir / "dvc.lock").read_text()) or {}).get("stages", {}).get(stage)
+    except OSError:
+        return None
+
+
+# A child started with SIGINT ignored (the flow run as a background job, say) would hand that on
+# to dvc and the stage, and Ctrl-C or a stop would never reach them: reset it, then exec.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def with_default_sigint(command: list[str]) -> list[str]:
+    return [sys.executable, "-c", _SIGINT_DEFAULT, *command]
+
+
+def set_arg(key: str, value: object) -> str:
+    """`key=value` for `dvc exp run -S`, which reads the value as YAML: JSON is valid YAML."""
+    return f"{key}={json.dumps(value)}"
 
 
 def run_stage(
@@ -190,11 +240,12 @@ def run_stage(
     `stop_all_stages`) the whole group is ended, dvc and the stage's Python process alike.
     """
     started = time.perf_counter()
+    before = lock_entry(repo_dir, stage)
     proc = subprocess.Popen(
-        [dvc_executable(), "repro", "--single-item", stage],
+        with_default_sigint([dvc_executable(), "repro", "--single-item", stage]),
         cwd=repo_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-    RUNNING.add(proc.pid)
+    RUNNING[proc.pid] = proc
     lines: list[str] = []
 
     def pump() -> None:
@@ -208,12 +259,12 @@ def run_stage(
     try:
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        stop_group(proc.pid)
+        stop_group(proc)
         raise StageFailed(stage, f"timed out after {timeout_s:g} s; stopped it (raise its stage timeout)", None) from None
     finally:
         if proc.poll() is None:
-            stop_group(proc.pid)
-        RUNNING.discard(proc.pid)
+            stop_group(proc)
+        RUNNING.pop(proc.pid, None)
         reader.join(timeout=10)
     output = "".join(lines)
     if code != 0:
@@ -224,7 +275,11 @@ def run_stage(
         if "Unable to acquire lock" in output or "is being blocked by" in output:
             message, exit_code = "another dvc command holds this repo's lock; retry when it ends", TRANSIENT_EXIT
         raise StageFailed(stage, message, exit_code)
-    return StageOutcome(stage, ran=f"Running stage '{stage}'" in output, seconds=time.perf_counter() - started)
+    # DVC's record decides, not its log text: a run-cache hit runs nothing yet changes the workspace.
+    executed = f"Running stage '{stage}'" in output
+    changed = executed or lock_entry(repo_dir, stage) != before
+    return StageOutcome(stage, ran=changed, seconds=time.perf_counter() - started,
+                        from_run_cache=changed and not executed)
 
 
 def dvc(repo_dir: Path, *args: str) -> str:

@@ -110,35 +110,64 @@ def _flow_run_id() -> str | None:
         return None
 
 
+def experiment_name(run_name: str, run_id: str | None) -> str:
+    """Unique per flow run: Prefect reuses run names, so the id is part of it."""
+    return f"prefect-{run_name}-{(run_id or 'local').replace('-', '')[:8]}"
+
+
+def assert_nothing_stale(repo: Path) -> None:
+    """A finished flow run leaves the workspace consistent: DVC finds every stage up to date."""
+    _, reasons = inspect_repo(repo)
+    if reasons:
+        stale = "; ".join(f"{stage}: {', '.join(why)}" for stage, why in reasons.items())
+        raise StageFailed("pipeline", f"stages are still stale after the run ({stale}); rerun", None)
+
+
+def _set_dotted(data: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
     """Set dotted keys in params.yaml, keeping its comments; unknown keys are refused."""
     from ruamel.yaml import YAML
 
+    from stages.common import dataio
+
     yaml = YAML()
     data = yaml.load(params_file.read_text())
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        _set_dotted(data, dotted, value)
     text = io.StringIO()
     yaml.dump(data, text)  # rendered in full before params.yaml is touched: never half a file
-    params_file.write_text(text.getvalue())
+    dataio.write_text(params_file, text.getvalue())
 
 
-def check_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """Refuse an override whose key params.yaml lacks, suggesting the nearest one."""
-    import yaml
+def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
+    """Refuse an override whose key params.yaml lacks (suggesting the nearest one) and, with
+    `values`, one whose value its section's schema refuses: before anything is written or run."""
+    from stages.common.errors import ConfigError
+    from stages.common.params import check_sections, read_params
 
-    data = yaml.safe_load(params_file.read_text())
+    data = read_params(params_file)
     known = set(_flatten_keys(data))
     for dotted in overrides:
         if dotted not in known:
             hint = difflib.get_close_matches(dotted, sorted(known), n=1)
-            raise ValueError(
+            raise ConfigError(
                 f"override '{dotted}' names no key in params.yaml" + (f"; did you mean '{hint[0]}'?" if hint else "")
             )
+    if not values:
+        return
+    for dotted, value in overrides.items():
+        _set_dotted(data, dotted, value)
+    try:
+        check_sections(data, {dotted.split(".")[0] for dotted in overrides})
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())})") from None
 
 
 def _flatten_keys(node: Any, prefix: str = "") -> Iterator[str]:
@@ -263,14 +292,16 @@ def pipeline(
         finally:
             stop_all_stages()  # the flow itself was stopped or failed: leave no stage running
         logger.info("summary: " + " | ".join(o.describe() for o in outcomes))
+        if any(o.ran for o in outcomes):
+            assert_nothing_stale(repo)
         experiment = None
         if overrides and not any(o.ran for o in outcomes):
             logger.info("nothing ran: the workspace already holds these results; no new experiment saved")
         elif overrides:
-            experiment = f"prefect-{_flow_run_name()}"
+            experiment = experiment_name(_flow_run_name(), _flow_run_id())
             # Metrics and curves are git's to track; include them even before their first commit.
             include = [arg for path in git_tracked_outputs(repo) if (repo / path).exists() for arg in ("-I", path)]
-            dvc(repo, "exp", "save", "--force", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}")
+            dvc(repo, "exp", "save", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}")
             logger.info(f"saved as DVC experiment {experiment} (dvc exp show)")
         if push:
             logger.info(dvc(repo, "push").strip() or "dvc push: nothing to push")
@@ -279,7 +310,8 @@ def pipeline(
         if verdict is not None and not verdict.passed:
             raise GateFailed("quality gate failed: " + "; ".join(verdict.reasons))
         return {
-            "stages": {o.stage: {"ran": o.ran, "seconds": round(o.seconds, 1)} for o in outcomes},
+            "stages": {o.stage: {"ran": o.ran, "seconds": round(o.seconds, 1), "from_run_cache": o.from_run_cache,
+                                 "outcome": o.describe()} for o in outcomes},
             "experiment": experiment,
             "metrics": metrics,
         }

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 INPUT_SIZE = (32, 32)
 
@@ -17,18 +18,40 @@ class PredictError(Exception):
     pass
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The picture as a person sees it, in 8-bit RGB: upright (EXIF orientation), transparent parts
+    on white, 16-bit and float images scaled to 0..255 rather than clipped."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
 def load_pixels(path: Path) -> np.ndarray:
     """Any size or mode -> (32, 32, 3) float pixels in 0..255, as the model was trained on."""
     if not path.is_file():
         raise PredictError(f"{path} not found; pass existing image files")
     try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            if rgb.size != INPUT_SIZE:
-                rgb = rgb.resize(INPUT_SIZE, Image.Resampling.BICUBIC)
-            return np.asarray(rgb, dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as err:
+        with warnings.catch_warnings():
+            # Pillow only warns below twice its pixel limit; an image that large is refused too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                rgb = to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise PredictError(f"{path} is too large to be a safe image to decode ({err})") from None
+    except PermissionError:
+        raise PredictError(f"{path} cannot be read (permission denied); fix its permissions") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise PredictError(f"{path} is not a readable image ({err})") from None
+    if rgb.size != INPUT_SIZE:
+        rgb = rgb.resize(INPUT_SIZE, Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.float32)
 
 
 def predict_files(paths: list[Path], model_path: Path, classes_path: Path) -> Iterator[tuple[Path, str, float]]:
@@ -40,7 +63,11 @@ def predict_files(paths: list[Path], model_path: Path, classes_path: Path) -> It
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
-    model = keras.models.load_model(model_path, compile=False)  # inference only: no optimizer needed
+    try:
+        model = keras.models.load_model(model_path, compile=False)  # inference only: no optimizer needed
+    except (ValueError, OSError, TypeError) as err:
+        raise PredictError(f"{model_path} is not a loadable Keras model ({str(err).splitlines()[0]}); "
+                           "retrain it or pass --model") from None
     names = json.loads(classes_path.read_text())
     probabilities = np.asarray(model.predict(batch, verbose=0))
     for path, row in zip(paths, probabilities):

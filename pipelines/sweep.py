@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.compare import experiments_table, safe_name
-from pipelines.dvcrepo import dvc, dvc_executable
+from pipelines.dvcrepo import dvc, dvc_executable, set_arg
 from pipelines.flow import check_overrides
 
 OUT_DIR = Path("comparisons")
@@ -63,8 +63,8 @@ def sample_points(space: dict[str, Any], kind: str, n: int, seed: int) -> list[d
 
 
 def _override(key: str, value: Any) -> str:
-    text = f"{value:.6g}" if isinstance(value, float) else yaml.safe_dump(value, default_flow_style=True).strip()
-    return f"{key}={text.removesuffix('...').strip()}"
+    # Six significant digits keep a random draw's experiment params readable.
+    return set_arg(key, float(f"{value:.6g}") if isinstance(value, float) else value)
 
 
 def _queue_failures(repo: Path) -> set[str]:
@@ -89,7 +89,8 @@ def sweep(
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
     points = sample_points(space or {}, kind, n, seed)
-    check_overrides(repo / "params.yaml", {k: None for k in (space or {})})
+    for point in points:  # a point the schema refuses would only fail later, in its own run
+        check_overrides(repo / "params.yaml", point)
     name = safe_name(name or time.strftime("sweep-%Y%m%d-%H%M%S"))
     names = []
     for i, point in enumerate(points, start=1):
@@ -101,17 +102,21 @@ def sweep(
     started = time.perf_counter()
     try:
         dvc(repo, "exp", "run", "--run-all", "--jobs", str(jobs))
-    except RuntimeError as err:  # failed points are recorded below, not lost
-        logger.warning(f"some points failed: {err}")
+    except RuntimeError as err:  # failed points are found below, each by its own status
+        logger.warning(f"dvc exp run --run-all: {err}")
     logger.info(f"ran {len(points)} points in {time.perf_counter() - started:.0f} s with {jobs} job(s)")
 
     table = experiments_table(repo, sort_by=sort_by)
     mine = table[table["name"].isin(names)] if not table.empty else table
-    failed = sorted((set(names) - set(mine["name"])) | _queue_failures(repo) & set(names))
+    finished = {row["name"]: row for row in mine.to_dict("records")
+                if row.get("status") == "ok" and pd.notna(row.get("accuracy"))}
+    failed = sorted((set(names) - set(finished)) | (_queue_failures(repo) & set(names)))
     points_by_name = dict(zip(names, points))
     rows = [{"name": n_, **points_by_name[n_], **{k: r.get(k) for k in ("accuracy", "f1_macro", "loss")}, "status": "ok"}
-            for n_, r in ((row["name"], row) for row in mine.to_dict("records"))]
+            for n_, r in finished.items() if n_ not in failed]
     rows += [{"name": n_, **points_by_name[n_], "status": "failed"} for n_ in failed]
+    for n_ in failed:
+        logger.error(f"{n_} failed: {points_by_name[n_]}; rerun it alone with `dvc exp run` and these -S values")
     result = pd.DataFrame(rows)
     if "accuracy" in result:
         result = result.sort_values("accuracy", ascending=False, na_position="last").reset_index(drop=True)
@@ -133,7 +138,12 @@ def sweep(
 
 
 def load_sweep_config(path: Path) -> dict[str, Any]:
-    config = yaml.safe_load(path.read_text()) or {}
+    from stages.common.params import load_yaml
+
+    try:
+        config = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
     if not isinstance(config.get("space"), dict) or not config["space"]:
         raise ValueError(f"{path} needs a 'space:' mapping of param -> values (see sweeps/seed002.yaml)")
     return config

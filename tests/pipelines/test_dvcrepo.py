@@ -4,6 +4,7 @@ import pytest
 
 from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, _reasons, plan
 from pipelines.flow import apply_overrides, check_overrides
+from stages.common.errors import ConfigError
 
 GRAPH = StageGraph(order=["a", "b", "c", "d"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": []})
 
@@ -34,10 +35,110 @@ def test_outcome_and_failure_wording():
 def test_overrides_keep_comments_and_refuse_unknown_keys(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  epochs: 10   # how long\n  lr: 0.1\n")
-    check_overrides(params, {"train.epochs": 3})
+    check_overrides(params, {"train.epochs": 3}, values=False)  # a toy params.yaml: keys only
     apply_overrides(params, {"train.epochs": 3})
     assert params.read_text() == "train:\n  epochs: 3    # how long\n  lr: 0.1\n"
-    with pytest.raises(ValueError, match="did you mean 'train.epochs'"):
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
         check_overrides(params, {"train.epoch": 3})
-    with pytest.raises(ValueError, match="names no key"):
+    with pytest.raises(ConfigError, match="names no key"):
         check_overrides(params, {"evaluate.split": "val"})
+
+
+def test_a_run_cache_restore_counts_as_a_change():
+    restored = StageOutcome("download", True, 0.4, from_run_cache=True)
+    assert restored.describe() == "download: restored from run-cache" and restored.ran
+
+
+def test_set_values_reach_dvc_as_yaml_it_reads_back(tmp_path):
+    """`dvc exp run -S` reads values as YAML; yaml.safe_dump(5) gave '5\\n...', which it refused."""
+    from pipelines.cli import fallback_command
+    from stages.common.params import load_yaml
+
+    command = fallback_command({"train.epochs": 5, "train.learning_rate": 1e-3, "train.optimizer": "sgd",
+                                "prepare.train_limit_per_class": None, "train.arch": {"resnet": {"widths": [8]}}},
+                               dry_run=True)
+    assert command[1:3] == ["exp", "run"] and command[-1] == "--dry"
+    sets = dict(arg.split("=", 1) for arg in command[3:-1] if arg != "-S")
+    assert {k: load_yaml(v) for k, v in sets.items()} == {
+        "train.epochs": 5, "train.learning_rate": 0.001, "train.optimizer": "sgd",
+        "prepare.train_limit_per_class": None, "train.arch": {"resnet": {"widths": [8]}}}
+    assert all("\n" not in v for v in sets.values())
+    assert fallback_command({}, dry_run=False)[1:] == ["repro"]
+
+
+def test_cli_reads_set_values_as_yaml_1_2():
+    from pipelines.cli import parse_overrides
+
+    assert parse_overrides(["train.learning_rate=1e-3", "train.epochs=3", "x=null", "y=[1, 2]"]) == {
+        "train.learning_rate": 0.001, "train.epochs": 3, "x": None, "y": [1, 2]}
+
+
+def test_stopping_a_stage_returns_as_soon_as_its_process_group_is_gone():
+    """An unreaped leader kept answering killpg(pgid, 0): every stop waited the full grace period."""
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.dvcrepo import stop_group
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "up"
+    started = time.monotonic()
+    stop_group(proc, grace_s=15.0)
+    assert time.monotonic() - started < 3.0 and proc.returncode is not None
+
+
+def test_experiment_names_carry_the_flow_run_id():
+    from pipelines.flow import experiment_name
+
+    first = experiment_name("brave-owl", "0b3f7a2c-1111-2222-3333-444455556666")
+    second = experiment_name("brave-owl", "9e8d7c6b-1111-2222-3333-444455556666")
+    assert first == "prefect-brave-owl-0b3f7a2c" and first != second
+
+
+def probe_repo(root: Path) -> Path:
+    """A git + DVC repo with one stage that records its param and the SIGINT disposition it got."""
+    import subprocess
+    import sys
+
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    script = ("import signal, yaml; x = yaml.safe_load(open('params.yaml'))['probe']['x']; "
+              "open('out.txt', 'w').write(f'{x} {signal.getsignal(signal.SIGINT)}')")
+    (root / "dvc.yaml").write_text(f"stages:\n  probe:\n    cmd: {sys.executable} -c \"{script}\"\n"
+                                   "    params: [probe.x]\n    outs: [out.txt]\n")
+    (root / "params.yaml").write_text("probe:\n  x: 1\n")
+    return root
+
+
+def test_run_stage_counts_a_run_cache_restore_as_a_change(tmp_path):
+    """DVC prints no 'Running stage' for a run-cache hit, yet the workspace's outputs change."""
+    from pipelines.dvcrepo import run_stage
+
+    repo = probe_repo(tmp_path / "repo")
+    assert run_stage(repo, "probe", log=lambda line: None).ran
+    (repo / "params.yaml").write_text("probe:\n  x: 2\n")
+    assert run_stage(repo, "probe", log=lambda line: None).ran
+    assert (repo / "out.txt").read_text().startswith("2 ")
+    (repo / "params.yaml").write_text("probe:\n  x: 1\n")  # back to the first run: DVC restores it
+    restored = run_stage(repo, "probe", log=lambda line: None)
+    assert restored.ran and restored.from_run_cache
+    assert (repo / "out.txt").read_text().startswith("1 ")
+    assert not run_stage(repo, "probe", log=lambda line: None).ran  # now really up to date
+
+
+def test_stages_get_sigint_at_its_default_even_when_the_flow_ignores_it(tmp_path):
+    """A flow started as a background job ignores SIGINT; its stages must still be stoppable."""
+    import signal
+
+    from pipelines.dvcrepo import run_stage
+
+    repo = probe_repo(tmp_path / "repo")
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run_stage(repo, "probe", log=lambda line: None)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert "default_int_handler" in (repo / "out.txt").read_text()

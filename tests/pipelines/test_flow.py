@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import git_dvc_project, set_params, tiny_params
+from tests.conftest import copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
 from tests.pipelines.conftest import BIN, api, cli
 
 pytestmark = pytest.mark.e2e
@@ -21,15 +21,27 @@ def stage_lines(stdout: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def flow_project(tmp_path_factory, tiny_archive):
+def first_run(tmp_path_factory, tiny_archive, prefect_api):
+    """A repo the flow ran once from scratch, and that run's CLI result."""
+    import os
+
     repo = git_dvc_project(tmp_path_factory.mktemp("flow") / "project")
     set_params(repo / "params.yaml", **tiny_params(tiny_archive))
-    return repo
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_HOME": str(tmp_path_factory.mktemp("client_home"))}
+    return repo, cli(env, "run", "--repo", str(repo))
 
 
-def test_flow_runs_then_finds_everything_up_to_date(flow_project, prefect_env, prefect_api):
-    first = cli(prefect_env, "run", "--repo", str(flow_project))
+@pytest.fixture
+def flow_project(first_run, tmp_path):
+    """Each test gets its own copy of the built repo: no test depends on what another changed."""
+    return copy_repo(first_run[0], tmp_path / "project")
+
+
+def test_flow_runs_then_finds_everything_up_to_date(first_run, flow_project, prefect_env, prefect_api):
+    first = first_run[1]
     assert first.returncode == 0, first.stderr
+    assert set(stage_lines(first.stdout)) == {"download", "prepare", "validate", "train", "evaluate", "report"}
     assert all(v.startswith("ran") for v in stage_lines(first.stdout).values())
     second = cli(prefect_env, "run", "--repo", str(flow_project))
     assert second.returncode == 0, second.stderr
@@ -51,6 +63,7 @@ def test_predict_any_image_size_and_mode(flow_project, prefect_env, tmp_path):
     args = ["--model", str(flow_project / "models/model.keras"), "--classes", str(flow_project / "data/prepared/classes.json")]
     result = cli(prefect_env, "predict", str(tmp_path / "gray.png"), str(tmp_path / "small.png"), *args)
     assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
     for line in result.stdout.splitlines():
         path, rest = line.split(": ")
         label, probability = rest.split(" (")
@@ -130,7 +143,7 @@ def test_failing_validation_fails_the_flow_and_skips_training(tmp_path, tiny_arc
     params["validate"] = {"expected_per_class": {"train": 21, "test": 5}}
     set_params(repo / "params.yaml", **params)
     result = cli(prefect_env, "run", "--repo", str(repo))
-    assert result.returncode == 1
+    assert result.returncode == 3  # validate's own exit code: invalid data
     assert result.stderr.strip().splitlines()[-1].startswith("error: validate failed: validation failed: 1 of")
     assert not (repo / "models/model.keras").exists()
     runs = api(prefect_api, "POST", "/flow_runs/filter",
@@ -205,8 +218,54 @@ def test_stage_timeout_stops_the_stage_process_group(tmp_path, tiny_archive, pre
     assert result.stderr.strip().splitlines()[-1] == (
         "error: train failed: timed out after 4 s; stopped it (raise its stage timeout)"
     )
-    time.sleep(1)
+    # No grace period: the flow returns only once the stage's process group is gone.
     leftovers = [p for p in psutil.process_iter(["cmdline", "cwd"])
                  if p.info["cwd"] == str(flow_project) and "stages.train" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []
     assert train_lock() == lock_before
+
+
+def test_a_run_cache_restore_reruns_what_depends_on_it_and_leaves_nothing_stale(flow_project, prefect_env,
+                                                                                 tiny_archive, tmp_path):
+    """The issue's reproduction: another copy of the data, then the first again (download restored
+    from DVC's run-cache): the stages below must follow, not be called up to date."""
+    import tarfile
+
+    other = tmp_path / "recompressed.tar.gz"
+    with tarfile.open(tiny_archive) as src, tarfile.open(other, "w:gz", compresslevel=1) as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member))
+    assert sha256_of(other) != sha256_of(tiny_archive)
+    for archive in (other, tiny_archive):
+        result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", f"download.source={archive}",
+                     "--set", f"download.sha256={sha256_of(archive)}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    lines = stage_lines(result.stdout)
+    assert lines["download"] == "restored from run-cache" and lines["prepare"] == "restored from run-cache"
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=flow_project, capture_output=True, text=True)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    manifest = json.loads((flow_project / "data/raw/manifest.json").read_text())
+    assert manifest["sha256"] == sha256_of(tiny_archive)
+
+
+def test_run_exits_with_the_failing_stages_own_code(flow_project, prefect_env):
+    result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.require_gpu=true")
+    assert result.returncode == 2  # train's configuration error, not a generic 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: train failed: train.require_gpu is true")
+
+
+def test_overrides_are_checked_in_full_before_anything_runs(flow_project, prefect_env):
+    before = (flow_project / "params.yaml").read_bytes()
+    for sets, message in [
+        (["train.epochs=0"], "error: params.yaml: 'train.epochs' is 0; it must be >= 1"),
+        (["train.model=tutorial_cnn", 'train.arch={"tutorial_cnn": {"widths": [32, 64, 64, 64]}}'],
+         "error: params.yaml: train.arch.tutorial_cnn {'widths': [32, 64, 64, 64]} does not build a tutorial_cnn"),
+    ]:
+        result = cli(prefect_env, "run", "--repo", str(flow_project), *[a for s in sets for a in ("--set", s)])
+        assert result.returncode == 2 and result.stderr.startswith(message), result.stderr[-2000:]
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert (flow_project / "params.yaml").read_bytes() == before
+    # 1e-3 is a number (YAML 1.2, as DVC reads it), not the string '1e-3'.
+    planned = cli(prefect_env, "run", "--repo", str(flow_project), "--dry-run", "--set", "train.learning_rate=1e-3")
+    assert planned.returncode == 0, planned.stderr
+    assert stage_lines(planned.stdout)["train"] == "will run: param train: train.learning_rate 0.2 -> 0.001"

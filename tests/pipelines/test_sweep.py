@@ -19,28 +19,34 @@ def test_grid_and_random_points():
     with pytest.raises(ValueError, match="unknown search space kind 'normal'"):
         sample_points({"x": {"normal": [0, 1]}}, "random", 1, 0)
     assert _override("train.learning_rate", 0.000123456789) == "train.learning_rate=0.000123457"
-    assert _override("train.optimizer", "sgd") == "train.optimizer=sgd"
+    assert _override("train.optimizer", "sgd") == 'train.optimizer="sgd"'  # JSON, which dvc -S reads as YAML
+    assert _override("train.augment", {"flip": True}) == 'train.augment={"flip": true}'
 
 
 @pytest.mark.e2e
-def test_a_sweep_of_three_points_leaves_three_experiments(tmp_path, tiny_archive, prefect_env):
+def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, tiny_archive, prefect_env):
     repo = git_dvc_project(tmp_path / "project")
     set_params(repo / "params.yaml", **tiny_params(tiny_archive))
     dvc(repo, "repro")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
+    # Seed 0 draws require_gpu true for t-3: it passes the schema and fails when it runs (no GPU).
     (tmp_path / "space.yaml").write_text(
-        "kind: random\nn: 3\nseed: 1\nspace:\n  train.learning_rate: {log_uniform: [0.0005, 0.005]}\n"
-        "  train.optimizer: {choice: [adam, sgd]}\n"
+        "kind: random\nn: 3\nseed: 0\nspace:\n  train.learning_rate: {log_uniform: [0.0005, 0.005]}\n"
+        "  train.optimizer: {choice: [adam, sgd]}\n  train.require_gpu: {choice: [false, true]}\n"
     )
     result = cli(prefect_env, "sweep", str(tmp_path / "space.yaml"), "--name", "t", "--repo", str(repo))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: 1 of 3 points failed: t-3"
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True, text=True).stdout
-    assert all(f'"t-{i}"' in shown for i in (1, 2, 3))
+    assert all(f'"t-{i}"' in shown for i in (1, 2))
     table = pd.read_csv(repo / "comparisons" / "t.csv")
-    assert sorted(table["name"]) == ["t-1", "t-2", "t-3"] and (table["status"] == "ok").all()
-    assert table["accuracy"].is_monotonic_decreasing  # ranked, best first
+    assert sorted(table["name"]) == ["t-1", "t-2", "t-3"]
+    assert dict(zip(table["name"], table["status"])) == {"t-1": "ok", "t-2": "ok", "t-3": "failed"}
+    assert bool(table.loc[table["name"] == "t-3", "train.require_gpu"].item())
+    ranked = table[table["status"] == "ok"]
+    assert ranked["accuracy"].is_monotonic_decreasing and table["status"].iloc[-1] == "failed"  # best first
     assert "Best: `" in result.stdout
 
     promoted = cli(prefect_env, "promote", table["name"][0], "--branch", "best", "--repo", str(repo))
