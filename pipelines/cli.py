@@ -343,17 +343,15 @@ def main() -> None:
     except PipelineError as err:
         typer.echo(f"error: {err}", err=True)
         code = err.exit_code
-    except click.exceptions.Abort:  # Ctrl-C while Click was prompting or parsing
-        typer.echo("error: interrupted", err=True)
-        code = 130
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted; stages it started were stopped", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C while Click prompted or parsed
         code = 130
     except click.ClickException as err:  # usage errors: Click's own message, exit 2
         err.show()
         code = err.exit_code
     except Exception as err:
         code = report_unexpected(err)
+    if code == 130:  # Typer turns Ctrl-C into a silent exit 130
+        typer.echo("error: interrupted", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -42,6 +42,7 @@ def load_gate_params(repo: Path) -> GateParams:
 
 
 UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")
+RUN_RECORD = (METRICS, "dvc.lock")
 
 
 def _git(repo: Path, *args: str) -> str | None:
@@ -59,15 +60,16 @@ def default_baseline(repo: Path, candidate: str | None = None) -> str:
     if upstream is None:
         raise ValueError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
     tip = resolve(repo, candidate) or "HEAD"
-    # The commit whose metrics the candidate carries; none when the workspace holds a new run.
-    own = _git(repo, "log", "-1", "--format=%H", tip, "--", METRICS)
-    if candidate in (None, WORKSPACE) and _git(repo, "status", "--porcelain", "--", METRICS):
+    # A run is a commit that changed dvc.lock or the metrics (two runs can score the same). The
+    # candidate's own is the newest at its tip; none when the workspace holds a new, uncommitted run.
+    own = _git(repo, "log", "-1", "--format=%H", tip, "--", *RUN_RECORD)
+    if candidate in (None, WORKSPACE) and _git(repo, "status", "--porcelain", "--", *RUN_RECORD):
         own = None
     start = _git(repo, "merge-base", tip, upstream)
     if start is None:
         raise ValueError(f"the candidate shares no history with {upstream}; pass --baseline REV")
-    for commit in (_git(repo, "log", "--format=%H", start, "--", METRICS) or "").split():
-        if commit != own:
+    for commit in (_git(repo, "log", "--format=%H", start, "--", *RUN_RECORD) or "").split():
+        if commit != own and _git(repo, "cat-file", "-e", f"{commit}:{METRICS}") is not None:
             return commit
     raise ValueError(f"no commit before the candidate on {upstream} has {METRICS}; commit a run first or pass "
                      "--baseline")

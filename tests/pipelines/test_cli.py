@@ -1,0 +1,48 @@
+"""The CLI's one error handler: every command's failure is one line and its cause's exit code."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+from pipelines import cli
+
+
+def run_main(monkeypatch, capsys, body) -> tuple[int, str]:
+    """cli.main() over a one-command app whose command runs `body`."""
+    app = typer.Typer()
+
+    @app.command()
+    def command() -> None:
+        body()
+
+    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setattr("sys.argv", ["cifar10-pipeline"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    return ended.value.code, capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_not_aborted_1(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    code, err = run_main(monkeypatch, capsys, interrupted)
+    assert code == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert "Aborted!" not in err
+
+
+def test_errors_end_in_one_line_with_their_code(monkeypatch, capsys):
+    from stages.common.errors import ConfigError
+
+    def bad_config():
+        raise ConfigError("params.yaml: 'train.epochs' is 0; it must be >= 1")
+
+    def bug():
+        raise RuntimeError("dvc push: remote unreachable")
+
+    assert run_main(monkeypatch, capsys, bad_config) == (2, "error: params.yaml: 'train.epochs' is 0; it must be >= 1\n")
+    code, err = run_main(monkeypatch, capsys, bug)
+    assert code == 1 and err.startswith("error: unexpected RuntimeError: dvc push: remote unreachable; rerun with ")
+    assert len(err.strip().splitlines()) == 1
+    assert run_main(monkeypatch, capsys, lambda: None) == (0, "")
