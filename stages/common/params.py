@@ -7,9 +7,12 @@ dataclass fields (`knob(min=..., choices=...)`), next to the stage that reads th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -27,7 +30,7 @@ SECTIONS = {
     "download": "stages.download:DownloadParams",
     "prepare": "stages.prepare:PrepareParams",
     "validate": "stages.validate:ValidateParams",
-    "train": "stages.train:TrainParams",
+    "train": "stages.common.recipe:TrainParams",
     "evaluate": "stages.evaluate:EvaluateParams",
     "report": "stages.report:ReportParams",
 }
@@ -40,16 +43,36 @@ def section_schema(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> typing.Iterator[None]:
+    """File descriptor 2 to /dev/null for the block. TensorFlow logs through absl from C++ as it
+    loads and probes devices (CUDA stubs, CPU features), ignoring TF_CPP_MIN_LOG_LEVEL; a command
+    that only checks a schema must still end in its one error line."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def check_sections(params: dict[str, Any], names: typing.Iterable[str]) -> None:
     """Check the named sections of a params mapping in full (types, ranges, choices; for train,
     that the model builds), raising ConfigError with the first problem."""
     for name in names:
         if name not in SECTIONS:
             continue
-        checked = parse_section(params.get(name), section_schema(name), name)
-        if name == "train":
+        if name != "train":
+            parse_section(params.get(name), section_schema(name), name)
+            continue
+        with native_stderr_silenced():
+            schema = section_schema(name)
             from stages.common.models import check_builds
-
+        checked = parse_section(params.get(name), schema, name)
+        with native_stderr_silenced():
             check_builds(checked.model, checked.options)  # type: ignore[attr-defined]
 
 T = TypeVar("T")

@@ -1,0 +1,148 @@
+"""Train a preset on a CIFAR-10 class-folder archive with plain Keras, on whatever backend and
+device Keras has (JAX on a GPU machine without TensorFlow), and report time-to-accuracy.
+
+The recipe is the train stage's own (stages/common/recipe.py: params, model, schedule, optimizer,
+callbacks); the split and normalisation are prepare's (stages/prepare.py). Only the input path
+differs: NumPy arrays into `model.fit`, since tf.data is not there. Each epoch's record is written
+to --out as it finishes, so a run cut short still reports what it reached.
+
+    KERAS_BACKEND=jax python benchmarks/gpu_recipe.py --archive cifar10-jpeg.tar.gz --preset gpu-fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("KERAS_BACKEND", "jax")  # the GPU machine has JAX, not TensorFlow
+
+import keras  # noqa: E402
+
+from pipelines.presets import resolve  # noqa: E402
+from stages.common import dataio  # noqa: E402
+from stages.common.params import load_yaml, parse_section  # noqa: E402
+from stages.common.recipe import EpochClock, TrainParams, compile_model, recipe_callbacks  # noqa: E402
+from stages.prepare import PrepareParams, decode_image, fit_normalization, stratified_split  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_archive(archive: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """{'train'|'test': (uint8 images, labels)} and the class names (sorted folder names)."""
+    images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    names: dict[str, list[str]] = {"train": [], "test": []}
+    for name, content in dataio.iter_members(archive, dataio.container_of(archive)):
+        entry = dataio.class_folder_entry(name)
+        if entry:
+            images[entry[0]].append(decode_image(content, name, convert=False))
+            names[entry[0]].append(entry[1])
+    classes = sorted(set(names["train"]))
+    index = {c: i for i, c in enumerate(classes)}
+    return {s: (np.stack(images[s]), np.asarray([index[c] for c in names[s]])) for s in images}, classes
+
+
+def recipe(preset: str, sets: list[str]) -> tuple[TrainParams, PrepareParams, bool]:
+    """params.yaml with the preset and --set overrides on top, checked by the stages' schemas."""
+    params = load_yaml((REPO / "params.yaml").read_text())
+    for section, values in resolve(preset).items():
+        params[section].update(values)
+    for pair in sets:
+        key, _, value = pair.partition("=")
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = load_yaml(value)
+    return (parse_section(params["train"], TrainParams, "train"),
+            parse_section(params["prepare"], PrepareParams, "prepare"), params["evaluate"]["tta_flip"])
+
+
+class Record(keras.callbacks.Callback):
+    """Each epoch's validation accuracy and seconds, written out as soon as the epoch ends."""
+
+    def __init__(self, out: Path, header: dict) -> None:
+        super().__init__()
+        self.out, self.header, self.epochs = out, header, []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        self.epochs.append({"epoch": epoch + 1, "seconds": round(float(logs.get("epoch_seconds", 0.0)), 2),
+                            "val_accuracy": round(float(logs.get("val_accuracy", float("nan"))), 4),
+                            "accuracy": round(float(logs.get("accuracy", float("nan"))), 4)})
+        self.write()
+
+    def write(self, **extra: object) -> None:
+        self.header.update(extra)
+        self.out.write_text(json.dumps({**self.header, "epochs": self.epochs}, indent=1) + "\n")
+
+
+def first_reaching(epochs: list[dict], target: float) -> tuple[int, float] | None:
+    """(epoch, cumulative training seconds) when validation accuracy first reached `target`."""
+    total = 0.0
+    for row in epochs:
+        total += row["seconds"]
+        if row["val_accuracy"] >= target:
+            return row["epoch"], round(total, 2)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, required=True, help="class-folder archive (the offline mirror)")
+    parser.add_argument("--preset", default="gpu-fast")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE over the preset")
+    parser.add_argument("--targets", type=float, nargs="*", default=[0.85, 0.88, 0.90, 0.93, 0.94])
+    parser.add_argument("--out", type=Path, default=Path("gpu_recipe.json"))
+    args = parser.parse_args()
+
+    train_params, prepare_params, tta = recipe(args.preset, args.sets)
+    started = time.perf_counter()
+    source, classes = load_archive(args.archive)
+    train_idx, val_idx = stratified_split(source["train"][1], prepare_params.val_fraction,
+                                          prepare_params.train_limit_per_class, prepare_params.seed)
+    x, y = source["train"]
+    norm = fit_normalization(x[train_idx], prepare_params.normalization)
+    load_s = time.perf_counter() - started
+    devices = [str(d) for d in keras.distribution.list_devices()]
+    gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in devices)
+    policy = ("mixed_float16" if gpu else "mixed_bfloat16") if train_params.mixed_precision else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    header = {"preset": args.preset, "sets": args.sets, "backend": keras.backend.backend(), "devices": devices,
+              "policy": policy, "keras": keras.__version__, "train_images": len(train_idx),
+              "val_images": len(val_idx), "load_seconds": round(load_s, 1)}
+    print(json.dumps(header), flush=True)
+
+    k = len(classes)
+    steps = -(-len(train_idx) // train_params.batch_size)
+    model = compile_model(train_params, k, norm, steps, jit_compile=True)
+    record = Record(args.out, header)
+    onehot = np.eye(k, dtype=np.float32)
+    fit_started = time.perf_counter()
+    model.fit(x[train_idx].astype(np.float32), onehot[y[train_idx]], batch_size=train_params.batch_size,
+              epochs=train_params.epochs, shuffle=True, verbose=2,
+              validation_data=(x[val_idx].astype(np.float32), onehot[y[val_idx]]),
+              callbacks=[EpochClock(), *recipe_callbacks(train_params, "val_loss"), record])
+    fit_s = time.perf_counter() - fit_started
+    test_x, test_y = source["test"][0].astype(np.float32), source["test"][1]
+    probabilities = model.predict(test_x, batch_size=1024, verbose=0)
+    if tta:
+        probabilities = (probabilities + model.predict(test_x[:, :, ::-1], batch_size=1024, verbose=0)) / 2
+    accuracy = float((np.asarray(probabilities).argmax(axis=1) == test_y).mean())
+    reached = {str(t): first_reaching(record.epochs, t) for t in args.targets}
+    record.write(test_accuracy=round(accuracy, 4), tta_flip=tta, fit_seconds=round(fit_s, 1),
+                 epoch_seconds_total=round(sum(e["seconds"] for e in record.epochs), 2), reached=reached)
+    print(f"{args.preset}: test accuracy {accuracy:.4f} (flip TTA {tta}) after {len(record.epochs)} epochs, "
+          f"{fit_s:.1f} s in fit on {devices[0]}; first epoch (with compilation) {record.epochs[0]['seconds']} s")
+    for target, hit in reached.items():
+        print(f"  val {target}: " + (f"epoch {hit[0]}, {hit[1]} s" if hit else "not reached"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The training recipe: train's params, its learning-rate schedules, optimizers and the compiled
+model, in backend-agnostic Keras (no TensorFlow import), so the same recipe trains under
+TensorFlow in the train stage and under JAX on a GPU machine (benchmarks/gpu_recipe.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from stages.common.models import MODELS, augmentation, build_model, check_arch
+from stages.common.params import knob
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "nadam", "adagrad", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool
+    crop_pad: int = knob(min=0, max=16)  # random translation by up to this many pixels, zero-padded
+    rotation: float = knob(min=0.0, max=0.5)  # fraction of a full turn
+    zoom: float = knob(min=0.0, max=0.5)
+    contrast: float = knob(min=0.0, max=1.0)
+    shear: float = knob(min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str = knob(choices=tuple(MODELS))
+    # Per model, the keyword options of its builder (stages/common/models.py): switching
+    # train.model never hands one model's options to another.
+    arch: dict[str, dict[str, Any]]
+    epochs: int = knob(min=1, max=10_000)
+    batch_size: int = knob(min=1, max=65_536)
+    optimizer: str = knob(choices=OPTIMIZERS)
+    learning_rate: float = knob(min=0.0, max=10.0, min_exclusive=True)
+    momentum: float = knob(min=0.0, max=1.0)  # sgd and rmsprop
+    nesterov: bool  # sgd
+    weight_decay: float = knob(min=0.0, max=1.0)  # decoupled, as the optimizer applies it
+    schedule: str = knob(choices=SCHEDULES)
+    warmup_epochs: float = knob(min=0.0)
+    step_every: int = knob(min=1)  # step: epochs between drops; plateau: patience
+    step_factor: float = knob(min=0.0, max=1.0, min_exclusive=True)
+    label_smoothing: float = knob(min=0.0, max=0.5)
+    augment: Augment
+    early_stopping: int | None = knob(min=1)  # patience on val_loss, best weights restored
+    ema: bool  # keep an exponential moving average of the weights and evaluate with it
+    mixed_precision: bool  # bfloat16 on CPU, float16 on GPU
+    xla: bool
+    seed: int = knob(min=0)
+    require_gpu: bool
+
+    def __post_init__(self) -> None:
+        check_arch(self.arch)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The builder options of the model being trained (its defaults where arch has none)."""
+        return self.arch.get(self.model) or {}
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        """Warmup within the run: a warmup as long as the run would never reach its decay."""
+        return int(min(self.warmup_epochs, self.epochs / 2) * steps_per_epoch)
+
+    def warnings(self) -> list[str]:
+        if self.schedule in ("cosine", "onecycle") and self.warmup_epochs > self.epochs / 2:
+            return [f"train.warmup_epochs {self.warmup_epochs:g} leaves no decay in {self.epochs} epoch(s) of "
+                    f"{self.schedule}; warming up for {self.epochs / 2:g} epochs instead (half the run)"]
+        return []
+
+
+@keras.saving.register_keras_serializable(package="cifar10_pipeline")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to the peak, then linear decay to zero (the fast trainers' triangle)."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = step / max(self.warmup_steps, 1)
+        down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def make_schedule(params: TrainParams, steps_per_epoch: int):
+    lr, total = params.learning_rate, params.epochs * steps_per_epoch
+    warmup = params.warmup_steps(steps_per_epoch)
+    if params.schedule == "step":
+        boundaries = list(range(params.step_every * steps_per_epoch, total, params.step_every * steps_per_epoch))
+        values = [lr * params.step_factor**i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values) if boundaries else lr
+    if params.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            lr if not warmup else 0.0, max(total - warmup, 1), warmup_target=lr if warmup else None,
+            warmup_steps=warmup)
+    if params.schedule == "onecycle":
+        return OneCycle(lr, warmup, total)
+    return lr  # constant, and plateau (ReduceLROnPlateau lowers it)
+
+
+def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    lr = make_schedule(params, steps_per_epoch)
+    common = {"learning_rate": lr, "weight_decay": params.weight_decay or None, "use_ema": params.ema}
+    if params.optimizer == "adamw":  # AdamW takes the decay as a number, 0 included
+        return keras.optimizers.AdamW(**{**common, "weight_decay": params.weight_decay})
+    if params.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=params.momentum, nesterov=params.nesterov, **common)
+    if params.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(momentum=params.momentum, **common)
+    return {"adam": keras.optimizers.Adam, "nadam": keras.optimizers.Nadam,
+            "adagrad": keras.optimizers.Adagrad}[params.optimizer](**common)
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Adds each epoch's wall-clock seconds to its logs, so DVCLive's curves (train/epoch_seconds)
+    and the resume history carry them: time-to-accuracy is read from a run's own record."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.started
+
+
+def compile_model(params: TrainParams, num_classes: int, normalization: dict, steps_per_epoch: int,
+                  jit_compile: bool | str = "auto") -> keras.Model:
+    """The model as training fits it: seeded, built and compiled (the caller sets the precision)."""
+    keras.utils.set_random_seed(params.seed)
+    a = params.augment
+    fill = float(np.mean(normalization["mean"]))
+    augment = augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed, fill)
+    if keras.backend.backend() == "jax":
+        # Keras marks its shift/rotate/zoom/shear layers jit-incompatible on every backend, which
+        # TensorFlow's image-transform op earns; their JAX versions are plain jax.numpy, which
+        # jax.jit traces. Left marked, the whole model runs op by op: 0.74 s a step on an H100.
+        for layer in augment:
+            layer.supports_jit = True
+    model = build_model(params.model, num_classes, normalization["mean"], normalization["std"], params.options,
+                        augment)
+    model.compile(
+        optimizer=make_optimizer(params, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def recipe_callbacks(params: TrainParams, monitor: str) -> list[keras.callbacks.Callback]:
+    """The callbacks the params ask for: plateau schedule, early stopping with best weights."""
+    out: list[keras.callbacks.Callback] = []
+    if params.schedule == "plateau":
+        out.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=params.step_factor,
+                                                     patience=params.step_every, min_lr=1e-6))
+    if params.early_stopping:
+        out.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=params.early_stopping,
+                                                 restore_best_weights=True))
+    return out

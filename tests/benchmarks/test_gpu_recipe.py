@@ -1,0 +1,37 @@
+"""The GPU benchmark trains the train stage's recipe on NumPy arrays; checked here on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests import synthetic
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_recipe.py"
+
+
+def test_first_reaching_counts_training_seconds_up_to_the_epoch():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_recipe import first_reaching
+
+    epochs = [{"epoch": 1, "seconds": 10.0, "val_accuracy": 0.5}, {"epoch": 2, "seconds": 2.0, "val_accuracy": 0.91},
+              {"epoch": 3, "seconds": 2.0, "val_accuracy": 0.95}]
+    assert first_reaching(epochs, 0.9) == (2, 12.0) and first_reaching(epochs, 0.99) is None
+
+
+def test_a_preset_trains_and_records_every_epoch(tmp_path):
+    archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
+    out = tmp_path / "record.json"
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--archive", str(archive), "--preset", "seed003",
+                             "--set", "train.epochs=2", "--out", str(out)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["preset"] == "seed003" and record["train_images"] == 180 and record["val_images"] == 20
+    assert [e["epoch"] for e in record["epochs"]] == [1, 2] and all(e["seconds"] > 0 for e in record["epochs"])
+    assert 0.0 <= record["test_accuracy"] <= 1.0 and set(record["reached"]) == {"0.85", "0.88", "0.9", "0.93", "0.94"}
+    assert f"seed003: test accuracy {record['test_accuracy']:.4f}" in result.stdout
