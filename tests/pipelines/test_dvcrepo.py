@@ -81,8 +81,11 @@ def test_stopping_a_stage_returns_as_soon_as_its_process_group_is_gone():
 
     from pipelines.dvcrepo import stop_group
 
-    proc = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    # The child handles SIGINT as a stage does, also when these tests run as a background job
+    # (which would hand it an ignored SIGINT, and the stop would wait out its grace period).
+    child = "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); print('up', flush=True); " \
+            "time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "up"
     started = time.monotonic()
     stop_group(proc, grace_s=15.0)
