@@ -27,7 +27,7 @@ import keras  # noqa: E402
 
 from pipelines.presets import resolve  # noqa: E402
 from stages.common import dataio  # noqa: E402
-from stages.common.params import load_yaml, parse_section  # noqa: E402
+from stages.common.params import load_yaml, parse_section, set_dotted  # noqa: E402
 from stages.common.recipe import EpochClock, TrainParams, compile_model, recipe_callbacks  # noqa: E402
 from stages.prepare import PrepareParams, decode_image, fit_normalization, stratified_split  # noqa: E402
 
@@ -55,11 +55,7 @@ def recipe(preset: str, sets: list[str]) -> tuple[TrainParams, PrepareParams, bo
         params[section].update(values)
     for pair in sets:
         key, _, value = pair.partition("=")
-        *parents, leaf = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = load_yaml(value)
+        set_dotted(params, key, load_yaml(value))
     return (parse_section(params["train"], TrainParams, "train"),
             parse_section(params["prepare"], PrepareParams, "prepare"), params["evaluate"]["tta_flip"])
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.dvcrepo import dvc
+from pipelines.dvcrepo import dvc, git
 from stages.report import render_html
 
 METRICS = "results/evaluate/metrics.json"
@@ -76,13 +76,19 @@ class Uncertainty:
     verdict: str
 
 
+def paired(pred_a: pd.DataFrame | None, pred_b: pd.DataFrame | None) -> bool:
+    """Both runs predicted the same images, in the same order: paired tests apply."""
+    if pred_a is None or pred_b is None or len(pred_a) != len(pred_b):
+        return False
+    return bool((pred_a["actual"].to_numpy() == pred_b["actual"].to_numpy()).all())
+
+
 def uncertainty(pred_a: pd.DataFrame, pred_b: pd.DataFrame, name_a: str, name_b: str, seed: int = 0) -> Uncertainty:
     """Intervals for each run; the paired interval and McNemar when both saw the same images."""
     correct_a = (pred_a["actual"] == pred_a["predicted"]).to_numpy()
     correct_b = (pred_b["actual"] == pred_b["predicted"]).to_numpy()
-    paired = len(pred_a) == len(pred_b) and (pred_a["actual"].to_numpy() == pred_b["actual"].to_numpy()).all()
     acc_a, acc_b = float(correct_a.mean()), float(correct_b.mean())
-    if paired:
+    if paired(pred_a, pred_b):
         diff_interval = bootstrap_interval(correct_b.astype(float) - correct_a.astype(float), seed=seed)
         only_a, only_b, p = mcnemar(correct_a, correct_b)
     else:
@@ -101,12 +107,10 @@ def resolve(repo: Path, rev: str | None) -> str | None:
     """A commit sha for a git revision or an experiment name; None for the workspace."""
     if rev in (None, WORKSPACE):
         return None
-    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
-                           capture_output=True, text=True)
-    if found.returncode == 0:
-        return found.stdout.strip()
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], cwd=repo,
-                          capture_output=True, text=True).stdout.splitlines()
+    found = git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if found:
+        return found
+    refs = (git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps") or "").splitlines()
     for line in refs:
         sha, ref = line.split(" ", 1)
         if ref.rsplit("/", 1)[-1] == rev:

@@ -282,6 +282,12 @@ def run_stage(
                         from_run_cache=changed and not executed)
 
 
+def git(repo_dir: Path, *args: str) -> str | None:
+    """A git command's stripped stdout, or None when it fails (no such ref, no such file)."""
+    done = subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def dvc(repo_dir: Path, *args: str) -> str:
     """Run a dvc command, returning stdout; its error line becomes the exception message."""
     result = subprocess.run([dvc_executable(), *args], cwd=repo_dir, capture_output=True, text=True)

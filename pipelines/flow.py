@@ -123,24 +123,17 @@ def assert_nothing_stale(repo: Path) -> None:
         raise StageFailed("pipeline", f"stages are still stale after the run ({stale}); rerun", None)
 
 
-def _set_dotted(data: Any, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = data
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
 def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
     """Set dotted keys in params.yaml, keeping its comments; unknown keys are refused."""
     from ruamel.yaml import YAML
 
     from stages.common import dataio
+    from stages.common.params import set_dotted
 
     yaml = YAML()
     data = yaml.load(params_file.read_text())
     for dotted, value in overrides.items():
-        _set_dotted(data, dotted, value)
+        set_dotted(data, dotted, value)
     text = io.StringIO()
     yaml.dump(data, text)  # rendered in full before params.yaml is touched: never half a file
     dataio.write_text(params_file, text.getvalue())
@@ -150,7 +143,7 @@ def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool =
     """Refuse an override whose key params.yaml lacks (suggesting the nearest one) and, with
     `values`, one whose value its section's schema refuses: before anything is written or run."""
     from stages.common.errors import ConfigError
-    from stages.common.params import check_sections, read_params
+    from stages.common.params import check_sections, read_params, set_dotted
 
     data = read_params(params_file)
     known = set(_flatten_keys(data))
@@ -163,7 +156,7 @@ def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool =
     if not values:
         return
     for dotted, value in overrides.items():
-        _set_dotted(data, dotted, value)
+        set_dotted(data, dotted, value)
     try:
         check_sections(data, {dotted.split(".")[0] for dotted in overrides})
     except ConfigError as err:

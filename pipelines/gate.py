@@ -7,12 +7,22 @@ candidate's own commit); the candidate defaults to the workspace.
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from pipelines.compare import ALPHA, METRICS, WORKSPACE, Run, check_comparable, load_run, mcnemar, resolve, uncertainty
+from pipelines.compare import (
+    ALPHA,
+    METRICS,
+    WORKSPACE,
+    Run,
+    check_comparable,
+    load_run,
+    mcnemar,
+    paired,
+    resolve,
+    uncertainty,
+)
+from pipelines.dvcrepo import git
 
 
 @dataclass(frozen=True)
@@ -45,41 +55,29 @@ UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")
 RUN_RECORD = (METRICS, "dvc.lock")
 
 
-def _git(repo: Path, *args: str) -> str | None:
-    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def default_baseline(repo: Path, candidate: str | None = None) -> str:
     """The newest commit with metrics at or before the merge-base of the candidate and the upstream
     main branch, skipping the candidate's own commit (on main, that is the commit before it).
 
     CI checkouts often have no local `main`, so `origin/main` is tried first.
     """
-    upstream = next((ref for ref in UPSTREAM_MAIN if _git(repo, "rev-parse", "--verify", "--quiet", ref)), None)
+    upstream = next((ref for ref in UPSTREAM_MAIN if git(repo, "rev-parse", "--verify", "--quiet", ref)), None)
     if upstream is None:
         raise ValueError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
     tip = resolve(repo, candidate) or "HEAD"
     # A run is a commit that changed dvc.lock or the metrics (two runs can score the same). The
     # candidate's own is the newest at its tip; none when the workspace holds a new, uncommitted run.
-    own = _git(repo, "log", "-1", "--format=%H", tip, "--", *RUN_RECORD)
-    if candidate in (None, WORKSPACE) and _git(repo, "status", "--porcelain", "--", *RUN_RECORD):
+    own = git(repo, "log", "-1", "--format=%H", tip, "--", *RUN_RECORD)
+    if candidate in (None, WORKSPACE) and git(repo, "status", "--porcelain", "--", *RUN_RECORD):
         own = None
-    start = _git(repo, "merge-base", tip, upstream)
+    start = git(repo, "merge-base", tip, upstream)
     if start is None:
         raise ValueError(f"the candidate shares no history with {upstream}; pass --baseline REV")
-    for commit in (_git(repo, "log", "--format=%H", start, "--", *RUN_RECORD) or "").split():
-        if commit != own and _git(repo, "cat-file", "-e", f"{commit}:{METRICS}") is not None:
+    for commit in (git(repo, "log", "--format=%H", start, "--", *RUN_RECORD) or "").split():
+        if commit != own and git(repo, "cat-file", "-e", f"{commit}:{METRICS}") is not None:
             return commit
     raise ValueError(f"no commit before the candidate on {upstream} has {METRICS}; commit a run first or pass "
                      "--baseline")
-
-
-def _paired(baseline: Run, candidate: Run) -> bool:
-    a, b = baseline.predictions, candidate.predictions
-    if a is None or b is None or len(a) != len(b):
-        return False
-    return bool((a["actual"].to_numpy() == b["actual"].to_numpy()).all())
 
 
 def class_drop_p(baseline: Run, candidate: Run, cls: str) -> float:
@@ -97,9 +95,9 @@ def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
     images does."""
     reasons, lines = [], []
     drop = baseline.metrics["accuracy"] - candidate.metrics["accuracy"]
-    paired = _paired(baseline, candidate)
+    is_paired = paired(baseline.predictions, candidate.predictions)
     significant = True
-    if paired:
+    if is_paired:
         stats = uncertainty(baseline.predictions, candidate.predictions, baseline.name, candidate.name)
         assert stats.p_value is not None
         significant = stats.p_value < ALPHA
@@ -117,7 +115,7 @@ def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
         if recall_drop <= params.max_recall_drop:
             continue
         why = f"recall of {cls} dropped by {recall_drop:.4f} > {params.max_recall_drop} (gate.max_recall_drop)"
-        if params.require_significance and paired:
+        if params.require_significance and is_paired:
             p = class_drop_p(baseline, candidate, cls)
             if p >= ALPHA:
                 lines.append(f"{why}, but McNemar on its images finds it within noise (p = {p:.3g})")

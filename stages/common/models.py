@@ -41,7 +41,7 @@ def leaky_bn_cnn(x, num_classes: int, widths: tuple[int, ...] = (32, 64, 128),
     """Seed 001: double-conv LeakyReLU/BatchNorm blocks (32-64-128), Dense 512; ~1.3M parameters."""
     if len(widths) != len(dropouts):
         raise ValueError(f"widths has {len(widths)} blocks but dropouts {len(dropouts)}; give one dropout per block")
-    for width, dropout in zip(widths, dropouts, strict=True):
+    for width, dropout in zip(widths, dropouts):
         for _ in range(2):
             x = layers.Conv2D(width, 3, padding="same")(x)
             x = layers.LeakyReLU(negative_slope=0.1)(x)

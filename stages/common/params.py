@@ -124,6 +124,15 @@ def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     return data
 
 
+def set_dotted(params: Any, dotted: str, value: Any) -> None:
+    """Set `train.arch.fast_vgg` style keys in a params mapping (plain or ruamel's)."""
+    *parents, leaf = dotted.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
 def load_section(name: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
     """The `name` section of params.yaml, checked and converted into `cls`."""
     params = read_params(path)
