@@ -28,8 +28,9 @@ import keras  # noqa: E402
 from pipelines.presets import resolve  # noqa: E402
 from stages.common import dataio  # noqa: E402
 from stages.common.params import load_yaml, parse_section, set_dotted  # noqa: E402
-from stages.common.recipe import EpochClock, TrainParams, compile_model, recipe_callbacks  # noqa: E402
-from stages.prepare import PrepareParams, decode_image, fit_normalization, stratified_split  # noqa: E402
+from stages.common.recipe import EpochClock, compile_model, recipe_callbacks  # noqa: E402
+from stages.common.schemas import PrepareParams, TrainParams  # noqa: E402
+from stages.prepare import decode_image, fit_normalization, stratified_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

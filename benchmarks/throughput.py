@@ -28,7 +28,8 @@ import yaml  # noqa: E402
 
 from stages.common.errors import ConfigError, run_main  # noqa: E402
 from stages.common.params import parse_section, read_params  # noqa: E402
-from stages.train import TrainParams, compiled_model, make_dataset  # noqa: E402
+from stages.common.schemas import TrainParams  # noqa: E402
+from stages.train import compiled_model, make_dataset  # noqa: E402
 
 NORMALIZATION = {"mean": [125.0, 123.0, 114.0], "std": [63.0, 62.0, 66.0]}  # CIFAR-10's, roughly
 

@@ -23,13 +23,7 @@ from pipelines.compare import (
     uncertainty,
 )
 from pipelines.dvcrepo import git
-
-
-@dataclass(frozen=True)
-class GateParams:
-    max_accuracy_drop: float
-    max_recall_drop: float
-    require_significance: bool  # fail only drops McNemar finds significant (p < compare.ALPHA)
+from stages.common.schemas import GateParams
 
 
 @dataclass(frozen=True)
@@ -46,9 +40,9 @@ class GateVerdict:
 
 
 def load_gate_params(repo: Path) -> GateParams:
-    from stages.common.params import parse_section, read_params
+    from stages.common.params import load_section
 
-    return parse_section(read_params(repo / "params.yaml").get("gate", {}), GateParams, "gate")
+    return load_section("gate", repo / "params.yaml")
 
 
 UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")

@@ -13,7 +13,6 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,19 +20,11 @@ from tqdm import tqdm
 
 from stages.common import dataio
 from stages.common.errors import ConfigError, DataError, IntegrityError, TransientError, run_main
-from stages.common.params import knob, load_section
+from stages.common.params import load_section
+from stages.common.schemas import DownloadParams
 
 OUT_DIR = Path("data/raw")
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class DownloadParams:
-    source: str
-    md5: str | None
-    sha256: str | None
-    classes: list[str] | None
-    timeout_s: float = knob(min=1)
 
 
 # --- pure parts ----------------------------------------------------------------------------
@@ -194,7 +185,7 @@ def download(params: DownloadParams, out_dir: Path = OUT_DIR) -> dict:
 
 
 def main() -> None:
-    params = load_section("download", DownloadParams)
+    params: DownloadParams = load_section("download")
     manifest = download(params)
     if not (params.md5 or params.sha256):
         print(f"warning: no checksum configured; this source's sha256 is {manifest['sha256']}")

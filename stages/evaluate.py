@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -21,19 +20,12 @@ from sklearn import metrics as skm  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
-from stages.common.params import knob, load_section  # noqa: E402
+from stages.common.params import load_section  # noqa: E402
+from stages.common.schemas import EvaluateParams  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
 MODEL_PATH = Path("models/model.keras")
 OUT_DIR = Path("results/evaluate")
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    # "val" while tuning keeps the test split untouched until the final evaluation.
-    split: str = knob(choices=("test", "val"))
-    batch_size: int = knob(min=1, max=65_536)
-    tta_flip: bool
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
@@ -93,7 +85,7 @@ def load_model(model_path: Path):
 
 
 def main() -> None:
-    params = load_section("evaluate", EvaluateParams)
+    params: EvaluateParams = load_section("evaluate")
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     images, labels = dataio.load_split(PREPARED_DIR / f"{params.split}.npz")
     probabilities = predict_probabilities(load_model(MODEL_PATH), images, params.batch_size, params.tta_flip)

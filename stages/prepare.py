@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +18,12 @@ from PIL import Image, UnidentifiedImageError
 
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
-from stages.common.params import knob, load_section
+from stages.common.params import load_section
+from stages.common.schemas import PrepareParams
 
 RAW_DIR = Path("data/raw")
 OUT_DIR = Path("data/prepared")
 IMAGE_SHAPE = (32, 32, 3)
-
-
-@dataclass(frozen=True)
-class PrepareParams:
-    # > 0: validate checks the validation split and train monitors it.
-    val_fraction: float = knob(min=0.0, max=0.9, min_exclusive=True)
-    normalization: str = knob(choices=("standardize", "scale"))
-    train_limit_per_class: int | None = knob(min=1)
-    convert_images: bool
-    seed: int = knob(min=0)
 
 
 # --- pure parts ----------------------------------------------------------------------------
@@ -212,7 +202,7 @@ def write_prepared(
 
 
 def main() -> None:
-    params = load_section("prepare", PrepareParams)
+    params: PrepareParams = load_section("prepare")
     conversions: list[dict] = []
     source, classes = read_raw(RAW_DIR, params.convert_images, conversions)
     splits, norm, table = prepare(source, classes, params)

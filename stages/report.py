@@ -7,7 +7,6 @@ images; writes results/report/{report.md,report.html,*.png}.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +19,8 @@ import pandas as pd  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
-from stages.common.params import knob, load_section  # noqa: E402
+from stages.common.params import load_section  # noqa: E402
+from stages.common.schemas import ReportParams  # noqa: E402
 
 RAW_MANIFEST = Path("data/raw/manifest.json")
 MODEL_PATH = Path("models/model.keras")
@@ -29,13 +29,6 @@ TRAIN_DIR = Path("results/train")
 EVALUATE_DIR = Path("results/evaluate")
 OUT_DIR = Path("results/report")
 CURVES_DIR = TRAIN_DIR / "plots" / "metrics"
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    misclassified: int = knob(min=0, max=100)
-    samples_per_class: int = knob(min=1, max=20)
-    dpi: int = knob(min=50, max=300)
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -175,7 +168,7 @@ def render_html(md_text: str, title: str = "CIFAR-10 report") -> str:
 
 
 def main() -> None:
-    params = load_section("report", ReportParams)
+    params: ReportParams = load_section("report")
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     metrics = dataio.read_json(EVALUATE_DIR / "metrics.json")
     # The split the metrics were computed on, not today's evaluate.split.

@@ -35,18 +35,8 @@ from stages.common import dataio  # noqa: E402
 from stages.common.errors import ConfigError, TrainingDiverged, run_main  # noqa: E402
 from stages.common.models import check_builds  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
-from stages.common.recipe import (  # noqa: E402, F401 - the recipe's names, as tests and benchmarks import them
-    OPTIMIZERS,
-    SCHEDULES,
-    Augment,
-    EpochClock,
-    OneCycle,
-    TrainParams,
-    compile_model,
-    make_optimizer,
-    make_schedule,
-    recipe_callbacks,
-)
+from stages.common.recipe import EpochClock, compile_model, recipe_callbacks  # noqa: E402
+from stages.common.schemas import TrainParams  # noqa: E402
 
 PREPARED_DIR = Path("data/prepared")
 MODEL_PATH = Path("models/model.keras")
@@ -228,7 +218,7 @@ def main() -> None:
     from dvclive.keras import DVCLiveCallback
     from dvclive.utils import standardize_metric_name
 
-    params = load_section("train", TrainParams)
+    params: TrainParams = load_section("train")
     check_builds(params.model, params.options)  # before any data is loaded
     for warning in params.warnings():
         print(f"warning: {warning}")

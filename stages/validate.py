@@ -8,7 +8,6 @@ statistics the model will apply). Results go to results/validate/ as GX's JSON a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ import pandas as pd
 
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
-from stages.common.params import knob, load_section, read_params
-from stages.prepare import PrepareParams
+from stages.common.params import load_section, read_params
+from stages.common.schemas import ExpectedPerClass, PrepareParams, ValidateParams
 
 PREPARED_DIR = Path("data/prepared")
 OUT_DIR = Path("results/validate")
@@ -26,20 +25,6 @@ IMAGE_COLUMNS = [
     "split", "index", "label", "class_name", "height", "width", "channels",
     "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "content_hash",
 ]
-
-
-@dataclass(frozen=True)
-class ExpectedPerClass:
-    train: int = knob(min=1)
-    test: int = knob(min=1)
-
-
-@dataclass(frozen=True)
-class ValidateParams:
-    expected_per_class: ExpectedPerClass | None
-    balance_tolerance: float = knob(min=0.0, max=1.0)
-    min_pixel_std: float = knob(min=0.0)
-    min_channel_std: float = knob(min=0.0, min_exclusive=True)
 
 
 # --- tables --------------------------------------------------------------------------------
@@ -210,8 +195,8 @@ def summarize(results: dict, conversions: list[dict]) -> dict:
 
 
 def main() -> None:
-    params = load_section("validate", ValidateParams)
-    prepare = load_section("prepare", PrepareParams)
+    params: ValidateParams = load_section("validate")
+    prepare: PrepareParams = load_section("prepare")
     images = pd.read_csv(PREPARED_DIR / "metadata.csv") if (PREPARED_DIR / "metadata.csv").is_file() else None
     if images is None:
         raise DataError(f"{PREPARED_DIR / 'metadata.csv'} not found; run `dvc repro prepare` first")

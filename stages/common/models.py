@@ -18,6 +18,7 @@ import numpy as np
 from keras import layers, regularizers
 
 from stages.common.errors import ConfigError
+from stages.common.schemas import MODEL_NAMES
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -170,16 +171,8 @@ def transfer(x, num_classes: int, base: str = "resnet50v2", size: int = 96, weig
     return layers.Dense(num_classes)(x)
 
 
-MODELS: dict[str, Builder] = {
-    "tutorial_cnn": tutorial_cnn,
-    "leaky_bn_cnn": leaky_bn_cnn,
-    "vgg_blocks": vgg_blocks,
-    "bn_cnn": bn_cnn,
-    "gap_cnn": gap_cnn,
-    "resnet": resnet,
-    "fast_vgg": fast_vgg,
-    "transfer": transfer,
-}
+# The builders above, by the names train.model takes (schemas.MODEL_NAMES, their one home).
+MODELS: dict[str, Builder] = {name: globals()[name] for name in MODEL_NAMES}
 
 
 def arch_options(name: str) -> list[str]:
@@ -210,27 +203,19 @@ def augmentation(flip: bool, crop_pad: int, rotation: float, zoom: float, contra
     return out
 
 
-def check_arch(arch: dict[str, dict[str, Any]]) -> None:
-    """Refuse `train.arch` entries that name no model or no option of their model (light: no build)."""
-    import difflib
-
-    for model, options in arch.items():
-        if model not in MODELS:
-            hint = difflib.get_close_matches(str(model), MODELS, n=1)
-            fix = f"did you mean '{hint[0]}'?" if hint else f"models: {', '.join(MODELS)}"
-            raise ConfigError(f"params.yaml: 'train.arch.{model}' names no model; {fix}")
-        if not isinstance(options, dict):
-            raise ConfigError(f"params.yaml: 'train.arch.{model}' must be a mapping of options, got {options!r}")
-        allowed = arch_options(model)
-        for key in options:
-            if key not in allowed:
-                raise ConfigError(f"params.yaml: 'train.arch.{model}.{key}' is not an option of {model}; "
-                                  f"its options: {', '.join(allowed)}")
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options that are no keyword of the model's builder (model names: schemas.TrainParams)."""
+    allowed = arch_options(name)
+    for key in options:
+        if key not in allowed:
+            raise ConfigError(f"params.yaml: 'train.arch.{name}.{key}' is not an option of {name}; "
+                              f"its options: {', '.join(allowed)}")
 
 
 def check_builds(name: str, options: dict[str, Any], num_classes: int = 10) -> None:
     """Build the model's body on a symbolic input, so a bad option is a config error before any
     stage runs, not a traceback from inside Keras after the data was prepared."""
+    check_options(name, options)
     try:
         body(name, keras.Input(shape=INPUT_SHAPE), num_classes, options)
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as err:

@@ -1,9 +1,5 @@
-"""Load `params.yaml` and check each stage's section against that stage's dataclass.
-
-Every knob lives in params.yaml, so a section's dataclass has no defaults: a missing key is an
-error, not a silent fallback that DVC would not see as a parameter. Constraints ride on the
-dataclass fields (`knob(min=..., choices=...)`), next to the stage that reads them.
-"""
+"""Read `params.yaml` (YAML 1.2, as DVC reads it) and check its sections against their schemas
+(stages/common/schemas.py), one clear line per problem."""
 
 from __future__ import annotations
 
@@ -21,26 +17,9 @@ from typing import Any, TypeVar
 import yaml
 
 from stages.common.errors import ConfigError
+from stages.common.schemas import SECTIONS, TrainParams
 
 PARAMS_FILE = Path("params.yaml")
-
-# Each stage's section and the dataclass that checks it ("module:Class", imported only when
-# asked for: train's pulls in TensorFlow).
-SECTIONS = {
-    "download": "stages.download:DownloadParams",
-    "prepare": "stages.prepare:PrepareParams",
-    "validate": "stages.validate:ValidateParams",
-    "train": "stages.common.recipe:TrainParams",
-    "evaluate": "stages.evaluate:EvaluateParams",
-    "report": "stages.report:ReportParams",
-}
-
-
-def section_schema(name: str) -> type:
-    import importlib
-
-    module, _, cls = SECTIONS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 @contextlib.contextmanager
@@ -65,30 +44,15 @@ def check_sections(params: dict[str, Any], names: typing.Iterable[str]) -> None:
     for name in names:
         if name not in SECTIONS:
             continue
-        if name != "train":
-            parse_section(params.get(name), section_schema(name), name)
-            continue
-        with native_stderr_silenced():
-            schema = section_schema(name)
-            from stages.common.models import check_builds
-        checked = parse_section(params.get(name), schema, name)
-        with native_stderr_silenced():
-            check_builds(checked.model, checked.options)  # type: ignore[attr-defined]
+        checked = parse_section(params.get(name), SECTIONS[name], name)
+        if isinstance(checked, TrainParams):
+            with native_stderr_silenced():  # Keras on TensorFlow, only to build the model
+                from stages.common.models import check_builds
+
+                check_builds(checked.model, checked.options)
+
 
 T = TypeVar("T")
-
-
-def knob(
-    *,
-    min: float | None = None,
-    max: float | None = None,
-    choices: typing.Iterable[Any] | None = None,
-    min_exclusive: bool = False,
-) -> Any:
-    """A required dataclass field with the range or choices it must respect."""
-    meta = {"min": min, "max": max, "min_exclusive": min_exclusive}
-    meta["choices"] = tuple(choices) if choices is not None else None
-    return dataclasses.field(metadata=meta)
 
 
 class Yaml12Loader(yaml.SafeLoader):
@@ -133,12 +97,12 @@ def set_dotted(params: Any, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_section(name: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
-    """The `name` section of params.yaml, checked and converted into `cls`."""
+def load_section(name: str, path: Path = PARAMS_FILE) -> Any:
+    """The `name` section of params.yaml, checked and converted into its schema (SECTIONS)."""
     params = read_params(path)
     if name not in params:
         raise ConfigError(f"{path} has no '{name}:' section; add it (see README, Parameters)")
-    return parse_section(params[name], cls, name)
+    return parse_section(params[name], SECTIONS[name], name)
 
 
 def parse_section(raw: Any, cls: type[T], prefix: str) -> T:

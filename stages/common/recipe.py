@@ -12,67 +12,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from stages.common.models import MODELS, augmentation, build_model, check_arch
-from stages.common.params import knob
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "nadam", "adagrad", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
-
-
-@dataclass(frozen=True)
-class Augment:
-    flip: bool
-    crop_pad: int = knob(min=0, max=16)  # random translation by up to this many pixels, zero-padded
-    rotation: float = knob(min=0.0, max=0.5)  # fraction of a full turn
-    zoom: float = knob(min=0.0, max=0.5)
-    contrast: float = knob(min=0.0, max=1.0)
-    shear: float = knob(min=0.0, max=1.0)
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    model: str = knob(choices=tuple(MODELS))
-    # Per model, the keyword options of its builder (stages/common/models.py): switching
-    # train.model never hands one model's options to another.
-    arch: dict[str, dict[str, Any]]
-    epochs: int = knob(min=1, max=10_000)
-    batch_size: int = knob(min=1, max=65_536)
-    optimizer: str = knob(choices=OPTIMIZERS)
-    learning_rate: float = knob(min=0.0, max=10.0, min_exclusive=True)
-    momentum: float = knob(min=0.0, max=1.0)  # sgd and rmsprop
-    nesterov: bool  # sgd
-    weight_decay: float = knob(min=0.0, max=1.0)  # decoupled, as the optimizer applies it
-    schedule: str = knob(choices=SCHEDULES)
-    warmup_epochs: float = knob(min=0.0)
-    step_every: int = knob(min=1)  # step: epochs between drops; plateau: patience
-    step_factor: float = knob(min=0.0, max=1.0, min_exclusive=True)
-    label_smoothing: float = knob(min=0.0, max=0.5)
-    augment: Augment
-    early_stopping: int | None = knob(min=1)  # patience on val_loss, best weights restored
-    ema: bool  # keep an exponential moving average of the weights and evaluate with it
-    mixed_precision: bool  # bfloat16 on CPU, float16 on GPU
-    xla: bool
-    seed: int = knob(min=0)
-    require_gpu: bool
-
-    def __post_init__(self) -> None:
-        check_arch(self.arch)
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The builder options of the model being trained (its defaults where arch has none)."""
-        return self.arch.get(self.model) or {}
-
-    def warmup_steps(self, steps_per_epoch: int) -> int:
-        """Warmup within the run: a warmup as long as the run would never reach its decay."""
-        return int(min(self.warmup_epochs, self.epochs / 2) * steps_per_epoch)
-
-    def warnings(self) -> list[str]:
-        if self.schedule in ("cosine", "onecycle") and self.warmup_epochs > self.epochs / 2:
-            return [f"train.warmup_epochs {self.warmup_epochs:g} leaves no decay in {self.epochs} epoch(s) of "
-                    f"{self.schedule}; warming up for {self.epochs / 2:g} epochs instead (half the run)"]
-        return []
-
+from stages.common.models import augmentation, build_model
+from stages.common.schemas import TrainParams
 
 @keras.saving.register_keras_serializable(package="cifar10_pipeline")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar, uncertainty, verdict
-from pipelines.gate import GateParams, default_baseline, judge
+from pipelines.gate import default_baseline, judge
+from stages.common.schemas import GateParams
 from tests.conftest import git_dvc_project, set_params, tiny_params
 from tests.pipelines.conftest import cli
 from tests.test_e2e import dvc

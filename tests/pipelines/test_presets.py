@@ -8,9 +8,7 @@ import yaml
 from pipelines import presets
 from stages.common.errors import ConfigError
 from stages.common.params import load_section
-from stages.evaluate import EvaluateParams
-from stages.prepare import PrepareParams
-from stages.train import TrainParams
+from stages.common.schemas import TrainParams
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,9 +18,9 @@ def test_every_preset_validates_against_the_params_schema(tmp_path, name):
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
     values = presets.apply(params, name)
-    train = load_section("train", TrainParams, params)
-    load_section("prepare", PrepareParams, params)
-    load_section("evaluate", EvaluateParams, params)
+    train = load_section("train", params)
+    load_section("prepare", params)
+    load_section("evaluate", params)
     # What params.yaml now holds is the preset over _base, key by key.
     expected = presets.resolve(name)
     assert values == expected

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from stages.common.errors import ConfigError, DataError, IntegrityError
-from stages.download import DownloadParams, download, verify_checksums
+from stages.common.schemas import DownloadParams
+from stages.download import download, verify_checksums
 from tests import synthetic
 from tests.conftest import run_stage, set_params, sha256_of
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from stages.common.errors import DataError
+from stages.common.schemas import PrepareParams
 from stages.prepare import (
-    PrepareParams,
     decode_image,
     fit_normalization,
     image_metadata,

@@ -3,7 +3,9 @@ import pytest
 
 from stages.common.errors import ConfigError
 from stages.common.models import MODELS, augmentation, build_model, check_builds
-from stages.train import Augment, TrainParams, make_optimizer, make_schedule, train
+from stages.common.recipe import make_optimizer, make_schedule
+from stages.common.schemas import Augment, TrainParams
+from stages.train import train
 from tests import synthetic
 
 CLASSES = ["a", "b", "c"]

@@ -2,8 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.prepare import PrepareParams, prepare
-from stages.validate import ExpectedPerClass, ValidateParams, class_counts_table, expected_counts, validate
+from stages.common.schemas import ExpectedPerClass, PrepareParams, ValidateParams
+from stages.prepare import prepare
+from stages.validate import class_counts_table, expected_counts, validate
 from tests import synthetic
 
 CLASSES = ["a", "b", "c"]

@@ -1,0 +1,164 @@
+"""Every params.yaml section's schema, and the registry of sections: light (no NumPy, Keras or
+TensorFlow), so presets, the `--set` check, the gate and the tests read params without loading a
+framework.
+
+Every knob lives in params.yaml, so a schema has no defaults: a missing key is an error, not a
+silent fallback that DVC would not see as a parameter. Constraints ride on the fields
+(`knob(min=..., choices=...)`); `stages.common.params.parse_section` enforces them with "did you
+mean" messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from stages.common.errors import ConfigError
+
+# The model zoo's names (builders of the same names live in stages/common/models.py).
+MODEL_NAMES = ("tutorial_cnn", "leaky_bn_cnn", "vgg_blocks", "bn_cnn", "gap_cnn", "resnet", "fast_vgg", "transfer")
+OPTIMIZERS = ("adam", "adamw", "sgd", "nadam", "adagrad", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+
+
+def knob(
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    min_exclusive: bool = False,
+) -> Any:
+    """A required dataclass field with the range or choices it must respect."""
+    return dataclasses.field(metadata={"min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices})
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    source: str
+    md5: str | None
+    sha256: str | None
+    classes: list[str] | None
+    timeout_s: float = knob(min=1)
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    # > 0: validate checks the validation split and train monitors it.
+    val_fraction: float = knob(min=0.0, max=0.9, min_exclusive=True)
+    normalization: str = knob(choices=("standardize", "scale"))
+    train_limit_per_class: int | None = knob(min=1)
+    convert_images: bool
+    seed: int = knob(min=0)
+
+
+@dataclass(frozen=True)
+class ExpectedPerClass:
+    train: int = knob(min=1)
+    test: int = knob(min=1)
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    expected_per_class: ExpectedPerClass | None
+    balance_tolerance: float = knob(min=0.0, max=1.0)
+    min_pixel_std: float = knob(min=0.0)
+    min_channel_std: float = knob(min=0.0, min_exclusive=True)
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool
+    crop_pad: int = knob(min=0, max=16)  # random translation by up to this many pixels, zero-padded
+    rotation: float = knob(min=0.0, max=0.5)  # fraction of a full turn
+    zoom: float = knob(min=0.0, max=0.5)
+    contrast: float = knob(min=0.0, max=1.0)
+    shear: float = knob(min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str = knob(choices=MODEL_NAMES)
+    # Per model, the keyword options of its builder (stages/common/models.py): switching
+    # train.model never hands one model's options to another.
+    arch: dict[str, dict[str, Any]]
+    epochs: int = knob(min=1, max=10_000)
+    batch_size: int = knob(min=1, max=65_536)
+    optimizer: str = knob(choices=OPTIMIZERS)
+    learning_rate: float = knob(min=0.0, max=10.0, min_exclusive=True)
+    momentum: float = knob(min=0.0, max=1.0)  # sgd and rmsprop
+    nesterov: bool  # sgd
+    weight_decay: float = knob(min=0.0, max=1.0)  # decoupled, as the optimizer applies it
+    schedule: str = knob(choices=SCHEDULES)
+    warmup_epochs: float = knob(min=0.0)
+    step_every: int = knob(min=1)  # step: epochs between drops; plateau: patience
+    step_factor: float = knob(min=0.0, max=1.0, min_exclusive=True)
+    label_smoothing: float = knob(min=0.0, max=0.5)
+    augment: Augment
+    early_stopping: int | None = knob(min=1)  # patience on val_loss, best weights restored
+    ema: bool  # keep an exponential moving average of the weights and evaluate with it
+    mixed_precision: bool  # bfloat16 on CPU, float16 on GPU
+    xla: bool
+    seed: int = knob(min=0)
+    require_gpu: bool
+
+    def __post_init__(self) -> None:
+        # Each model's own options are checked against its builder by models.check_builds.
+        for model, options in self.arch.items():
+            if model not in MODEL_NAMES:
+                hint = difflib.get_close_matches(str(model), MODEL_NAMES, n=1)
+                fix = f"did you mean '{hint[0]}'?" if hint else f"models: {', '.join(MODEL_NAMES)}"
+                raise ConfigError(f"params.yaml: 'train.arch.{model}' names no model; {fix}")
+            if not isinstance(options, dict):
+                raise ConfigError(f"params.yaml: 'train.arch.{model}' must be a mapping of options, got {options!r}")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The builder options of the model being trained (its defaults where arch has none)."""
+        return self.arch.get(self.model) or {}
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        """Warmup within the run: a warmup as long as the run would never reach its decay."""
+        return int(min(self.warmup_epochs, self.epochs / 2) * steps_per_epoch)
+
+    def warnings(self) -> list[str]:
+        if self.schedule in ("cosine", "onecycle") and self.warmup_epochs > self.epochs / 2:
+            return [f"train.warmup_epochs {self.warmup_epochs:g} leaves no decay in {self.epochs} epoch(s) of "
+                    f"{self.schedule}; warming up for {self.epochs / 2:g} epochs instead (half the run)"]
+        return []
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    # "val" while tuning keeps the test split untouched until the final evaluation.
+    split: str = knob(choices=("test", "val"))
+    batch_size: int = knob(min=1, max=65_536)
+    tta_flip: bool
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    misclassified: int = knob(min=0, max=100)
+    samples_per_class: int = knob(min=1, max=20)
+    dpi: int = knob(min=50, max=300)
+
+
+@dataclass(frozen=True)
+class GateParams:
+    max_accuracy_drop: float = knob(min=0.0, max=1.0)
+    max_recall_drop: float = knob(min=0.0, max=1.0)
+    require_significance: bool  # fail only drops McNemar finds significant (p < compare.ALPHA)
+
+
+# Each params.yaml section and its schema; a section's name is also its stage's (gate: the
+# quality gate's thresholds, read by `cifar10-pipeline gate`).
+SECTIONS: dict[str, type] = {
+    "download": DownloadParams,
+    "prepare": PrepareParams,
+    "validate": ValidateParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "report": ReportParams,
+    "gate": GateParams,
+}
