@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import ConfigError, TrainingDiverged, run_main  # noqa: E402
-from stages.common.models import check_builds  # noqa: E402
+from stages.common.models import check_arch  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
 from stages.common.recipe import EpochClock, compile_model, recipe_callbacks  # noqa: E402
 from stages.common.schemas import TrainParams  # noqa: E402
@@ -219,7 +219,7 @@ def main() -> None:
     from dvclive.utils import standardize_metric_name
 
     params: TrainParams = load_section("train")
-    check_builds(params.model, params.options)  # before any data is loaded
+    check_arch(params.arch, params.model)  # before any data is loaded
     for warning in params.warnings():
         print(f"warning: {warning}")
     device = train_device()

@@ -212,6 +212,13 @@ def check_options(name: str, options: dict[str, Any]) -> None:
                               f"its options: {', '.join(allowed)}")
 
 
+def check_arch(arch: dict[str, dict[str, Any]], model: str) -> None:
+    """Every `train.arch` entry names options its builder takes, and the trained model builds."""
+    for name, options in arch.items():
+        check_options(name, options)
+    check_builds(model, arch.get(model) or {})
+
+
 def check_builds(name: str, options: dict[str, Any], num_classes: int = 10) -> None:
     """Build the model's body on a symbolic input, so a bad option is a config error before any
     stage runs, not a traceback from inside Keras after the data was prepared."""

@@ -47,9 +47,9 @@ def check_sections(params: dict[str, Any], names: typing.Iterable[str]) -> None:
         checked = parse_section(params.get(name), SECTIONS[name], name)
         if isinstance(checked, TrainParams):
             with native_stderr_silenced():  # Keras on TensorFlow, only to build the model
-                from stages.common.models import check_builds
+                from stages.common.models import check_arch
 
-                check_builds(checked.model, checked.options)
+                check_arch(checked.arch, checked.model)
 
 
 T = TypeVar("T")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from stages.common.errors import ConfigError
-from stages.common.models import MODELS, augmentation, build_model, check_builds
+from stages.common.models import MODELS, augmentation, build_model, check_arch, check_builds
 from stages.common.recipe import make_optimizer, make_schedule
 from stages.common.schemas import Augment, TrainParams
 from stages.train import train
@@ -113,7 +113,9 @@ def test_other_transfer_backbones_build(base):
 
 def test_unknown_arch_option_is_a_config_error():
     with pytest.raises(ConfigError, match="'train.arch.resnet.depth' is not an option of resnet; its options: widths"):
-        params(model="resnet", arch={"resnet": {"depth": 3}})
+        check_arch({"resnet": {"depth": 3}}, "resnet")
+    with pytest.raises(ConfigError, match="'train.arch.resnet.depth' is not an option of resnet"):
+        check_arch({"resnet": {"depth": 3}}, "fast_vgg")  # also when another model is trained
 
 
 @pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "plateau"])
