@@ -11,16 +11,13 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 
+from stages.common.errors import ConfigError, PipelineError, TransientError
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect.")
 
 DEFAULT_PORT = 4200
 PREFECT_HOME = Path(".prefect")
-
-
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -34,18 +31,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            fail(f"--set expects key=value (e.g. train.epochs=5), got '{pair}'", 2)
+            raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got '{pair}'")
         try:
             overrides[key.strip()] = load_yaml(value) if value.strip() else None
         except yaml.YAMLError:
-            fail(f"--set {pair}: the value is not valid YAML; quote it (e.g. key='a: b')", 2)
+            raise ConfigError(f"--set {pair}: the value is not valid YAML; quote it (e.g. key='a: b')") from None
     return overrides
 
 
 def require_repo(repo: Path) -> Path:
     repo = repo.resolve()
     if not (repo / "dvc.yaml").is_file():
-        fail(f"{repo} has no dvc.yaml; run from the project root or pass --repo", 2)
+        raise ConfigError(f"{repo} has no dvc.yaml; run from the project root or pass --repo")
     return repo
 
 
@@ -62,8 +59,10 @@ def parse_timeouts(pairs: list[str]) -> dict[str, float]:
         try:
             timeouts[stage.strip()] = float(seconds)
         except ValueError:
-            fail(f"--stage-timeout expects stage=seconds (e.g. train=3600), got '{pair}'", 2)
+            raise ConfigError(f"--stage-timeout expects stage=seconds (e.g. train=3600), got '{pair}'") from None
     return timeouts
+
+
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a param: key=value (repeatable).")]
 
 
@@ -87,8 +86,9 @@ def run(
     api_url = os.environ.get("PREFECT_API_URL")
     if api_url and not _api_reachable(api_url):
         if not fallback:
-            fail(f"the Prefect API at {api_url} is unreachable; start it (cifar10-pipeline server), unset "
-                 "PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`", 75)
+            raise TransientError(
+                f"the Prefect API at {api_url} is unreachable; start it (cifar10-pipeline server), unset "
+                "PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`")
         typer.echo(f"warning: the Prefect API at {api_url} is unreachable; running plain `dvc repro` "
                    "(no Prefect logs, retries or artifacts)", err=True)
         _plain_repro(repo, overrides, dry_run)
@@ -120,16 +120,11 @@ def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
 
 def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
               timeouts: dict[str, float], gate: bool) -> None:
-    from pipelines.dvcrepo import RepoBusy, StageFailed
-    from pipelines.flow import FlowLockBusy, GateFailed, pipeline
+    from pipelines.flow import pipeline
 
-    try:
-        result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
-                          push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts, gate=gate)
-    except StageFailed as err:  # the stage's own exit code: 2 config, 3 data, 4 integrity, ...
-        fail(str(err), err.exit_code if err.exit_code and err.exit_code > 0 else 1)
-    except (FlowLockBusy, RepoBusy, GateFailed) as err:
-        fail(str(err))
+    # A failing stage raises StageFailed with the stage's own exit code (2 config, 3 data, ...).
+    result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
+                      push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts, gate=gate)
     if dry_run:
         for stage, fate in result["plan"].items():
             typer.echo(f"{stage}: {fate}")
@@ -160,8 +155,8 @@ def serve(
     overrides = parse_overrides(set_ or [])
     check_overrides(repo / "params.yaml", overrides)
     if not PREFECT_API_URL.value():
-        fail("serve needs a Prefect server: start one with `cifar10-pipeline server`, then "
-             f"export PREFECT_API_URL=http://127.0.0.1:{DEFAULT_PORT}/api", 2)
+        raise ConfigError("serve needs a Prefect server: start one with `cifar10-pipeline server`, then "
+                          f"export PREFECT_API_URL=http://127.0.0.1:{DEFAULT_PORT}/api")
     typer.echo(f"serving deployment 'cifar10-pipeline/{name}' on cron '{cron}' for {repo} (Ctrl-C stops)")
     # limit=1: a scheduled run that overlaps a running one waits instead of stacking up.
     pipeline.serve(
@@ -190,12 +185,9 @@ def server(
 @app.command()
 def status(repo: RepoOption = Path(".")) -> None:
     """DVC's view of what is stale, stage by stage, and why."""
-    from pipelines.dvcrepo import RepoBusy, inspect_repo, plan
+    from pipelines.dvcrepo import inspect_repo, plan
 
-    try:
-        graph, reasons = inspect_repo(require_repo(repo))
-    except RepoBusy as err:
-        fail(str(err))
+    graph, reasons = inspect_repo(require_repo(repo))
     for stage, fate in plan(graph, reasons).items():
         typer.echo(f"{stage}: {fate}")
 
@@ -215,20 +207,17 @@ def compare(
     from pipelines.compare import experiments_table, safe_name
 
     repo = require_repo(repo)
-    try:
-        if all_runs:
-            table = experiments_table(repo, sort_by=sort_by)
-            typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
-            if csv:
-                table.to_csv(csv, index=False)
-                typer.echo(f"written: {csv}")
-            return
-        if a is None:
-            fail("compare needs a revision or experiment (or --all)", 2)
-        folder = out or repo / "comparisons" / safe_name(f"{a}_vs_{b or 'workspace'}")
-        text, _ = compare_runs(repo, a, b, folder)
-    except (ValueError, RuntimeError) as err:
-        fail(str(err))
+    if all_runs:
+        table = experiments_table(repo, sort_by=sort_by)
+        typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
+        if csv:
+            table.to_csv(csv, index=False)
+            typer.echo(f"written: {csv}")
+        return
+    if a is None:
+        raise ConfigError("compare needs a revision or experiment (or --all)")
+    folder = out or repo / "comparisons" / safe_name(f"{a}_vs_{b or 'workspace'}")
+    text, _ = compare_runs(repo, a, b, folder)
     typer.echo(text)
     typer.echo(f"written: {folder / 'compare.md'} and compare.html")
 
@@ -241,12 +230,8 @@ def gate(
 ) -> None:
     """Exit 1 when the candidate's accuracy or a class's recall dropped beyond params.yaml's gate."""
     from pipelines.gate import gate as run_gate
-    from stages.common.errors import ConfigError
 
-    try:
-        verdict = run_gate(require_repo(repo), baseline, candidate)
-    except (ValueError, RuntimeError, ConfigError) as err:
-        fail(str(err), 2)
+    verdict = run_gate(require_repo(repo), baseline, candidate)
     typer.echo(verdict.markdown())
     if not verdict.passed:
         raise typer.Exit(1)
@@ -265,15 +250,12 @@ def sweep(
     from pipelines.sweep import sweep as sweep_flow
 
     repo = require_repo(repo)
-    try:
-        cfg = load_sweep_config(config)
-        result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
-                            n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name)
-    except (ValueError, RuntimeError, OSError) as err:
-        fail(str(err))
+    cfg = load_sweep_config(config)
+    result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
+                        n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name)
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
     if result["failed"]:
-        fail(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}", 1)
+        raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")
 
 
 @app.command()
@@ -286,10 +268,7 @@ def promote(
     from pipelines.dvcrepo import dvc
 
     repo = require_repo(repo)
-    try:
-        output = dvc(repo, "exp", "branch", experiment, branch) if branch else dvc(repo, "exp", "apply", experiment)
-    except RuntimeError as err:
-        fail(str(err))
+    output = dvc(repo, "exp", "branch", experiment, branch) if branch else dvc(repo, "exp", "apply", experiment)
     typer.echo(output.strip() or f"{experiment} applied to the workspace; `git commit` it to keep it")
 
 
@@ -306,10 +285,7 @@ def preset(
         typer.echo("\n".join(presets.available(folder)))
         return
     repo = require_repo(repo)
-    try:
-        values = presets.apply(repo / "params.yaml", name, folder)
-    except ValueError as err:
-        fail(str(err), 2)
+    values = presets.apply(repo / "params.yaml", name, folder)
     typer.echo(f"params.yaml now holds preset '{name}' ({values['train']['model']}, "
                f"{values['train']['epochs']} epochs); `dvc repro` or `cifar10-pipeline run` to train it")
 
@@ -321,18 +297,15 @@ def predict(
     classes: Annotated[Path, typer.Option(help="Class names in label order.")] = Path("data/prepared/classes.json"),
 ) -> None:
     """Class and probability for each image, with the model's own normalisation."""
-    from pipelines.predict import PredictError, predict_files
+    from pipelines.predict import predict_files
 
-    try:
-        for path, label, probability in predict_files(paths, model, classes):
-            typer.echo(f"{path}: {label} ({probability:.4f})")
-    except PredictError as err:
-        fail(str(err), 2)
+    for path, label, probability in predict_files(paths, model, classes):
+        typer.echo(f"{path}: {label} ({probability:.4f})")
 
 
 def main() -> None:
     """Every command's errors end here: one line on stderr and the exit code of their cause."""
-    from stages.common.errors import PipelineError, report_unexpected
+    from stages.common.errors import report_unexpected
 
     # Prefect waits 20 s for its temporary API; a 2-core AVX2 machine under load took longer
     # (seen in this project's tests). Set before Prefect is imported, which reads it then; a

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.dvcrepo import dvc, git
+from stages.common.errors import CommandFailed, ConfigError
 from stages.report import render_html
 
 METRICS = "results/evaluate/metrics.json"
@@ -115,7 +116,7 @@ def resolve(repo: Path, rev: str | None) -> str | None:
         sha, ref = line.split(" ", 1)
         if ref.rsplit("/", 1)[-1] == rev:
             return sha
-    raise ValueError(f"'{rev}' is neither a git revision nor a DVC experiment here; see `git log` and `dvc exp show`")
+    raise ConfigError(f"'{rev}' is neither a git revision nor a DVC experiment here; see `git log` and `dvc exp show`")
 
 
 def read_at(repo: Path, path: str, sha: str | None) -> str | None:
@@ -141,11 +142,11 @@ def check_comparable(a: Run, b: Run) -> list[str]:
     """Refuse runs evaluated on different splits or data; note what cannot be checked."""
     split_a, split_b = a.metrics.get("split"), b.metrics.get("split")
     if split_a and split_b and split_a != split_b:
-        raise ValueError(f"{a.name} was evaluated on the {split_a} split and {b.name} on the {split_b} split; "
+        raise ConfigError(f"{a.name} was evaluated on the {split_a} split and {b.name} on the {split_b} split; "
                          "compare runs evaluated on the same split (evaluate.split)")
     data_a, data_b = a.metrics.get("data"), b.metrics.get("data")
     if data_a and data_b and data_a != data_b:
-        raise ValueError(f"{a.name} and {b.name} were evaluated on different images (data {data_a} vs {data_b}); "
+        raise ConfigError(f"{a.name} and {b.name} were evaluated on different images (data {data_a} vs {data_b}); "
                          "compare runs on the same prepared data")
     unknown = [run.name for run in (a, b) if not run.metrics.get("split")]
     return [f"{', '.join(unknown)} does not record its evaluated split (evaluated before it was recorded)"] \
@@ -156,7 +157,7 @@ def load_run(repo: Path, name: str) -> Run:
     sha = resolve(repo, name)
     metrics, report = read_at(repo, METRICS, sha), read_at(repo, REPORT, sha)
     if metrics is None:
-        raise ValueError(f"'{name}' has no {METRICS}; pick a commit or experiment where evaluate ran")
+        raise ConfigError(f"'{name}' has no {METRICS}; pick a commit or experiment where evaluate ran")
     confusion, predictions = read_at(repo, CONFUSION, sha), read_at(repo, PREDICTIONS, sha)
     return Run(
         name, sha, json.loads(metrics), json.loads(report) if report else {},
@@ -257,7 +258,7 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
     try:
         dvc(repo, "plots", "diff", *revs, "-o", str(out_dir / "plots"))
         lines += ["", "## Training curves", "", "Overlaid by `dvc plots diff`: [plots/index.html](plots/index.html)"]
-    except RuntimeError as err:
+    except CommandFailed as err:
         lines += ["", f"Training curves: not available ({err})"]
     text = "\n".join(lines) + "\n"
     (out_dir / "compare.md").write_text(text)

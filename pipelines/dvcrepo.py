@@ -20,8 +20,7 @@ from pathlib import Path
 
 import networkx as nx
 
-# Exit codes our stages use (stages/common/errors.py); DVC reports them as "exited with N".
-TRANSIENT_EXIT = 75
+from stages.common.errors import CommandFailed, StageFailed, TransientError
 
 
 @dataclass(frozen=True)
@@ -45,25 +44,13 @@ class StageOutcome:
         return f"{self.stage}: ran {self.seconds:.0f} s"
 
 
-class StageFailed(RuntimeError):
-    """A stage's command failed; the message is the stage's own error line."""
-
-    def __init__(self, stage: str, message: str, exit_code: int | None):
-        super().__init__(f"{stage} failed: {message}")
-        self.stage, self.exit_code = stage, exit_code
-
-    @property
-    def transient(self) -> bool:
-        return self.exit_code == TRANSIENT_EXIT
-
-
 def dvc_executable() -> str:
     """The dvc next to this Python, so the flow uses the project's environment."""
     candidate = Path(sys.executable).parent / "dvc"
     return str(candidate) if candidate.exists() else "dvc"
 
 
-class RepoBusy(RuntimeError):
+class RepoBusy(TransientError):
     pass
 
 
@@ -273,7 +260,7 @@ def run_stage(
         found = _EXIT_CODE.search(output)
         exit_code = int(found.group(1)) if found else None
         if "Unable to acquire lock" in output or "is being blocked by" in output:
-            message, exit_code = "another dvc command holds this repo's lock; retry when it ends", TRANSIENT_EXIT
+            message, exit_code = "another dvc command holds this repo's lock; retry when it ends", TransientError.exit_code
         raise StageFailed(stage, message, exit_code)
     # DVC's record decides, not its log text: a run-cache hit runs nothing yet changes the workspace.
     executed = f"Running stage '{stage}'" in output
@@ -293,5 +280,5 @@ def dvc(repo_dir: Path, *args: str) -> str:
     result = subprocess.run([dvc_executable(), *args], cwd=repo_dir, capture_output=True, text=True)
     if result.returncode != 0:
         errors = _DVC_ERROR.findall(result.stderr + result.stdout)
-        raise RuntimeError(f"dvc {' '.join(args)}: {errors[-1] if errors else result.stderr.strip()}")
+        raise CommandFailed(f"dvc {' '.join(args)}: {errors[-1] if errors else result.stderr.strip()}")
     return result.stdout

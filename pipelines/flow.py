@@ -25,7 +25,6 @@ from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
 from pipelines.dvcrepo import (
-    StageFailed,
     StageGraph,
     StageOutcome,
     dvc,
@@ -35,17 +34,18 @@ from pipelines.dvcrepo import (
     run_stage,
     stop_all_stages,
 )
+from stages.common.errors import ConfigError, PipelineError, StageFailed, TransientError
 
 LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
 REPORT_ARTIFACT = "cifar10-report"
 METRICS_ARTIFACT = "cifar10-metrics"
 
 
-class FlowLockBusy(RuntimeError):
+class FlowLockBusy(TransientError):
     pass
 
 
-class GateFailed(RuntimeError):
+class GateFailed(PipelineError):
     pass
 
 
@@ -142,7 +142,6 @@ def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
 def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
     """Refuse an override whose key params.yaml lacks (suggesting the nearest one) and, with
     `values`, one whose value its section's schema refuses: before anything is written or run."""
-    from stages.common.errors import ConfigError
     from stages.common.params import check_sections, read_params, set_dotted
 
     data = read_params(params_file)

@@ -23,6 +23,7 @@ from pipelines.compare import (
     uncertainty,
 )
 from pipelines.dvcrepo import git
+from stages.common.errors import ConfigError
 from stages.common.schemas import GateParams
 
 
@@ -57,7 +58,7 @@ def default_baseline(repo: Path, candidate: str | None = None) -> str:
     """
     upstream = next((ref for ref in UPSTREAM_MAIN if git(repo, "rev-parse", "--verify", "--quiet", ref)), None)
     if upstream is None:
-        raise ValueError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
+        raise ConfigError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
     tip = resolve(repo, candidate) or "HEAD"
     # A run is a commit that changed dvc.lock or the metrics (two runs can score the same). The
     # candidate's own is the newest at its tip; none when the workspace holds a new, uncommitted run.
@@ -66,11 +67,11 @@ def default_baseline(repo: Path, candidate: str | None = None) -> str:
         own = None
     start = git(repo, "merge-base", tip, upstream)
     if start is None:
-        raise ValueError(f"the candidate shares no history with {upstream}; pass --baseline REV")
+        raise ConfigError(f"the candidate shares no history with {upstream}; pass --baseline REV")
     for commit in (git(repo, "log", "--format=%H", start, "--", *RUN_RECORD) or "").split():
         if commit != own and git(repo, "cat-file", "-e", f"{commit}:{METRICS}") is not None:
             return commit
-    raise ValueError(f"no commit before the candidate on {upstream} has {METRICS}; commit a run first or pass "
+    raise ConfigError(f"no commit before the candidate on {upstream} has {METRICS}; commit a run first or pass "
                      "--baseline")
 
 

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stages.common.errors import ConfigError
+
 INPUT_SIZE = (32, 32)
 
 
-class PredictError(Exception):
-    pass
+class PredictError(ConfigError):
+    """An image or model that cannot be used, named with the fix (exit 2, as a bad argument)."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

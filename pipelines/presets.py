@@ -36,7 +36,9 @@ def _merge(base: dict, top: dict) -> dict:
 def resolve(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
     path = presets_dir / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"no preset '{name}'; available: {', '.join(available(presets_dir))}")
+        from stages.common.errors import ConfigError
+
+        raise ConfigError(f"no preset '{name}'; available: {', '.join(available(presets_dir))}")
     from stages.common.params import load_yaml
 
     base = load_yaml((presets_dir / "_base.yaml").read_text())

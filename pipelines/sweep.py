@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pipelines.compare import experiments_table, safe_name
 from pipelines.dvcrepo import dvc, dvc_executable, set_arg
 from pipelines.flow import check_overrides
+from stages.common.errors import CommandFailed, ConfigError
 
 OUT_DIR = Path("comparisons")
 
@@ -31,14 +32,14 @@ def _values(spec: Any) -> list[Any]:
         return spec
     if isinstance(spec, dict) and "choice" in spec:
         return list(spec["choice"])
-    raise ValueError(f"a grid needs a list of values (or {{choice: [...]}}), got {spec!r}")
+    raise ConfigError(f"a grid needs a list of values (or {{choice: [...]}}), got {spec!r}")
 
 
 def _draw(spec: Any, rng: np.random.Generator) -> Any:
     if isinstance(spec, list):
         return spec[rng.integers(len(spec))]
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise ValueError(f"unknown search space entry {spec!r}; use a list, choice, uniform, log_uniform or int_uniform")
+        raise ConfigError(f"unknown search space entry {spec!r}; use a list, choice, uniform, log_uniform or int_uniform")
     (kind, args), = spec.items()
     if kind == "choice":
         return args[rng.integers(len(args))]
@@ -48,7 +49,7 @@ def _draw(spec: Any, rng: np.random.Generator) -> Any:
         return float(math.exp(rng.uniform(math.log(args[0]), math.log(args[1]))))
     if kind == "int_uniform":
         return int(rng.integers(args[0], args[1] + 1))
-    raise ValueError(f"unknown search space kind '{kind}'; use choice, uniform, log_uniform or int_uniform")
+    raise ConfigError(f"unknown search space kind '{kind}'; use choice, uniform, log_uniform or int_uniform")
 
 
 def sample_points(space: dict[str, Any], kind: str, n: int, seed: int) -> list[dict[str, Any]]:
@@ -57,7 +58,7 @@ def sample_points(space: dict[str, Any], kind: str, n: int, seed: int) -> list[d
         keys = list(space)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(_values(space[k]) for k in keys))]
     if kind != "random":
-        raise ValueError(f"sweep kind '{kind}' is not grid or random")
+        raise ConfigError(f"sweep kind '{kind}' is not grid or random")
     rng = np.random.default_rng(seed)
     return [{k: _draw(v, rng) for k, v in space.items()} for _ in range(n)]
 
@@ -102,7 +103,7 @@ def sweep(
     started = time.perf_counter()
     try:
         dvc(repo, "exp", "run", "--run-all", "--jobs", str(jobs))
-    except RuntimeError as err:  # failed points are found below, each by its own status
+    except CommandFailed as err:  # failed points are found below, each by its own status
         logger.warning(f"dvc exp run --run-all: {err}")
     logger.info(f"ran {len(points)} points in {time.perf_counter() - started:.0f} s with {jobs} job(s)")
 
@@ -140,10 +141,12 @@ def sweep(
 def load_sweep_config(path: Path) -> dict[str, Any]:
     from stages.common.params import load_yaml
 
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; pass a search space file (see sweeps/seed002.yaml)")
     try:
         config = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
     if not isinstance(config.get("space"), dict) or not config["space"]:
-        raise ValueError(f"{path} needs a 'space:' mapping of param -> values (see sweeps/seed002.yaml)")
+        raise ConfigError(f"{path} needs a 'space:' mapping of param -> values (see sweeps/seed002.yaml)")
     return config

@@ -49,6 +49,24 @@ class TransientError(PipelineError):
     exit_code = 75
 
 
+class StageFailed(PipelineError):
+    """A stage's command failed; the message is the stage's own error line, the exit code its own
+    (1 when it had none: killed, timed out)."""
+
+    def __init__(self, stage: str, message: str, stage_exit_code: int | None):
+        super().__init__(f"{stage} failed: {message}")
+        self.stage, self.stage_exit_code = stage, stage_exit_code
+        self.exit_code = stage_exit_code if stage_exit_code and stage_exit_code > 0 else 1
+
+    @property
+    def transient(self) -> bool:
+        return self.stage_exit_code == TransientError.exit_code
+
+
+class CommandFailed(PipelineError):
+    """A dvc or git command the pipeline relies on failed; the message is its own error line."""
+
+
 def describe_unexpected(err: BaseException) -> tuple[str, int]:
     """One line and an exit code for an error no stage or command anticipated.
 

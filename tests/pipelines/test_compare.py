@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stages.common.errors import ConfigError
 from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar, uncertainty, verdict
 from pipelines.gate import default_baseline, judge
 from stages.common.schemas import GateParams
@@ -101,10 +102,10 @@ def test_require_significance_tests_each_class_on_its_own_images():
 def test_runs_on_different_splits_or_data_are_not_compared():
     test_run = Run("a", None, {"accuracy": 0.8, "split": "test", "data": "aa"}, {}, None, None)
     val_run = Run("b", None, {"accuracy": 0.9, "split": "val", "data": "bb"}, {}, None, None)
-    with pytest.raises(ValueError, match="a was evaluated on the test split and b on the val split"):
+    with pytest.raises(ConfigError, match="a was evaluated on the test split and b on the val split"):
         check_comparable(test_run, val_run)
     other_data = Run("c", None, {"accuracy": 0.9, "split": "test", "data": "cc"}, {}, None, None)
-    with pytest.raises(ValueError, match="different images"):
+    with pytest.raises(ConfigError, match="different images"):
         check_comparable(test_run, other_data)
     old = Run("old", None, {"accuracy": 0.7}, {}, None, None)
     assert check_comparable(old, test_run) == ["old does not record its evaluated split (evaluated before it "

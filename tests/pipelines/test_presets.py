@@ -50,7 +50,7 @@ def test_presets_differ_where_the_seeds_differ():
 
 
 def test_unknown_or_invalid_preset(tmp_path):
-    with pytest.raises(ValueError, match="no preset 'seed9'; available: "):
+    with pytest.raises(ConfigError, match="no preset 'seed9'; available: "):
         presets.resolve("seed9")
     (tmp_path / "_base.yaml").write_text((presets.PRESETS_DIR / "_base.yaml").read_text())
     (tmp_path / "bad.yaml").write_text("train: {epochs: 0}\n")

@@ -3,6 +3,7 @@ import subprocess
 import pandas as pd
 import pytest
 
+from stages.common.errors import ConfigError
 from pipelines.sweep import _override, sample_points
 from tests.conftest import git_dvc_project, set_params, tiny_params
 from tests.pipelines.conftest import BIN, cli
@@ -16,7 +17,7 @@ def test_grid_and_random_points():
     points = sample_points(space, "random", 50, seed=2)
     assert points == sample_points(space, "random", 50, seed=2)
     assert all(1e-4 <= p["train.learning_rate"] <= 1e-3 and p["train.epochs"] in (1, 2, 3) for p in points)
-    with pytest.raises(ValueError, match="unknown search space kind 'normal'"):
+    with pytest.raises(ConfigError, match="unknown search space kind 'normal'"):
         sample_points({"x": {"normal": [0, 1]}}, "random", 1, 0)
     assert _override("train.learning_rate", 0.000123456789) == "train.learning_rate=0.000123457"
     assert _override("train.optimizer", "sgd") == 'train.optimizer="sgd"'  # JSON, which dvc -S reads as YAML
