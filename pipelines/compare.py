@@ -21,7 +21,8 @@ import pandas as pd
 
 from pipelines.dvcrepo import dvc, git
 from stages.common.errors import CommandFailed, ConfigError
-from stages.report import render_html
+from stages.common.params import flatten
+from stages.common.render import render_html, report_classes
 
 METRICS = "results/evaluate/metrics.json"
 REPORT = "results/evaluate/classification_report.json"
@@ -170,7 +171,7 @@ def load_run(repo: Path, name: str) -> Run:
 
 
 def per_class_changes(report_a: dict, report_b: dict) -> pd.DataFrame:
-    classes = [c for c in report_b if isinstance(report_b[c], dict) and c in report_a and "avg" not in c]
+    classes = [c for c in report_classes(report_b) if c in report_a]
     rows = []
     for c in classes:
         row = {"class": c}
@@ -273,12 +274,6 @@ def safe_name(text: str) -> str:
 # --- every run at once ---------------------------------------------------------------------
 
 
-def _flat(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}" if prefix else key, sub).items()}
-    return {prefix: value}
-
-
 def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFrame:
     """One row per commit and experiment from `dvc exp show`: varying params and eval metrics."""
     shown = json.loads(dvc(repo, "exp", "show", "--json", "-A") or "[]")
@@ -293,7 +288,7 @@ def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFr
             "status": "failed" if entry.get("error") or data.get("status") == "Failed" else "ok",
         }
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-        row.update({f"param {k}": v for k, v in _flat("", params).items() if not isinstance(v, list)})
+        row.update({f"param {k}": v for k, v in flatten(params).items() if not isinstance(v, list)})
         metrics = ((data.get("metrics") or {}).get(METRICS) or {}).get("data") or {}
         row.update(metrics)
         rows.append(row)

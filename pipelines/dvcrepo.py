@@ -21,6 +21,7 @@ from pathlib import Path
 import networkx as nx
 
 from stages.common.errors import CommandFailed, StageFailed, TransientError
+from stages.common.params import flatten
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,6 @@ def _reasons(repo_dir: Path, status: dict) -> dict[str, list[str]]:
     return reasons
 
 
-def _flatten(value: object, prefix: str) -> dict[str, object]:
-    if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
-    return {prefix: value}
-
-
 def _param_diff(repo_dir: Path, stage: str, params_file: str, key: str) -> str:
     """'train.epochs 1 -> 3' for a whole-section param DVC only calls 'modified'."""
     import yaml
@@ -129,7 +124,7 @@ def _param_diff(repo_dir: Path, stage: str, params_file: str, key: str) -> str:
             new = new[part]
     except (OSError, KeyError, TypeError):
         return "modified"
-    before, after = _flatten(old, key), _flatten(new, key)
+    before, after = flatten(old, key), flatten(new, key)
     changes = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     return ", ".join(changes) or "modified"
 

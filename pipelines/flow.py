@@ -12,7 +12,6 @@ import contextlib
 import difflib
 import errno
 import fcntl
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from pipelines.dvcrepo import (
     stop_all_stages,
 )
 from stages.common.errors import ConfigError, PipelineError, StageFailed, TransientError
+from stages.common.params import update_params_file
 
 LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
 REPORT_ARTIFACT = "cifar10-report"
@@ -123,29 +123,14 @@ def assert_nothing_stale(repo: Path) -> None:
         raise StageFailed("pipeline", f"stages are still stale after the run ({stale}); rerun", None)
 
 
-def apply_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """Set dotted keys in params.yaml, keeping its comments; unknown keys are refused."""
-    from ruamel.yaml import YAML
-
-    from stages.common import dataio
-    from stages.common.params import set_dotted
-
-    yaml = YAML()
-    data = yaml.load(params_file.read_text())
-    for dotted, value in overrides.items():
-        set_dotted(data, dotted, value)
-    text = io.StringIO()
-    yaml.dump(data, text)  # rendered in full before params.yaml is touched: never half a file
-    dataio.write_text(params_file, text.getvalue())
-
-
 def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
     """Refuse an override whose key params.yaml lacks (suggesting the nearest one) and, with
     `values`, one whose value its section's schema refuses: before anything is written or run."""
-    from stages.common.params import check_sections, read_params, set_dotted
+    from stages.common.params import check_sections, flatten, read_params, set_dotted
 
     data = read_params(params_file)
-    known = set(_flatten_keys(data))
+    # A key can be a leaf or a whole mapping (train.augment, train.arch.fast_vgg).
+    known = {".".join(leaf.split(".")[:i]) for leaf in flatten(data) for i in range(1, leaf.count(".") + 2)}
     for dotted in overrides:
         if dotted not in known:
             hint = difflib.get_close_matches(dotted, sorted(known), n=1)
@@ -160,16 +145,6 @@ def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool =
         check_sections(data, {dotted.split(".")[0] for dotted in overrides})
     except ConfigError as err:
         raise ConfigError(f"{err} (from --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())})") from None
-
-
-def _flatten_keys(node: Any, prefix: str = "") -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _flatten_keys(value, f"{prefix}{key}.")
-        if prefix:
-            yield prefix[:-1]
-    else:
-        yield prefix[:-1]
 
 
 def _transient_only(task, task_run, state) -> bool:
@@ -226,7 +201,7 @@ def publish_artifacts(
     repo: Path, outcomes: list[StageOutcome], experiment: str | None, gate_text: str | None = None
 ) -> dict[str, Any]:
     """Markdown and table artifacts under stable keys, so the Prefect UI keeps their history."""
-    from stages.report import per_class_table  # matplotlib: kept off the flow's start-up path
+    from stages.common.render import per_class_table
 
     metrics_path = repo / "results/evaluate/metrics.json"
     report_path = repo / "results/evaluate/classification_report.json"
@@ -234,7 +209,6 @@ def publish_artifacts(
         return {}
     metrics = json.loads(metrics_path.read_text())
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    classes = [name for name, r in report.items() if isinstance(r, dict) and "avg" not in name]
     markdown = "\n".join([
         "# CIFAR-10 pipeline run",
         "",
@@ -244,7 +218,7 @@ def publish_artifacts(
         *(["", f"Saved as DVC experiment `{experiment}`."] if experiment else []),
         *(["", gate_text] if gate_text else []),
         "",
-        per_class_table(report, classes) if classes else "",
+        per_class_table(report) if report else "",
     ])
     create_markdown_artifact(markdown, key=REPORT_ARTIFACT, description="Headline of the pipeline's report")
     create_table_artifact([{"metric": k, "value": v} for k, v in metrics.items()], key=METRICS_ARTIFACT,
@@ -271,7 +245,7 @@ def pipeline(
         original = params_file.read_text()
         if overrides:
             check_overrides(params_file, overrides)
-            apply_overrides(params_file, overrides)
+            update_params_file(params_file, overrides)
         graph, reasons = inspect_repo(repo)
         fate = plan(graph, reasons)
         for stage, what in fate.items():

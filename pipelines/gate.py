@@ -24,6 +24,7 @@ from pipelines.compare import (
 )
 from pipelines.dvcrepo import git
 from stages.common.errors import ConfigError
+from stages.common.render import report_classes
 from stages.common.schemas import GateParams
 
 
@@ -103,10 +104,10 @@ def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
                     f"(drop {drop:+.4f}, allowed {params.max_accuracy_drop})")
     if drop > params.max_accuracy_drop and (not params.require_significance or significant):
         reasons.append(f"accuracy dropped by {drop:.4f} > {params.max_accuracy_drop} (gate.max_accuracy_drop)")
-    for cls, row in baseline.report.items():
-        if not isinstance(row, dict) or "avg" in cls or cls not in candidate.report:
+    for cls in report_classes(baseline.report):
+        if cls not in candidate.report:
             continue
-        recall_drop = row["recall"] - candidate.report[cls]["recall"]
+        recall_drop = baseline.report[cls]["recall"] - candidate.report[cls]["recall"]
         if recall_drop <= params.max_recall_drop:
             continue
         why = f"recall of {cls} dropped by {recall_drop:.4f} > {params.max_recall_drop} (gate.max_recall_drop)"

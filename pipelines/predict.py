@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -57,20 +56,14 @@ def load_pixels(path: Path) -> np.ndarray:
 
 
 def predict_files(paths: list[Path], model_path: Path, classes_path: Path) -> Iterator[tuple[Path, str, float]]:
-    for needed in (model_path, classes_path):
-        if not needed.is_file():
-            raise PredictError(f"{needed} not found; train first (`cifar10-pipeline run` or `dvc repro`) "
-                               "or pass --model/--classes")
+    from stages.common import dataio
+
+    names = dataio.read_json(classes_path)  # a missing file names itself and `dvc repro`
     batch = np.stack([load_pixels(p) for p in paths])
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
+    from stages.common.models import load_trained
 
-    try:
-        model = keras.models.load_model(model_path, compile=False)  # inference only: no optimizer needed
-    except (ValueError, OSError, TypeError) as err:
-        raise PredictError(f"{model_path} is not a loadable Keras model ({str(err).splitlines()[0]}); "
-                           "retrain it or pass --model") from None
-    names = json.loads(classes_path.read_text())
+    model = load_trained(model_path)
     probabilities = np.asarray(model.predict(batch, verbose=0))
     for path, row in zip(paths, probabilities):
         best = int(row.argmax())

@@ -8,7 +8,6 @@ survives. Keys a preset does not cover (data source, seeds, report layout) are l
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,7 @@ def resolve(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, A
 
 def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
     """Write the preset into params_file (comments kept) after checking it against the schema."""
-    from ruamel.yaml import YAML
-
-    from stages.common import dataio
-    from stages.common.params import check_sections, load_yaml
+    from stages.common.params import check_sections, load_yaml, update_params_file
 
     values = resolve(name, presets_dir)
     text = params_file.read_text()
@@ -60,12 +56,6 @@ def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict
     for section, keys in values.items():
         plain[section].update(keys)
     check_sections(plain, values)  # a bad preset never reaches params.yaml
-    rt = YAML()
-    data = rt.load(text)
-    for section, keys in values.items():
-        for key, value in keys.items():
-            data[section][key] = value
-    rendered = io.StringIO()
-    rt.dump(data, rendered)  # rendered in full before params.yaml is touched: never half a file
-    dataio.write_text(params_file, rendered.getvalue())
+    update_params_file(params_file, {f"{section}.{key}": value for section, keys in values.items()
+                                     for key, value in keys.items()})
     return values

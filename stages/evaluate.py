@@ -20,6 +20,7 @@ from sklearn import metrics as skm  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
+from stages.common.models import load_trained  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
 from stages.common.schemas import EvaluateParams  # noqa: E402
 
@@ -75,20 +76,11 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int, tta_flip: 
     return probabilities
 
 
-def load_model(model_path: Path):
-    import keras
-
-    if not model_path.is_file():
-        raise DataError(f"{model_path} not found; run `dvc repro train` first")
-    # Inference only: compile=False skips the optimizer and its (custom) learning-rate schedule.
-    return keras.models.load_model(model_path, compile=False)
-
-
 def main() -> None:
     params: EvaluateParams = load_section("evaluate")
     classes = dataio.read_json(PREPARED_DIR / "classes.json")
     images, labels = dataio.load_split(PREPARED_DIR / f"{params.split}.npz")
-    probabilities = predict_probabilities(load_model(MODEL_PATH), images, params.batch_size, params.tta_flip)
+    probabilities = predict_probabilities(load_trained(MODEL_PATH), images, params.batch_size, params.tta_flip)
     if not np.all(np.isfinite(probabilities)):
         raise DataError(f"{MODEL_PATH} produced non-finite probabilities; retrain it (dvc repro -f train)")
     result = evaluate(probabilities, labels, classes)

@@ -6,13 +6,11 @@ images; writes results/report/{report.md,report.html,*.png}.
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers or CI
-import markdown  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -20,6 +18,7 @@ import pandas as pd  # noqa: E402
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
+from stages.common.render import per_class_table, render_html  # noqa: E402
 from stages.common.schemas import ReportParams  # noqa: E402
 
 RAW_MANIFEST = Path("data/raw/manifest.json")
@@ -98,15 +97,7 @@ def samples_per_class(labels: np.ndarray, classes: list[str], per_class: int) ->
 # --- page ----------------------------------------------------------------------------------
 
 
-def per_class_table(report: dict, classes: list[str]) -> str:
-    rows = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-    for name in [*classes, "macro avg", "weighted avg"]:
-        r = report[name]
-        rows.append(f"| {name} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1-score']:.4f} | {int(r['support'])} |")
-    return "\n".join(rows)
-
-
-def render_markdown(metrics: dict, report: dict, classes: list[str], run_info: dict, figures: dict[str, str]) -> str:
+def render_markdown(metrics: dict, report: dict, run_info: dict, figures: dict[str, str]) -> str:
     headline = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
     lines = [
         "# CIFAR-10 pipeline report",
@@ -122,7 +113,7 @@ def render_markdown(metrics: dict, report: dict, classes: list[str], run_info: d
         "",
         "## Per class",
         "",
-        per_class_table(report, classes),
+        per_class_table(report),
         "",
     ]
     for title, file in figures.items():
@@ -154,14 +145,6 @@ def code_revision() -> str:
         return "unknown (not a git checkout)"
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "stages", "dvc.yaml"], capture_output=True, text=True)
     return head.stdout.strip() + (" + uncommitted changes to stages/ or dvc.yaml" if dirty.stdout.strip() else "")
-
-
-def render_html(md_text: str, title: str = "CIFAR-10 report") -> str:
-    body = markdown.markdown(md_text, extensions=["tables"])
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}" \
-            "td,th{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
-           f"<style>{style}</style></head><body>{body}</body></html>\n"
 
 
 # --- stage ---------------------------------------------------------------------------------
@@ -206,7 +189,7 @@ def main() -> None:
         for file, fig in figures.values():
             fig.savefig(tmp / file)
             plt.close(fig)
-        md_text = render_markdown(metrics, report, classes, {**run_info, "split": split},
+        md_text = render_markdown(metrics, report, {**run_info, "split": split},
                                   {t: f for t, (f, _) in figures.items()})
         md_text += "\n" + model_card(dataio.read_json(RAW_MANIFEST), _train_params(TRAIN_DIR), metrics,
                                      _md5(MODEL_PATH), code_revision())

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers, regularizers
 
-from stages.common.errors import ConfigError
+from stages.common.errors import ConfigError, DataError
 from stages.common.schemas import MODEL_NAMES
 
 INPUT_SHAPE = (32, 32, 3)
@@ -252,3 +253,15 @@ def build_model(name: str, num_classes: int, mean: list[float], std: list[float]
     logits = body(name, x, num_classes, options or {})
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=name)
+
+
+def load_trained(path: Path) -> keras.Model:
+    """The trained model, for inference (evaluate, predict): compile=False skips the optimizer and
+    its custom learning-rate schedule, which predictions never need."""
+    if not path.is_file():
+        raise DataError(f"{path} not found; train first (`cifar10-pipeline run` or `dvc repro train`)")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, TypeError) as err:
+        raise DataError(f"{path} is not a loadable Keras model ({str(err).splitlines()[0]}); "
+                        "retrain it (`dvc repro -f train`)") from None

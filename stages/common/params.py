@@ -88,6 +88,32 @@ def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     return data
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"augment": {"flip": true}}} -> {"train.augment.flip": true}: the dotted keys DVC's
+    `-S` and our overrides use (an empty mapping is a value of its own)."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}.{key}" if prefix else str(key)).items()}
+    return {prefix: node}
+
+
+def update_params_file(path: Path, updates: dict[str, Any]) -> None:
+    """Set dotted keys in a params file, keeping its comments and layout; the file is replaced
+    whole once the new text is rendered, so it is never half written."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from stages.common import dataio
+
+    yaml = YAML()
+    data = yaml.load(path.read_text())
+    for dotted, value in updates.items():
+        set_dotted(data, dotted, value)
+    text = io.StringIO()
+    yaml.dump(data, text)
+    dataio.write_text(path, text.getvalue())
+
+
 def set_dotted(params: Any, dotted: str, value: Any) -> None:
     """Set `train.arch.fast_vgg` style keys in a params mapping (plain or ruamel's)."""
     *parents, leaf = dotted.split(".")

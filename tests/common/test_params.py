@@ -120,3 +120,23 @@ def test_a_zero_validation_fraction_is_refused_up_front():
            "convert_images": False, "seed": 1}
     with pytest.raises(ConfigError, match=r"'prepare.val_fraction' is 0.0; it must be > 0.0"):
         parse_section(raw, PrepareParams, "prepare")
+
+
+def test_flatten_gives_the_dotted_keys_overrides_use():
+    from stages.common.params import flatten
+
+    nested = {"train": {"epochs": 5, "augment": {"flip": True}, "arch": {"fast_vgg": {}}}, "report": {"dpi": 80}}
+    assert flatten(nested) == {"train.epochs": 5, "train.augment.flip": True, "train.arch.fast_vgg": {},
+                               "report.dpi": 80}
+    assert flatten(3, "train.epochs") == {"train.epochs": 3}
+
+
+def test_params_file_updates_keep_comments_and_replace_the_file_whole(tmp_path):
+    from stages.common.params import update_params_file
+
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 10   # how long\n  augment:\n    flip: true\n")
+    inode = path.stat().st_ino
+    update_params_file(path, {"train.epochs": 3, "train.augment": {"flip": False}})
+    assert path.read_text() == "train:\n  epochs: 3    # how long\n  augment:\n    flip: false\n"
+    assert path.stat().st_ino != inode  # written beside it, then moved into place

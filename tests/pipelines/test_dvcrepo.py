@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, _reasons, plan
-from pipelines.flow import apply_overrides, check_overrides
+from pipelines.flow import check_overrides
+from stages.common.params import update_params_file
 from stages.common.errors import ConfigError
 
 GRAPH = StageGraph(order=["a", "b", "c", "d"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": []})
@@ -30,13 +31,15 @@ def test_outcome_and_failure_wording():
     assert StageOutcome("train", True, 312.4).describe() == "train: ran 312 s"
     assert StageOutcome("download", False, 0.0).describe() == "download: up to date"
     assert StageFailed("download", "x", 75).transient and not StageFailed("validate", "x", 3).transient
+    assert StageFailed("validate", "x", 3).exit_code == 3
+    assert StageFailed("train", "timed out", None).exit_code == StageFailed("train", "killed", -9).exit_code == 1
 
 
 def test_overrides_keep_comments_and_refuse_unknown_keys(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  epochs: 10   # how long\n  lr: 0.1\n")
     check_overrides(params, {"train.epochs": 3}, values=False)  # a toy params.yaml: keys only
-    apply_overrides(params, {"train.epochs": 3})
+    update_params_file(params, {"train.epochs": 3})
     assert params.read_text() == "train:\n  epochs: 3    # how long\n  lr: 0.1\n"
     with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
         check_overrides(params, {"train.epoch": 3})
