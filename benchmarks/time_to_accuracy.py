@@ -1,7 +1,7 @@
 """Time-to-accuracy of a finished run, read from the pipeline's own record of it.
 
-The train stage logs each epoch's validation accuracy and wall-clock seconds (DVCLive curves under
-results/train/plots/metrics); evaluate writes the test accuracy. This prints, as Markdown, the
+The train stage logs each epoch's validation accuracy and wall-clock seconds (DVCLive curves in
+its output folder); evaluate writes the test accuracy. This prints, as Markdown, the
 training seconds at which validation accuracy first reached each target, the per-epoch curve,
 and the final test accuracy against the target the default recipe is held to.
 
@@ -20,10 +20,7 @@ import pandas as pd
 import yaml
 
 from stages.common.errors import DataError, run_main
-
-CURVES = Path("results/train/plots/metrics")
-TEST_METRICS = Path("results/evaluate/metrics.json")
-RUN_INFO = Path("results/train/run_info.json")
+from stages.common.paths import CURVES, RUN_INFO, artifact_paths, evaluation_files
 
 
 def time_to_accuracy(val_accuracy: list[float], epoch_seconds: list[float],
@@ -39,7 +36,7 @@ def time_to_accuracy(val_accuracy: list[float], epoch_seconds: list[float],
 
 
 def read_curve(repo: Path, name: str) -> list[float]:
-    path = repo / CURVES / f"{name}.tsv"
+    path = repo / artifact_paths(repo)["train"] / CURVES / f"{name}.tsv"
     if not path.is_file():
         raise DataError(f"{path} not found; run `dvc repro` (a train stage from before epoch times "
                          "were logged has no train/epoch_seconds: rerun it with `dvc repro -f train`)")
@@ -50,12 +47,13 @@ def render(repo: Path, targets: list[float], test_target: float, minutes: float)
     val = read_curve(repo, "eval/accuracy")
     seconds = read_curve(repo, "train/epoch_seconds")
     if len(val) != len(seconds):
-        raise DataError(f"{len(val)} validation accuracies but {len(seconds)} epoch times in {repo / CURVES}; "
+        raise DataError(f"{len(val)} validation accuracies but {len(seconds)} epoch times in {repo / artifact_paths(repo)['train'] / CURVES}; "
                          "rerun training with `dvc repro -f train`")
     train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
-    test = json.loads((repo / TEST_METRICS).read_text())["accuracy"]
+    test = json.loads((repo / evaluation_files(repo)["metrics"]).read_text())["accuracy"]
     total = sum(seconds)
-    info = json.loads((repo / RUN_INFO).read_text()) if (repo / RUN_INFO).is_file() else {}
+    run_info = repo / artifact_paths(repo)["train"] / RUN_INFO
+    info = json.loads(run_info.read_text()) if run_info.is_file() else {}
     met = test >= test_target and total <= minutes * 60
     lines = [
         f"{train['model']} {json.dumps(train.get('arch') or {})}, {len(val)} epochs, batch {train['batch_size']}, "
@@ -82,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-target", type=float, default=0.86)
     parser.add_argument("--minutes", type=float, default=20.0)
     args = parser.parse_args(argv)
-    for required in (TEST_METRICS, Path("params.yaml")):
-        if not (args.repo / required).is_file():
-            raise DataError(f"{args.repo / required} not found; run `dvc repro` in {args.repo} first")
+    for required in ("dvc.yaml", "params.yaml", None):  # None: the metrics, wherever dvc.yaml puts them
+        path = args.repo / (required or evaluation_files(args.repo)["metrics"])
+        if not path.is_file():
+            raise DataError(f"{path} not found; run `dvc repro` in {args.repo} first")
     print(render(args.repo, args.targets, args.test_target, args.minutes))
 
 

@@ -293,12 +293,18 @@ def preset(
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode.")],
-    model: Annotated[Path, typer.Option(help="Trained model.")] = Path("models/model.keras"),
-    classes: Annotated[Path, typer.Option(help="Class names in label order.")] = Path("data/prepared/classes.json"),
+    model: Annotated[Optional[Path], typer.Option(help="Trained model (default: the pipeline's).")] = None,
+    classes: Annotated[Optional[Path], typer.Option(help="Class names in label order (default: the pipeline's).")] = None,
+    repo: RepoOption = Path("."),
 ) -> None:
     """Class and probability for each image, with the model's own normalisation."""
     from pipelines.predict import predict_files
+    from stages.common.paths import CLASSES, artifact_paths
 
+    if model is None or classes is None:
+        declared = artifact_paths(require_repo(repo))
+        model = model or repo / declared["model"]
+        classes = classes or repo / declared["prepared"] / CLASSES
     for path, label, probability in predict_files(paths, model, classes):
         typer.echo(f"{path}: {label} ({probability:.4f})")
 

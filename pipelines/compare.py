@@ -22,12 +22,9 @@ import pandas as pd
 from pipelines.dvcrepo import dvc, git
 from stages.common.errors import CommandFailed, ConfigError
 from stages.common.params import flatten
+from stages.common.paths import evaluation_files
 from stages.common.render import render_html, report_classes
 
-METRICS = "results/evaluate/metrics.json"
-REPORT = "results/evaluate/classification_report.json"
-CONFUSION = "results/evaluate/confusion_matrix.csv"
-PREDICTIONS = "results/evaluate/predictions.csv"
 WORKSPACE = "workspace"
 ALPHA = 0.05  # significance level of McNemar's test, for compare's verdict and the gate
 
@@ -156,10 +153,11 @@ def check_comparable(a: Run, b: Run) -> list[str]:
 
 def load_run(repo: Path, name: str) -> Run:
     sha = resolve(repo, name)
-    metrics, report = read_at(repo, METRICS, sha), read_at(repo, REPORT, sha)
+    files = evaluation_files(repo)
+    metrics, report = read_at(repo, files["metrics"], sha), read_at(repo, files["report"], sha)
     if metrics is None:
-        raise ConfigError(f"'{name}' has no {METRICS}; pick a commit or experiment where evaluate ran")
-    confusion, predictions = read_at(repo, CONFUSION, sha), read_at(repo, PREDICTIONS, sha)
+        raise ConfigError(f"'{name}' has no {files['metrics']}; pick a commit or experiment where evaluate ran")
+    confusion, predictions = read_at(repo, files["confusion"], sha), read_at(repo, files["predictions"], sha)
     return Run(
         name, sha, json.loads(metrics), json.loads(report) if report else {},
         pd.read_csv(io.StringIO(confusion), index_col=0) if confusion else None,
@@ -277,6 +275,7 @@ def safe_name(text: str) -> str:
 def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFrame:
     """One row per commit and experiment from `dvc exp show`: varying params and eval metrics."""
     shown = json.loads(dvc(repo, "exp", "show", "--json", "-A") or "[]")
+    metrics_file = evaluation_files(repo)["metrics"]
     rows = []
 
     def add(entry: dict, parent: str | None) -> None:
@@ -289,7 +288,7 @@ def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFr
         }
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         row.update({f"param {k}": v for k, v in flatten(params).items() if not isinstance(v, list)})
-        metrics = ((data.get("metrics") or {}).get(METRICS) or {}).get("data") or {}
+        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {}
         row.update(metrics)
         rows.append(row)
 

@@ -35,6 +35,7 @@ from pipelines.dvcrepo import (
 )
 from stages.common.errors import ConfigError, PipelineError, StageFailed, TransientError
 from stages.common.params import update_params_file
+from stages.common.paths import evaluation_files
 
 LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
 REPORT_ARTIFACT = "cifar10-report"
@@ -203,8 +204,8 @@ def publish_artifacts(
     """Markdown and table artifacts under stable keys, so the Prefect UI keeps their history."""
     from stages.common.render import per_class_table
 
-    metrics_path = repo / "results/evaluate/metrics.json"
-    report_path = repo / "results/evaluate/classification_report.json"
+    files = evaluation_files(repo)
+    metrics_path, report_path = repo / files["metrics"], repo / files["report"]
     if not metrics_path.is_file():
         return {}
     metrics = json.loads(metrics_path.read_text())

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from pipelines.compare import (
     ALPHA,
-    METRICS,
     WORKSPACE,
     Run,
     check_comparable,
@@ -24,6 +23,7 @@ from pipelines.compare import (
 )
 from pipelines.dvcrepo import git
 from stages.common.errors import ConfigError
+from stages.common.paths import evaluation_files
 from stages.common.render import report_classes
 from stages.common.schemas import GateParams
 
@@ -48,7 +48,6 @@ def load_gate_params(repo: Path) -> GateParams:
 
 
 UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")
-RUN_RECORD = (METRICS, "dvc.lock")
 
 
 def default_baseline(repo: Path, candidate: str | None = None) -> str:
@@ -57,22 +56,24 @@ def default_baseline(repo: Path, candidate: str | None = None) -> str:
 
     CI checkouts often have no local `main`, so `origin/main` is tried first.
     """
+    metrics = evaluation_files(repo)["metrics"]
+    run_record = (metrics, "dvc.lock")
     upstream = next((ref for ref in UPSTREAM_MAIN if git(repo, "rev-parse", "--verify", "--quiet", ref)), None)
     if upstream is None:
         raise ConfigError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
     tip = resolve(repo, candidate) or "HEAD"
     # A run is a commit that changed dvc.lock or the metrics (two runs can score the same). The
     # candidate's own is the newest at its tip; none when the workspace holds a new, uncommitted run.
-    own = git(repo, "log", "-1", "--format=%H", tip, "--", *RUN_RECORD)
-    if candidate in (None, WORKSPACE) and git(repo, "status", "--porcelain", "--", *RUN_RECORD):
+    own = git(repo, "log", "-1", "--format=%H", tip, "--", *run_record)
+    if candidate in (None, WORKSPACE) and git(repo, "status", "--porcelain", "--", *run_record):
         own = None
     start = git(repo, "merge-base", tip, upstream)
     if start is None:
         raise ConfigError(f"the candidate shares no history with {upstream}; pass --baseline REV")
-    for commit in (git(repo, "log", "--format=%H", start, "--", *RUN_RECORD) or "").split():
-        if commit != own and git(repo, "cat-file", "-e", f"{commit}:{METRICS}") is not None:
+    for commit in (git(repo, "log", "--format=%H", start, "--", *run_record) or "").split():
+        if commit != own and git(repo, "cat-file", "-e", f"{commit}:{metrics}") is not None:
             return commit
-    raise ConfigError(f"no commit before the candidate on {upstream} has {METRICS}; commit a run first or pass "
+    raise ConfigError(f"no commit before the candidate on {upstream} has {metrics}; commit a run first or pass "
                      "--baseline")
 
 

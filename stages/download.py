@@ -1,7 +1,9 @@
-"""download: fetch the dataset archive, verify its checksum, record its layout in data/raw/.
+"""download: fetch the dataset archive, verify its checksum, record its layout.
+
+Its folder (dvc.yaml's paths.raw) holds the archive and `manifest.json`.
 
 `download.source` is a URL, a local archive (tar of any compression, or zip) or a directory
-holding `train/<class>/` and `test/<class>/` folders (packed into a tar here, so data/raw is
+holding `train/<class>/` and `test/<class>/` folders (packed into a tar here, so the folder is
 always one archive plus `manifest.json` and DVC tracks two files, not 60,000).
 """
 
@@ -21,9 +23,9 @@ from tqdm import tqdm
 from stages.common import dataio
 from stages.common.errors import ConfigError, DataError, IntegrityError, TransientError, run_main
 from stages.common.params import load_section
+from stages.common.paths import stage_paths
 from stages.common.schemas import DownloadParams
 
-OUT_DIR = Path("data/raw")
 CHUNK = 1 << 20
 
 
@@ -171,7 +173,7 @@ def require_checksum_for_local(params: DownloadParams, digests: dict[str, str]) 
         )
 
 
-def download(params: DownloadParams, out_dir: Path = OUT_DIR) -> dict:
+def download(params: DownloadParams, out_dir: Path) -> dict:
     """Fetch, verify and inspect into a temporary folder, then move it to `out_dir` whole."""
     with dataio.atomic_dir(out_dir) as tmp_dir:
         archive = tmp_dir / "archive"
@@ -185,14 +187,15 @@ def download(params: DownloadParams, out_dir: Path = OUT_DIR) -> dict:
 
 
 def main() -> None:
+    out = stage_paths("download", "out")["out"]
     params: DownloadParams = load_section("download")
-    manifest = download(params)
+    manifest = download(params, out)
     if not (params.md5 or params.sha256):
         print(f"warning: no checksum configured; this source's sha256 is {manifest['sha256']}")
     counts = {s: sum(c.values()) for s, c in manifest["counts"].items()}
     print(
         f"download: {manifest['bytes']:,} bytes, {manifest['layout']} ({manifest['container']}), "
-        f"{len(manifest['classes'])} classes{', images ' + str(counts) if counts else ''} -> {OUT_DIR}"
+        f"{len(manifest['classes'])} classes{', images ' + str(counts) if counts else ''} -> {out}"
     )
 
 

@@ -1,6 +1,6 @@
 """evaluate: scikit-learn metrics of the trained model on the test (or validation) split.
 
-Writes results/evaluate/: metrics.json (DVC metrics), classification_report.{json,txt},
+Writes into its folder (dvc.yaml's paths.evaluate): metrics.json (DVC metrics), classification_report.{json,txt},
 confusion_matrix.csv, and predictions.csv (index, actual, predicted, probability), which
 dvc.yaml's confusion plot reads.
 """
@@ -20,13 +20,10 @@ from sklearn import metrics as skm  # noqa: E402
 
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
-from stages.common.models import load_trained  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
+from stages.common.paths import CLASSES, EVALUATION, stage_paths  # noqa: E402
 from stages.common.schemas import EvaluateParams  # noqa: E402
 
-PREPARED_DIR = Path("data/prepared")
-MODEL_PATH = Path("models/model.keras")
-OUT_DIR = Path("results/evaluate")
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
@@ -77,22 +74,28 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int, tta_flip: 
 
 
 def main() -> None:
+    paths = stage_paths("evaluate", "prepared", "model", "out")
+    prepared, model_path, out = paths["prepared"], paths["model"], paths["out"]
     params: EvaluateParams = load_section("evaluate")
-    classes = dataio.read_json(PREPARED_DIR / "classes.json")
-    images, labels = dataio.load_split(PREPARED_DIR / f"{params.split}.npz")
-    probabilities = predict_probabilities(load_trained(MODEL_PATH), images, params.batch_size, params.tta_flip)
+    classes = dataio.read_json(prepared / CLASSES)
+    images, labels = dataio.load_split(prepared / f"{params.split}.npz")
+    # Keras (and TensorFlow's native logging) only once params and data are known good: an error
+    # before this point stays one line on stderr.
+    from stages.common.models import load_trained
+
+    probabilities = predict_probabilities(load_trained(model_path), images, params.batch_size, params.tta_flip)
     if not np.all(np.isfinite(probabilities)):
-        raise DataError(f"{MODEL_PATH} produced non-finite probabilities; retrain it (dvc repro -f train)")
+        raise DataError(f"{model_path} produced non-finite probabilities; retrain it (dvc repro -f train)")
     result = evaluate(probabilities, labels, classes)
     # Which images the numbers are about: compare and the gate refuse to set a validation
     # figure against a test figure, or figures on different data.
     result["metrics"].update(split=params.split, data=data_hash(images, labels))
-    dataio.write_json(OUT_DIR / "metrics.json", result["metrics"])
-    dataio.write_json(OUT_DIR / "classification_report.json", result["report"])
-    dataio.write_text(OUT_DIR / "classification_report.txt", result["report_text"])
-    with dataio.atomic_path(OUT_DIR / "confusion_matrix.csv") as tmp:
+    dataio.write_json(out / EVALUATION["metrics"], result["metrics"])
+    dataio.write_json(out / EVALUATION["report"], result["report"])
+    dataio.write_text(out / "classification_report.txt", result["report_text"])
+    with dataio.atomic_path(out / EVALUATION["confusion"]) as tmp:
         result["confusion"].to_csv(tmp)
-    with dataio.atomic_path(OUT_DIR / "predictions.csv") as tmp:
+    with dataio.atomic_path(out / EVALUATION["predictions"]) as tmp:
         result["predictions"].to_csv(tmp, index=False)
     print(f"evaluate ({params.split} split): {result['metrics']}")
 

@@ -1,6 +1,6 @@
 """prepare: decode the raw archive to uint8 arrays, split train/validation, fit normalisation.
 
-Outputs in data/prepared/: `{train,val,test}.npz` (images uint8 (N, 32, 32, 3), labels int64),
+Outputs in its folder (paths.prepared): `{train,val,test}.npz` (images uint8 (N, 32, 32, 3), labels int64),
 `classes.json`, `normalization.json` (per-channel mean/std in pixel units, applied by the model's
 first layer) and `metadata.csv`, one row per image, which the validate stage checks.
 """
@@ -19,10 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
+from stages.common.paths import CLASSES, stage_paths
 from stages.common.schemas import PrepareParams
 
-RAW_DIR = Path("data/raw")
-OUT_DIR = Path("data/prepared")
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -195,21 +194,22 @@ def write_prepared(
     with dataio.atomic_dir(out_dir) as tmp:
         for split, (images, labels) in splits.items():
             dataio.save_split(tmp / f"{split}.npz", images, labels)
-        dataio.write_json(tmp / "classes.json", classes)
+        dataio.write_json(tmp / CLASSES, classes)
         dataio.write_json(tmp / "normalization.json", norm)
         table.to_csv(tmp / "metadata.csv", index=False)
         dataio.write_json(tmp / "conversions.json", conversions)
 
 
 def main() -> None:
+    paths = stage_paths("prepare", "raw", "out")
     params: PrepareParams = load_section("prepare")
     conversions: list[dict] = []
-    source, classes = read_raw(RAW_DIR, params.convert_images, conversions)
+    source, classes = read_raw(paths["raw"], params.convert_images, conversions)
     splits, norm, table = prepare(source, classes, params)
-    write_prepared(OUT_DIR, splits, classes, norm, table, conversions)
+    write_prepared(paths["out"], splits, classes, norm, table, conversions)
     sizes = ", ".join(f"{s} {len(y):,}" for s, (_, y) in splits.items())
     converted = f", {len(conversions)} converted to 32x32 RGB" if conversions else ""
-    print(f"prepare: {sizes} images{converted}, normalization {norm['method']} -> {OUT_DIR}")
+    print(f"prepare: {sizes} images{converted}, normalization {norm['method']} -> {paths['out']}")
 
 
 if __name__ == "__main__":

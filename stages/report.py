@@ -1,7 +1,7 @@
 """report: figures and one Markdown/HTML page with the run's metrics, per-class table and plots.
 
-Reads results/train (DVCLive curves, run info), results/evaluate and the prepared test/train
-images; writes results/report/{report.md,report.html,*.png}.
+Reads train's folder (DVCLive curves, run info), evaluate's and the prepared test/train images;
+writes report.md, report.html and its figures (PNG) into its own folder (dvc.yaml's paths.report).
 """
 
 from __future__ import annotations
@@ -18,16 +18,10 @@ import pandas as pd  # noqa: E402
 from stages.common import dataio  # noqa: E402
 from stages.common.errors import DataError, run_main  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
+from stages.common.paths import CLASSES, CURVES, EVALUATION, RUN_INFO, stage_paths  # noqa: E402
 from stages.common.render import per_class_table, render_html  # noqa: E402
 from stages.common.schemas import ReportParams  # noqa: E402
 
-RAW_MANIFEST = Path("data/raw/manifest.json")
-MODEL_PATH = Path("models/model.keras")
-PREPARED_DIR = Path("data/prepared")
-TRAIN_DIR = Path("results/train")
-EVALUATE_DIR = Path("results/evaluate")
-OUT_DIR = Path("results/report")
-CURVES_DIR = TRAIN_DIR / "plots" / "metrics"
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -121,13 +115,14 @@ def render_markdown(metrics: dict, report: dict, run_info: dict, figures: dict[s
     return "\n".join(lines)
 
 
-def model_card(manifest: dict, train_params: dict, metrics: dict, model_md5: str, revision: str) -> str:
+def model_card(manifest: dict, train_params: dict, metrics: dict, model_path: Path, model_md5: str,
+               revision: str) -> str:
     """Which data, params, code and metrics produced the model, so it can be traced back."""
     params = ", ".join(f"{k}={v}" for k, v in train_params.items())
     return "\n".join([
         "## Model card",
         "",
-        f"- model file: `{MODEL_PATH}` (md5 `{model_md5}`)",
+        f"- model file: `{model_path}` (md5 `{model_md5}`)",
         f"- data: `{manifest.get('source')}` (sha256 `{manifest.get('sha256')}`, {manifest.get('layout')})",
         f"- train params: {params}",
         f"- code revision: `{revision}`",
@@ -151,27 +146,29 @@ def code_revision() -> str:
 
 
 def main() -> None:
+    paths = stage_paths("report", "raw", "prepared", "model", "train", "evaluate", "out")
+    prepared, train_dir, evaluate_dir = paths["prepared"], paths["train"], paths["evaluate"]
     params: ReportParams = load_section("report")
-    classes = dataio.read_json(PREPARED_DIR / "classes.json")
-    metrics = dataio.read_json(EVALUATE_DIR / "metrics.json")
+    classes = dataio.read_json(prepared / CLASSES)
+    metrics = dataio.read_json(evaluate_dir / EVALUATION["metrics"])
     # The split the metrics were computed on, not today's evaluate.split.
     split = metrics.get("split")
     if split not in ("test", "val"):
-        raise DataError(f"{EVALUATE_DIR / 'metrics.json'} does not say which split it evaluated; "
+        raise DataError(f"{evaluate_dir / EVALUATION['metrics']} does not say which split it evaluated; "
                         "rerun `dvc repro -f evaluate`")
-    report = dataio.read_json(EVALUATE_DIR / "classification_report.json")
-    run_info = {**dataio.read_json(TRAIN_DIR / "run_info.json"), **_trained_model(TRAIN_DIR)}
-    if not (EVALUATE_DIR / "predictions.csv").is_file():
-        raise DataError(f"{EVALUATE_DIR / 'predictions.csv'} not found; run `dvc repro evaluate` first")
-    predictions = pd.read_csv(EVALUATE_DIR / "predictions.csv")
-    confusion = pd.read_csv(EVALUATE_DIR / "confusion_matrix.csv", index_col=0)
-    eval_images, _ = dataio.load_split(PREPARED_DIR / f"{split}.npz")
-    train_images, train_labels = dataio.load_split(PREPARED_DIR / "train.npz")
+    report = dataio.read_json(evaluate_dir / EVALUATION["report"])
+    run_info = {**dataio.read_json(train_dir / RUN_INFO), **_trained_model(train_dir)}
+    if not (evaluate_dir / EVALUATION["predictions"]).is_file():
+        raise DataError(f"{evaluate_dir / EVALUATION['predictions']} not found; run `dvc repro evaluate` first")
+    predictions = pd.read_csv(evaluate_dir / EVALUATION["predictions"])
+    confusion = pd.read_csv(evaluate_dir / EVALUATION["confusion"], index_col=0)
+    eval_images, _ = dataio.load_split(prepared / f"{split}.npz")
+    train_images, train_labels = dataio.load_split(prepared / "train.npz")
 
     wrong = misclassified_examples(predictions, params.misclassified)
     samples = samples_per_class(train_labels, classes, params.samples_per_class)
     figures = {
-        "Training curves": ("curves.png", plot_curves(read_curves(CURVES_DIR), params.dpi)),
+        "Training curves": ("curves.png", plot_curves(read_curves(train_dir / CURVES), params.dpi)),
         "Confusion matrix": ("confusion_matrix.png", plot_confusion(confusion, split, params.dpi)),
         f"Misclassified {split} images (true / predicted / probability)": (
             "misclassified.png",
@@ -185,17 +182,17 @@ def main() -> None:
                        columns=params.samples_per_class, dpi=params.dpi),
         ),
     }
-    with dataio.atomic_dir(OUT_DIR) as tmp:
+    with dataio.atomic_dir(paths["out"]) as tmp:
         for file, fig in figures.values():
             fig.savefig(tmp / file)
             plt.close(fig)
         md_text = render_markdown(metrics, report, {**run_info, "split": split},
                                   {t: f for t, (f, _) in figures.items()})
-        md_text += "\n" + model_card(dataio.read_json(RAW_MANIFEST), _train_params(TRAIN_DIR), metrics,
-                                     _md5(MODEL_PATH), code_revision())
+        md_text += "\n" + model_card(dataio.read_json(paths["raw"] / "manifest.json"), _train_params(train_dir), metrics,
+                                     paths["model"], _md5(paths["model"]), code_revision())
         (tmp / "report.md").write_text(md_text)
         (tmp / "report.html").write_text(render_html(md_text))
-    print(f"report: {OUT_DIR / 'report.md'} and report.html, {len(figures)} figures")
+    print(f"report: {paths['out'] / 'report.md'} and report.html, {len(figures)} figures")
 
 
 def _train_params(train_dir: Path) -> dict:

@@ -1,6 +1,6 @@
 """train: fit a model from the zoo on the prepared arrays (Keras 3, TensorFlow backend).
 
-Outputs `models/model.keras` (normalisation included) and results/train/ (DVCLive's per-epoch
+Outputs the model (paths.model; normalisation included) and its folder (paths.train: DVCLive's per-epoch
 metrics and curves, plus run_info.json: device, time, seed and library versions).
 
 A killed training resumes: Keras' BackupAndRestore keeps the last finished epoch under
@@ -35,12 +35,10 @@ from stages.common import dataio  # noqa: E402
 from stages.common.errors import ConfigError, TrainingDiverged, run_main  # noqa: E402
 from stages.common.models import check_arch  # noqa: E402
 from stages.common.params import load_section  # noqa: E402
+from stages.common.paths import CLASSES, RUN_INFO, stage_paths  # noqa: E402
 from stages.common.recipe import EpochClock, compile_model, recipe_callbacks  # noqa: E402
 from stages.common.schemas import TrainParams  # noqa: E402
 
-PREPARED_DIR = Path("data/prepared")
-MODEL_PATH = Path("models/model.keras")
-OUT_DIR = Path("results/train")
 BACKUP_ROOT = Path(".dvc/tmp/train-backup")
 HISTORY_FILE = "history.jsonl"
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None,
@@ -152,7 +150,7 @@ def resume_history(backup_dir: Path) -> list[dict[str, float]]:
 def backup_key(params: TrainParams, prepared_dir: Path) -> str:
     """Changes whenever a train param or the prepared data does."""
     digest = hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode())
-    for name in ("train.npz", "val.npz", "normalization.json", "classes.json"):
+    for name in ("train.npz", "val.npz", "normalization.json", CLASSES):
         with open(prepared_dir / name, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
     return digest.hexdigest()[:16]
@@ -214,6 +212,8 @@ def train(
 
 
 def main() -> None:
+    paths = stage_paths("train", "prepared", "model", "out")
+    prepared, model_path, out = paths["prepared"], paths["model"], paths["out"]
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
     from dvclive.utils import standardize_metric_name
@@ -228,17 +228,17 @@ def main() -> None:
             "train.require_gpu is true but TensorFlow sees no GPU; run on a GPU machine with "
             "`pip install -e .[gpu]`, or set train.require_gpu: false"
         )
-    classes = dataio.read_json(PREPARED_DIR / "classes.json")
-    normalization = dataio.read_json(PREPARED_DIR / "normalization.json")
-    splits = {s: dataio.load_split(PREPARED_DIR / f"{s}.npz") for s in ("train", "val")}
-    backup_dir = BACKUP_ROOT / backup_key(params, PREPARED_DIR)
+    classes = dataio.read_json(prepared / CLASSES)
+    normalization = dataio.read_json(prepared / "normalization.json")
+    splits = {s: dataio.load_split(prepared / f"{s}.npz") for s in ("train", "val")}
+    backup_dir = BACKUP_ROOT / backup_key(params, prepared)
     previous = resume_history(backup_dir)
     resumed = f", resuming after epoch {len(previous)}" if previous else ""
     print(f"train: {params.model} on {device}, {len(splits['train'][1]):,} images, {params.epochs} epochs{resumed}")
 
     started = time.perf_counter()
     # dvcyaml=None: the stage's plots are declared in dvc.yaml, DVCLive must not edit it.
-    with Live(str(OUT_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+    with Live(str(out), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         live.log_params(asdict(params))
         for row in previous:  # the curves cover every epoch, also those before an interruption
             for name, value in row.items():
@@ -248,7 +248,7 @@ def main() -> None:
         model, history = train(params, splits, classes, normalization, [DVCLiveCallback(live=live)], backup_dir)
     seconds = time.perf_counter() - started
 
-    with dataio.atomic_path(MODEL_PATH) as tmp:
+    with dataio.atomic_path(model_path) as tmp:
         model.save(tmp)
     info: dict[str, Any] = {
         "device": device,
@@ -260,10 +260,10 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
                      "tensorflow": tf.__version__, "keras": keras.__version__},
     }
-    dataio.write_json(OUT_DIR / "run_info.json", info)
+    dataio.write_json(out / RUN_INFO, info)
     shutil.rmtree(backup_dir, ignore_errors=True)
     final = {k: round(v[-1], 4) for k, v in history.items()}
-    print(f"train: done in {seconds:.1f} s on {device}; last epoch {final} -> {MODEL_PATH}")
+    print(f"train: done in {seconds:.1f} s on {device}; last epoch {final} -> {model_path}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """validate: Great Expectations checks on the prepared data; any failure stops the pipeline.
 
-Three tables are validated: `images` (data/prepared/metadata.csv, one row per image),
+Three tables are validated: `images` (prepare's metadata.csv, one row per image),
 `class_counts` (images per split and class, derived here) and `normalization` (per-channel
-statistics the model will apply). Results go to results/validate/ as GX's JSON and Data Docs.
+statistics the model will apply). Results go to its folder (paths.validate) as GX's JSON
+and Data Docs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import pandas as pd
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section, read_params
+from stages.common.paths import CLASSES, stage_paths
 from stages.common.schemas import ExpectedPerClass, PrepareParams, ValidateParams
 
-PREPARED_DIR = Path("data/prepared")
-OUT_DIR = Path("results/validate")
 IMAGE_COLUMNS = [
     "split", "index", "label", "class_name", "height", "width", "channels",
     "pixel_min", "pixel_max", "pixel_mean", "pixel_std", "content_hash",
@@ -195,16 +195,18 @@ def summarize(results: dict, conversions: list[dict]) -> dict:
 
 
 def main() -> None:
+    paths = stage_paths("validate", "prepared", "out")
+    prepared, out = paths["prepared"], paths["out"]
     params: ValidateParams = load_section("validate")
     prepare: PrepareParams = load_section("prepare")
-    images = pd.read_csv(PREPARED_DIR / "metadata.csv") if (PREPARED_DIR / "metadata.csv").is_file() else None
+    images = pd.read_csv(prepared / "metadata.csv") if (prepared / "metadata.csv").is_file() else None
     if images is None:
-        raise DataError(f"{PREPARED_DIR / 'metadata.csv'} not found; run `dvc repro prepare` first")
-    classes = dataio.read_json(PREPARED_DIR / "classes.json")
-    norm = dataio.read_json(PREPARED_DIR / "normalization.json")
-    conversions = dataio.read_json(PREPARED_DIR / "conversions.json")
+        raise DataError(f"{prepared / 'metadata.csv'} not found; run `dvc repro prepare` first")
+    classes = dataio.read_json(prepared / CLASSES)
+    norm = dataio.read_json(prepared / "normalization.json")
+    conversions = dataio.read_json(prepared / "conversions.json")
 
-    with dataio.atomic_dir(OUT_DIR) as tmp:
+    with dataio.atomic_dir(out) as tmp:
         results, failed = validate(images, classes, norm, params, prepare, docs_dir=tmp / "data_docs")
         summary = summarize(results, conversions)
         dataio.write_json(tmp / "result.json", results)
@@ -214,10 +216,10 @@ def main() -> None:
             print(f"  FAILED {line}")
         raise DataError(
             f"validation failed: {len(failed)} of {summary['evaluated']} expectations "
-            f"(first: {failed[0]}); see {OUT_DIR}/data_docs/index.html, fix the data or the validate.* params"
+            f"(first: {failed[0]}); see {out}/data_docs/index.html, fix the data or the validate.* params"
         )
     converted = f" ({len(conversions)} images were converted by prepare)" if conversions else ""
-    print(f"validate: all {summary['evaluated']} expectations passed{converted} -> {OUT_DIR}")
+    print(f"validate: all {summary['evaluated']} expectations passed{converted} -> {out}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import functools
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,12 +81,20 @@ def tiny_archive(tmp_path_factory) -> Path:
     return synthetic.write_tar_gz(path, synthetic.class_folder_files(TINY_TRAIN, TINY_TEST))
 
 
+def stage_command(verb: str) -> list[str]:
+    """The stage's command as dvc.yaml writes it, with its `${paths.*}` filled in as DVC does."""
+    from stages.common.paths import artifact_paths
+
+    cmd = " ".join(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][verb]["cmd"].split())
+    paths = artifact_paths(REPO)
+    return re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(paths[m.group(1)]), cmd).split()
+
+
 def run_stage(verb: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m stages.<verb>` as DVC runs it, with the repo importable."""
+    """The stage as DVC runs it (dvc.yaml's command, with python from this environment)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{verb}", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    _, *rest = stage_command(verb)
+    return subprocess.run([sys.executable, *rest, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def git_dvc_project(dest: Path) -> Path:

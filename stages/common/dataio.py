@@ -2,7 +2,7 @@
 
 Raw data arrives in one of two layouts (the official pickle batches, or class folders of images)
 inside a tar (any compression) or a zip. `download` detects which from the content and records it
-in `data/raw/manifest.json`; `prepare` reads the archive through `iter_members` without
+in the raw folder's `manifest.json`; `prepare` reads the archive through `iter_members` without
 extracting 60,000 small files to disk.
 """
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -49,6 +51,6 @@ def test_model_card_traces_data_params_code_and_metrics():
     from stages.report import model_card
 
     card = model_card({"source": "x.tar.gz", "sha256": "abc", "layout": "class-folders"}, {"model": "m", "epochs": 3},
-                      {"accuracy": 0.7, "f1_macro": 0.69, "loss": 0.9}, "d41d8", "1234abcd")
+                      {"accuracy": 0.7, "f1_macro": 0.69, "loss": 0.9}, Path("models/m.keras"), "d41d8", "1234abcd")
     for fact in ("md5 `d41d8`", "sha256 `abc`", "model=m, epochs=3", "`1234abcd`", "accuracy 0.7"):
         assert fact in card
