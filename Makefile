@@ -1,4 +1,5 @@
-# One command each: `make run` sets up .venv and runs the pipeline; `make test` runs the tests.
+# One command each: `make run` sets up .venv and runs the pipeline's Prefect flow; `make test` lints
+# and runs the tests.
 # The offline CIFAR-10 mirror (sha256 below) is used when SOURCE points at it, e.g.
 #   make run SOURCE=../shared/data/cifar10-jpeg.tar.gz
 PYTHON ?= python3
@@ -21,12 +22,10 @@ $(BIN)/dvc: pyproject.toml
 
 setup: $(BIN)/dvc
 
+# The Prefect flow (Prefect's temporary local API and SQLite unless PREFECT_API_URL names a server).
 run: setup
-ifeq ($(SOURCE),)
-	dvc repro
-else
-	dvc exp run -S 'download.source=$(SOURCE)' -S 'download.md5=null' -S 'download.sha256=$(SHA256)'
-endif
+	$(BIN)/cifar10-pipeline run $(if $(SOURCE),-S 'download.source=$(SOURCE)' -S download.md5=null -S 'download.sha256=$(SHA256)')
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

@@ -23,14 +23,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the GPU machine has JAX, not TensorFlow
 
-import keras  # noqa: E402
+import keras
 
-from pipelines.presets import resolve  # noqa: E402
-from stages.common import dataio  # noqa: E402
-from stages.common.params import load_yaml, parse_section, set_dotted  # noqa: E402
-from stages.common.recipe import EpochClock, compile_model, recipe_callbacks  # noqa: E402
-from stages.common.schemas import PrepareParams, TrainParams  # noqa: E402
-from stages.prepare import decode_image, fit_normalization, stratified_split  # noqa: E402
+from pipelines.presets import resolve
+from stages.common import dataio
+from stages.common.params import load_yaml, parse_section, set_dotted
+from stages.common.recipe import EpochClock, compile_model, recipe_callbacks
+from stages.common.schemas import PrepareParams, TrainParams
+from stages.prepare import decode_image, fit_normalization, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
 

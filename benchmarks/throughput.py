@@ -23,13 +23,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+import numpy as np
+import yaml
 
-from stages.common.errors import ConfigError, run_main  # noqa: E402
-from stages.common.params import parse_section, read_params  # noqa: E402
-from stages.common.schemas import TrainParams  # noqa: E402
-from stages.train import compiled_model, make_dataset  # noqa: E402
+from stages.common.errors import ConfigError, run_main
+from stages.common.params import parse_section, read_params
+from stages.common.schemas import TrainParams
+from stages.train import compiled_model, make_dataset
 
 NORMALIZATION = {"mean": [125.0, 123.0, 114.0], "std": [63.0, 62.0, 66.0]}  # CIFAR-10's, roughly
 

@@ -56,11 +56,11 @@ def render(repo: Path, targets: list[float], test_target: float, minutes: float)
     info = json.loads(run_info.read_text()) if run_info.is_file() else {}
     met = test >= test_target and total <= minutes * 60
     lines = [
-        f"{train['model']} {json.dumps(train.get('arch') or {})}, {len(val)} epochs, batch {train['batch_size']}, "
-        f"on {info.get('device', 'unknown device')}",
+        (f"{train['model']} {json.dumps(train.get('arch') or {})}, {len(val)} epochs, batch {train['batch_size']}, "
+        f"on {info.get('device', 'unknown device')}"),
         "",
-        f"test accuracy **{test:.4f}** after **{total:.1f} s** ({total / 60:.1f} min) of training: "
-        f"{'meets' if met else 'misses'} the target of {test_target} within {minutes:g} min",
+        (f"test accuracy **{test:.4f}** after **{total:.1f} s** ({total / 60:.1f} min) of training: "
+        f"{'meets' if met else 'misses'} the target of {test_target} within {minutes:g} min"),
         "",
         "| validation accuracy | first epoch | training seconds |",
         "|---:|---:|---:|",

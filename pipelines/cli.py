@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import click
 import typer
@@ -48,7 +48,7 @@ def require_repo(repo: Path) -> Path:
 
 RepoOption = Annotated[Path, typer.Option("--repo", help="Project root (holds dvc.yaml).")]
 TimeoutOption = Annotated[
-    Optional[list[str]], typer.Option("--stage-timeout", help="Per-stage timeout: stage=seconds (repeatable).")
+    list[str] | None, typer.Option("--stage-timeout", help="Per-stage timeout: stage=seconds (repeatable).")
 ]
 
 
@@ -63,7 +63,7 @@ def parse_timeouts(pairs: list[str]) -> dict[str, float]:
     return timeouts
 
 
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="Override a param: key=value (repeatable).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param: key=value (repeatable).")]
 
 
 @app.command()
@@ -121,6 +121,7 @@ def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
 def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
               timeouts: dict[str, float], gate: bool) -> None:
     from pipelines.flow import pipeline
+    from stages.common.paths import REPORT_PAGE, artifact_paths
 
     # A failing stage raises StageFailed with the stage's own exit code (2 config, 3 data, ...).
     result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
@@ -135,6 +136,9 @@ def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, 
         typer.echo(f"experiment: {result['experiment']}")
     if result.get("metrics"):
         typer.echo(f"accuracy: {result['metrics'].get('accuracy')}")
+    page = repo / artifact_paths(repo)["report"] / REPORT_PAGE
+    if page.is_file():
+        typer.echo(f"report: {page}")
 
 
 @app.command()
@@ -194,12 +198,12 @@ def status(repo: RepoOption = Path(".")) -> None:
 
 @app.command()
 def compare(
-    a: Annotated[Optional[str], typer.Argument(help="Git revision, branch, tag or experiment name.")] = None,
-    b: Annotated[Optional[str], typer.Argument(help="Another one (default: the workspace).")] = None,
+    a: Annotated[str | None, typer.Argument(help="Git revision, branch, tag or experiment name.")] = None,
+    b: Annotated[str | None, typer.Argument(help="Another one (default: the workspace).")] = None,
     all_runs: Annotated[bool, typer.Option("--all", help="One table of every commit and experiment.")] = False,
     sort_by: Annotated[str, typer.Option(help="Metric to sort --all by.")] = "accuracy",
-    csv: Annotated[Optional[Path], typer.Option(help="Also write the --all table as CSV here.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for compare.md/.html and figures.")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write the --all table as CSV here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for compare.md/.html and figures.")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Two runs side by side with bootstrap intervals and McNemar's test, or --all runs in one table."""
@@ -224,8 +228,8 @@ def compare(
 
 @app.command()
 def gate(
-    baseline: Annotated[Optional[str], typer.Option(help="Default: newest commit on main with metrics.")] = None,
-    candidate: Annotated[Optional[str], typer.Option(help="Default: the workspace.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Default: newest commit on main with metrics.")] = None,
+    candidate: Annotated[str | None, typer.Option(help="Default: the workspace.")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Exit 1 when the candidate's accuracy or a class's recall dropped beyond params.yaml's gate."""
@@ -240,9 +244,9 @@ def gate(
 @app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="Search space YAML (see sweeps/seed002.yaml).")],
-    n: Annotated[Optional[int], typer.Option("-n", help="Random points (overrides the file).")] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Random points (overrides the file).")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Points run at a time, each in its own temp workspace.")] = 1,
-    name: Annotated[Optional[str], typer.Option(help="Sweep name; points are NAME-1, NAME-2, ...")] = None,
+    name: Annotated[str | None, typer.Option(help="Sweep name; points are NAME-1, NAME-2, ...")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Run a grid or random search as DVC experiments; end with the ranked table and the best point."""
@@ -261,7 +265,7 @@ def sweep(
 @app.command()
 def promote(
     experiment: Annotated[str, typer.Argument(help="Experiment name (dvc exp show).")],
-    branch: Annotated[Optional[str], typer.Option(help="Make a git branch of it instead of applying it here.")] = None,
+    branch: Annotated[str | None, typer.Option(help="Make a git branch of it instead of applying it here.")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Keep an experiment: as a new branch, or applied to the workspace (then git commit it)."""
@@ -274,7 +278,7 @@ def promote(
 
 @app.command()
 def preset(
-    name: Annotated[Optional[str], typer.Argument(help="Preset name; omit to list them.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Preset name; omit to list them.")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Write a named recipe (presets/NAME.yaml: the seeds' notebooks, the fast default) into params.yaml."""
@@ -293,8 +297,8 @@ def preset(
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode.")],
-    model: Annotated[Optional[Path], typer.Option(help="Trained model (default: the pipeline's).")] = None,
-    classes: Annotated[Optional[Path], typer.Option(help="Class names in label order (default: the pipeline's).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Trained model (default: the pipeline's).")] = None,
+    classes: Annotated[Path | None, typer.Option(help="Class names in label order (default: the pipeline's).")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Class and probability for each image, with the model's own normalisation."""
@@ -327,7 +331,7 @@ def main() -> None:
     except click.ClickException as err:  # usage errors: Click's own message, exit 2
         err.show()
         code = err.exit_code
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - the last resort: one line, never a traceback
         code = report_unexpected(err)
     if code == 130:  # Typer turns Ctrl-C into a silent exit 130
         typer.echo("error: interrupted", err=True)

@@ -243,10 +243,10 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
                   f"- accuracy {name_a}: {stats.accuracy_a:.4f} (95% bootstrap CI {stats.interval_a[0]:.4f}-{stats.interval_a[1]:.4f})",
                   f"- accuracy {name_b}: {stats.accuracy_b:.4f} (95% bootstrap CI {stats.interval_b[0]:.4f}-{stats.interval_b[1]:.4f})"]
         if stats.interval_difference is not None:
-            lines += [f"- difference: {stats.difference:+.4f} (95% paired bootstrap CI "
-                      f"{stats.interval_difference[0]:+.4f} to {stats.interval_difference[1]:+.4f})",
-                      f"- McNemar (exact): {stats.only_a} images only {name_a} got right, {stats.only_b} only "
-                      f"{name_b}; p = {stats.p_value:.3g}"]
+            lines += [(f"- difference: {stats.difference:+.4f} (95% paired bootstrap CI "
+                      f"{stats.interval_difference[0]:+.4f} to {stats.interval_difference[1]:+.4f})"),
+                      (f"- McNemar (exact): {stats.only_a} images only {name_a} got right, {stats.only_b} only "
+                      f"{name_b}; p = {stats.p_value:.3g}")]
         lines += ["", f"**Verdict: {stats.verdict}**"]
     if run_a.report and run_b.report:
         lines += ["", "## Per class", "", _md_table(per_class_changes(run_a.report, run_b.report))]

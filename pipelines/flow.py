@@ -16,11 +16,10 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.context import get_run_context
 from prefect.tasks import exponential_backoff
 
 from pipelines.dvcrepo import (
@@ -37,6 +36,9 @@ from stages.common.errors import ConfigError, PipelineError, StageFailed, Transi
 from stages.common.params import update_params_file
 from stages.common.paths import evaluation_files
 
+if TYPE_CHECKING:
+    from pipelines.gate import GateVerdict
+
 LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
 REPORT_ARTIFACT = "cifar10-report"
 METRICS_ARTIFACT = "cifar10-metrics"
@@ -50,7 +52,7 @@ class GateFailed(PipelineError):
     pass
 
 
-def run_gate(repo: Path):
+def run_gate(repo: Path) -> GateVerdict:
     """The quality gate against the newest metrics on main, as a Prefect artifact too."""
     from pipelines.gate import gate
 
@@ -98,22 +100,35 @@ def flow_lock(repo: Path, timeout_s: float) -> Iterator[None]:
 
 
 def _flow_run_name() -> str:
-    try:
-        return get_run_context().flow_run.name  # type: ignore[union-attr]
-    except Exception:
-        return "a flow run"
+    return runtime.flow_run.name or "a flow run"
 
 
 def _flow_run_id() -> str | None:
-    try:
-        return str(get_run_context().flow_run.id)  # type: ignore[union-attr]
-    except Exception:
-        return None
+    return runtime.flow_run.id
 
 
 def experiment_name(run_name: str, run_id: str | None) -> str:
     """Unique per flow run: Prefect reuses run names, so the id is part of it."""
     return f"prefect-{run_name}-{(run_id or 'local').replace('-', '')[:8]}"
+
+
+@contextlib.contextmanager
+def overrides_applied(params_file: Path, overrides: dict[str, Any] | None, changed: list[StageOutcome],
+                      keep: bool = True) -> Iterator[None]:
+    """params.yaml with the overrides for the block; as it was (byte for byte) afterwards when
+    nothing ran, so a run that failed before any stage changed an output, or a dry run (keep=False),
+    leaves no trace."""
+    original = params_file.read_bytes()
+    if overrides:
+        check_overrides(params_file, overrides)
+        update_params_file(params_file, overrides)
+    restore = True
+    try:
+        yield
+        restore = not keep
+    finally:
+        if overrides and restore and not any(o.ran for o in changed):
+            params_file.write_bytes(original)
 
 
 def assert_nothing_stale(repo: Path) -> None:
@@ -150,16 +165,13 @@ def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool =
 
 def _transient_only(task, task_run, state) -> bool:
     """Retry a stage only when it failed for a reason worth retrying (network, lock busy)."""
-    try:
-        state.result()
-    except StageFailed as err:
-        return err.transient
-    except Exception:
-        return False
-    return False
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, StageFailed) and error.transient
 
 
-@task(name="dvc-stage")
+# run_stage enforces a stage's timeout itself, stopping the stage's whole process group; a Prefect
+# timeout would only interrupt the task's thread.
+@task(name="dvc-stage", task_run_name="{stage}")
 def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | None = None) -> StageOutcome:
     logger = get_run_logger()
     if up_to_date:
@@ -171,36 +183,62 @@ def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | N
     return outcome
 
 
-def run_stages(
-    repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[str, float], download_retries: int
-) -> list[StageOutcome]:
-    """Each stage as a task that waits for its upstream stages; a failure stops the rest."""
-    futures: dict[str, Any] = {}
-    outcomes: dict[str, StageOutcome] = {}
+# The one stage that touches the network: retried with back-off, on transient failures only.
+download_task = stage_task.with_options(name="dvc-download", retries=3, retry_condition_fn=_transient_only,
+                                        retry_delay_seconds=exponential_backoff(backoff_factor=5))
+
+
+def run_stages(repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[str, float],
+               outcomes: list[StageOutcome]) -> list[StageOutcome]:
+    """The stages in DVC's order, one task each, appending to `outcomes`; a failure stops the rest.
+
+    They form a chain, so each runs when the one before has finished: there is nothing to run
+    side by side, and a task called directly is what Prefect's examples do then.
+    """
+    done: dict[str, StageOutcome] = {}
     for stage in graph.order:
-        # The stage's timeout is enforced by run_stage itself, which can stop the stage's
-        # process group; a Prefect timeout would only interrupt this thread.
-        options: dict[str, Any] = {"name": stage, "task_run_name": stage}
-        if stage == "download":  # the only stage that touches the network
-            options.update(retries=download_retries, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-                           retry_condition_fn=_transient_only)
-        up_to_date = stage not in stale and not any(outcomes[u].ran for u in graph.upstream[stage])
-        future = stage_task.with_options(**options).submit(
-            str(repo), stage, up_to_date, timeouts.get(stage), wait_for=[futures[u] for u in graph.upstream[stage]]
-        )
-        futures[stage] = future
+        up_to_date = stage not in stale and not any(done[u].ran for u in graph.upstream[stage])
+        run = download_task if stage == "download" else stage_task
         try:
-            outcomes[stage] = future.result()
+            done[stage] = run(str(repo), stage, up_to_date, timeouts.get(stage))
         except StageFailed:
             skipped = graph.order[graph.order.index(stage) + 1:]
             get_run_logger().error(f"{stage} failed; not run: {', '.join(skipped) or 'nothing'}")
             raise
-    return list(outcomes.values())
+        finally:
+            stop_all_stages()  # stopped or failed: leave no stage process behind
+        outcomes.append(done[stage])
+    return outcomes
 
 
-def publish_artifacts(
-    repo: Path, outcomes: list[StageOutcome], experiment: str | None, gate_text: str | None = None
-) -> dict[str, Any]:
+def log_plan(graph: StageGraph, reasons: dict[str, list[str]]) -> dict[str, str]:
+    fate = plan(graph, reasons)
+    for stage, what in fate.items():
+        get_run_logger().info(f"plan: {stage}: {what}")
+    return fate
+
+
+def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[str, Any] | None) -> str | None:
+    """A run with overrides becomes a DVC experiment named after the flow run (dvc exp show)."""
+    if not overrides:
+        return None
+    if not any(o.ran for o in outcomes):
+        get_run_logger().info("nothing ran: the workspace already holds these results; no new experiment saved")
+        return None
+    experiment = experiment_name(_flow_run_name(), _flow_run_id())
+    # Metrics and curves are git's to track; include them even before their first commit.
+    include = [arg for path in git_tracked_outputs(repo) if (repo / path).exists() for arg in ("-I", path)]
+    dvc(repo, "exp", "save", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}")
+    get_run_logger().info(f"saved as DVC experiment {experiment} (dvc exp show)")
+    return experiment
+
+
+def push_outputs(repo: Path) -> None:
+    get_run_logger().info(dvc(repo, "push").strip() or "dvc push: nothing to push")
+
+
+def publish_artifacts(repo: Path, outcomes: list[StageOutcome], experiment: str | None,
+                      verdict: GateVerdict | None = None) -> dict[str, Any]:
     """Markdown and table artifacts under stable keys, so the Prefect UI keeps their history."""
     from stages.common.render import per_class_table
 
@@ -217,7 +255,7 @@ def publish_artifacts(
         "",
         "Stages: " + "; ".join(o.describe() for o in outcomes),
         *(["", f"Saved as DVC experiment `{experiment}`."] if experiment else []),
-        *(["", gate_text] if gate_text else []),
+        *(["", verdict.markdown()] if verdict else []),
         "",
         per_class_table(report) if report else "",
     ])
@@ -227,6 +265,16 @@ def publish_artifacts(
     return metrics
 
 
+def summary(outcomes: list[StageOutcome], experiment: str | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    get_run_logger().info("summary: " + " | ".join(o.describe() for o in outcomes))
+    return {
+        "stages": {o.stage: {"ran": o.ran, "seconds": round(o.seconds, 1), "from_run_cache": o.from_run_cache,
+                             "outcome": o.describe()} for o in outcomes},
+        "experiment": experiment,
+        "metrics": metrics,
+    }
+
+
 @flow(name="cifar10-pipeline", log_prints=True)
 def pipeline(
     repo_dir: str = ".",
@@ -234,51 +282,25 @@ def pipeline(
     dry_run: bool = False,
     push: bool = False,
     stage_timeouts: dict[str, float] | None = None,
-    download_retries: int = 3,
     lock_timeout_s: float = 0.0,
     gate: bool = False,
 ) -> dict[str, Any]:
     """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped."""
-    logger = get_run_logger()
     repo = Path(repo_dir).resolve()
-    with flow_lock(repo, lock_timeout_s):
-        params_file = repo / "params.yaml"
-        original = params_file.read_text()
-        if overrides:
-            check_overrides(params_file, overrides)
-            update_params_file(params_file, overrides)
+    outcomes: list[StageOutcome] = []
+    with flow_lock(repo, lock_timeout_s), overrides_applied(repo / "params.yaml", overrides, outcomes, keep=not dry_run):
         graph, reasons = inspect_repo(repo)
-        fate = plan(graph, reasons)
-        for stage, what in fate.items():
-            logger.info(f"plan: {stage}: {what}")
+        fate = log_plan(graph, reasons)
         if dry_run:
-            params_file.write_text(original)  # a dry run leaves the workspace as it found it
             return {"plan": fate}
-        try:
-            outcomes = run_stages(repo, graph, set(reasons), stage_timeouts or {}, download_retries)
-        finally:
-            stop_all_stages()  # the flow itself was stopped or failed: leave no stage running
-        logger.info("summary: " + " | ".join(o.describe() for o in outcomes))
+        run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes)
         if any(o.ran for o in outcomes):
             assert_nothing_stale(repo)
-        experiment = None
-        if overrides and not any(o.ran for o in outcomes):
-            logger.info("nothing ran: the workspace already holds these results; no new experiment saved")
-        elif overrides:
-            experiment = experiment_name(_flow_run_name(), _flow_run_id())
-            # Metrics and curves are git's to track; include them even before their first commit.
-            include = [arg for path in git_tracked_outputs(repo) if (repo / path).exists() for arg in ("-I", path)]
-            dvc(repo, "exp", "save", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}")
-            logger.info(f"saved as DVC experiment {experiment} (dvc exp show)")
+        experiment = save_experiment(repo, outcomes, overrides)
         if push:
-            logger.info(dvc(repo, "push").strip() or "dvc push: nothing to push")
+            push_outputs(repo)
         verdict = run_gate(repo) if gate else None
-        metrics = publish_artifacts(repo, outcomes, experiment, verdict.markdown() if verdict else None)
+        metrics = publish_artifacts(repo, outcomes, experiment, verdict)
         if verdict is not None and not verdict.passed:
             raise GateFailed("quality gate failed: " + "; ".join(verdict.reasons))
-        return {
-            "stages": {o.stage: {"ran": o.ran, "seconds": round(o.seconds, 1), "from_run_cache": o.from_run_cache,
-                                 "outcome": o.describe()} for o in outcomes},
-            "experiment": experiment,
-            "metrics": metrics,
-        }
+        return summary(outcomes, experiment, metrics)

@@ -129,8 +129,8 @@ def sweep(
     summary = [f"# Sweep {name}", "", f"{len(points)} points ({kind}), {len(failed)} failed.", "",
                result.to_markdown(index=False)]
     if best:
-        summary += ["", f"Best: `{best['name']}` accuracy {best.get('accuracy')}; "
-                        f"promote it with `cifar10-pipeline promote {best['name']} --branch {best['name']}`"]
+        summary += ["", (f"Best: `{best['name']}` accuracy {best.get('accuracy')}; "
+                        f"promote it with `cifar10-pipeline promote {best['name']} --branch {best['name']}`")]
     (out / f"{name}.md").write_text("\n".join(summary) + "\n")
     create_table_artifact(result.astype(object).where(result.notna(), None).to_dict("records"),
                           key=safe_name(f"sweep-{name}").lower(), description=f"Sweep {name}")

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
 
-from stages.common import dataio  # noqa: E402
-from stages.common.errors import DataError, run_main  # noqa: E402
-from stages.common.params import load_section  # noqa: E402
-from stages.common.paths import CLASSES, EVALUATION, stage_paths  # noqa: E402
-from stages.common.schemas import EvaluateParams  # noqa: E402
-
+from stages.common import dataio
+from stages.common.errors import DataError, run_main
+from stages.common.params import load_section
+from stages.common.paths import CLASSES, EVALUATION, stage_paths
+from stages.common.schemas import EvaluateParams
 
 
 def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
@@ -41,7 +39,7 @@ def evaluate(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) 
         "accuracy": round(float(skm.accuracy_score(labels, predicted)), 4),
         "f1_macro": round(float(skm.f1_score(labels, predicted, average="macro", zero_division=0)), 4),
         "f1_weighted": round(float(skm.f1_score(labels, predicted, average="weighted", zero_division=0)), 4),
-        "images": int(len(labels)),
+        "images": len(labels),
     }
     names = np.asarray(classes)
     predictions = pd.DataFrame(

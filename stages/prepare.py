@@ -68,7 +68,7 @@ def stratified_split(
         idx = rng.permutation(np.flatnonzero(labels == cls))
         if limit_per_class is not None:
             idx = idx[:limit_per_class]
-        n_val = int(round(len(idx) * val_fraction))
+        n_val = round(len(idx) * val_fraction)
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(val_idx))

@@ -11,18 +11,16 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers or CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from stages.common import dataio  # noqa: E402
-from stages.common.errors import DataError, run_main  # noqa: E402
-from stages.common.params import load_section  # noqa: E402
-from stages.common.paths import CLASSES, CURVES, EVALUATION, RUN_INFO, stage_paths  # noqa: E402
-from stages.common.render import per_class_table, render_html  # noqa: E402
-from stages.common.schemas import ReportParams  # noqa: E402
-
-
+from stages.common import dataio
+from stages.common.errors import DataError, run_main
+from stages.common.params import load_section
+from stages.common.paths import CLASSES, CURVES, EVALUATION, REPORT_PAGE, RUN_INFO, stage_paths
+from stages.common.render import per_class_table, render_html
+from stages.common.schemas import ReportParams
 
 # --- figures -------------------------------------------------------------------------------
 
@@ -96,8 +94,8 @@ def render_markdown(metrics: dict, report: dict, run_info: dict, figures: dict[s
     lines = [
         "# CIFAR-10 pipeline report",
         "",
-        f"Model `{run_info.get('model', '?')}` trained on {run_info.get('device', '?')} "
-        f"in {run_info.get('seconds', '?')} s ({run_info.get('parameters', '?'):,} parameters).",
+        (f"Model `{run_info.get('model', '?')}` trained on {run_info.get('device', '?')} "
+        f"in {run_info.get('seconds', '?')} s ({run_info.get('parameters', '?'):,} parameters)."),
         "",
         f"## Metrics on the {run_info.get('split', 'test')} split",
         "",
@@ -191,8 +189,8 @@ def main() -> None:
         md_text += "\n" + model_card(dataio.read_json(paths["raw"] / "manifest.json"), _train_params(train_dir), metrics,
                                      paths["model"], _md5(paths["model"]), code_revision())
         (tmp / "report.md").write_text(md_text)
-        (tmp / "report.html").write_text(render_html(md_text))
-    print(f"report: {paths['out'] / 'report.md'} and report.html, {len(figures)} figures")
+        (tmp / REPORT_PAGE).write_text(render_html(md_text))
+    print(f"report: {paths['out'] / REPORT_PAGE} and report.md, {len(figures)} figures")
 
 
 def _train_params(train_dir: Path) -> dict:

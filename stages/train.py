@@ -27,17 +27,17 @@ from typing import Any
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-from stages.common import dataio  # noqa: E402
-from stages.common.errors import ConfigError, TrainingDiverged, run_main  # noqa: E402
-from stages.common.models import check_arch  # noqa: E402
-from stages.common.params import load_section  # noqa: E402
-from stages.common.paths import CLASSES, RUN_INFO, stage_paths  # noqa: E402
-from stages.common.recipe import EpochClock, compile_model, recipe_callbacks  # noqa: E402
-from stages.common.schemas import TrainParams  # noqa: E402
+from stages.common import dataio
+from stages.common.errors import ConfigError, TrainingDiverged, run_main
+from stages.common.models import check_arch
+from stages.common.params import load_section
+from stages.common.paths import CLASSES, RUN_INFO, stage_paths
+from stages.common.recipe import EpochClock, compile_model, recipe_callbacks
+from stages.common.schemas import TrainParams
 
 BACKUP_ROOT = Path(".dvc/tmp/train-backup")
 HISTORY_FILE = "history.jsonl"

@@ -17,7 +17,7 @@ import pandas as pd
 
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
-from stages.common.params import load_section, read_params
+from stages.common.params import load_section
 from stages.common.paths import CLASSES, stage_paths
 from stages.common.schemas import ExpectedPerClass, PrepareParams, ValidateParams
 
@@ -35,7 +35,7 @@ def expected_counts(expected: ExpectedPerClass | None, prepare: PrepareParams) -
     if expected is None:
         return None
     pool = expected.train if prepare.train_limit_per_class is None else min(expected.train, prepare.train_limit_per_class)
-    n_val = int(round(pool * prepare.val_fraction))
+    n_val = round(pool * prepare.val_fraction)
     return {"train": pool - n_val, "val": n_val, "test": expected.test}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.dvcrepo import with_default_sigint
 from tests import synthetic
 from tests.conftest import copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
 from tests.test_e2e import BIN, ENV, dvc, stages_run
@@ -45,9 +46,8 @@ def prepared_project(prepared, tmp_path):
 def start_repro(repo: Path, *targets: str) -> subprocess.Popen:
     # SIGINT as at a terminal, also when the tests run as a background job (which ignores it and
     # would hand that on to dvc and the stage).
-    return subprocess.Popen([str(BIN / "dvc"), "repro", *targets], cwd=repo, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(with_default_sigint([str(BIN / "dvc"), "repro", *targets]), cwd=repo, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def read_until(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:

@@ -121,9 +121,8 @@ def read_json(path: Path | str) -> Any:
 
 
 def save_split(path: Path | str, images: np.ndarray, labels: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, images=images, labels=labels)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, images=images, labels=labels)
 
 
 def load_split(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +152,7 @@ def container_of(path: Path) -> str:
     """'tar' or 'zip' from the file's first bytes; the name is not trusted."""
     with open(path, "rb") as fh:
         head = fh.read(512)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
         return "tar"

@@ -75,8 +75,8 @@ def describe_unexpected(err: BaseException) -> tuple[str, int]:
     """
     name = type(err).__name__
     if isinstance(err, MemoryError) or name == "ResourceExhaustedError":
-        return ("out of memory; lower train.batch_size (or evaluate.batch_size), or use a machine with more "
-                "memory", ConfigError.exit_code)
+        return (("out of memory; lower train.batch_size (or evaluate.batch_size), or use a machine with more "
+                "memory"), ConfigError.exit_code)
     if isinstance(err, PermissionError):
         return f"permission denied: {err.filename or err}; fix the file's permissions or run as its owner", 1
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -103,5 +103,5 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; outputs of this stage were not written", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # the last resort: one line, never a bare traceback
+    except Exception as err:  # noqa: BLE001 - the last resort: one line, never a bare traceback
         sys.exit(report_unexpected(err))

@@ -50,6 +50,7 @@ EVALUATION = {"metrics": "metrics.json", "report": "classification_report.json",
 CLASSES = "classes.json"  # in the prepared folder: class names in label order
 RUN_INFO = "run_info.json"  # in the train folder
 CURVES = "plots/metrics"  # in the train folder: DVCLive's per-epoch TSVs
+REPORT_PAGE = "report.html"  # in the report folder
 
 
 def evaluation_files(repo: Path) -> dict[str, str]:

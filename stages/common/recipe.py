@@ -6,14 +6,13 @@ TensorFlow in the train stage and under JAX on a GPU machine (benchmarks/gpu_rec
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import keras
 import numpy as np
 
 from stages.common.models import augmentation, build_model
 from stages.common.schemas import TrainParams
+
 
 @keras.saving.register_keras_serializable(package="cifar10_pipeline")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):

@@ -124,8 +124,8 @@ class TrainParams:
 
     def warnings(self) -> list[str]:
         if self.schedule in ("cosine", "onecycle") and self.warmup_epochs > self.epochs / 2:
-            return [f"train.warmup_epochs {self.warmup_epochs:g} leaves no decay in {self.epochs} epoch(s) of "
-                    f"{self.schedule}; warming up for {self.epochs / 2:g} epochs instead (half the run)"]
+            return [(f"train.warmup_epochs {self.warmup_epochs:g} leaves no decay in {self.epochs} epoch(s) of "
+                    f"{self.schedule}; warming up for {self.epochs / 2:g} epochs instead (half the run)")]
         return []
 
 

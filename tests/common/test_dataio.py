@@ -8,10 +8,9 @@ from tests import synthetic
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with dataio.atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), dataio.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
 
@@ -20,10 +19,9 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "out"
     with dataio.atomic_dir(target) as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError):
-        with dataio.atomic_dir(target) as tmp:
-            (tmp / "b").write_text("2")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), dataio.atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("crash")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in target.iterdir()] == ["a"]
 
@@ -82,9 +80,8 @@ def test_disk_full_is_transient_and_names_the_path(tmp_path, monkeypatch):
         dataio.write_json(target, {"accuracy": 1})
     monkeypatch.undo()
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-    with pytest.raises(TransientError, match="disk full"):
-        with dataio.atomic_dir(tmp_path / "out") as tmp:
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(TransientError, match="disk full"), dataio.atomic_dir(tmp_path / "out"):
+        raise OSError(errno.ENOSPC, "No space left on device")
     assert not (tmp_path / "out").exists()
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.common.errors import ConfigError
 from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar, uncertainty, verdict
 from pipelines.gate import default_baseline, judge
+from stages.common.errors import ConfigError
 from stages.common.schemas import GateParams
 from tests.conftest import git_dvc_project, set_params, tiny_params
 from tests.pipelines.conftest import cli
@@ -108,8 +108,8 @@ def test_runs_on_different_splits_or_data_are_not_compared():
     with pytest.raises(ConfigError, match="different images"):
         check_comparable(test_run, other_data)
     old = Run("old", None, {"accuracy": 0.7}, {}, None, None)
-    assert check_comparable(old, test_run) == ["old does not record its evaluated split (evaluated before it "
-                                               "was recorded)"]
+    assert check_comparable(old, test_run) == [("old does not record its evaluated split (evaluated before it "
+                                               "was recorded)")]
 
 
 def test_default_baseline_is_never_the_candidates_own_run(tmp_path):

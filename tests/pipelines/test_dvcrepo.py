@@ -4,8 +4,8 @@ import pytest
 
 from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, _reasons, plan
 from pipelines.flow import check_overrides
-from stages.common.params import update_params_file
 from stages.common.errors import ConfigError
+from stages.common.params import update_params_file
 
 GRAPH = StageGraph(order=["a", "b", "c", "d"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": []})
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -65,7 +67,7 @@ def test_predict_any_image_size_and_mode(flow_project, prefect_env, tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2
     for line in result.stdout.splitlines():
-        path, rest = line.split(": ")
+        _path, rest = line.split(": ")
         label, probability = rest.split(" (")
         assert label in classes and 0.0 < float(probability.rstrip(")")) <= 1.0
     bad = cli(prefect_env, "predict", str(tmp_path / "notes.txt"), *args)
@@ -128,7 +130,7 @@ def test_concurrent_runs_wait_or_are_refused(flow_project, prefect_env):
         time.sleep(0.5)
     refused = cli(prefect_env, "run", "--repo", str(flow_project), "--lock-timeout", "0")
     waited = cli(prefect_env, "run", "--repo", str(flow_project), "--lock-timeout", "600")
-    out, err = first.communicate(timeout=600)
+    _out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert refused.returncode == 1 and "is running the pipeline" in refused.stderr
     assert waited.returncode == 0, waited.stderr
@@ -209,7 +211,7 @@ def test_stage_timeout_stops_the_stage_process_group(tmp_path, tiny_archive, pre
     flow_project = git_dvc_project(tmp_path / "project")  # its own repo: no other run can touch it
     set_params(flow_project / "params.yaml", **tiny_params(tiny_archive))
     assert cli(prefect_env, "run", "--repo", str(flow_project)).returncode == 0
-    train_lock = lambda: yaml.safe_load((flow_project / "dvc.lock").read_text())["stages"]["train"]  # noqa: E731
+    train_lock = lambda: yaml.safe_load((flow_project / "dvc.lock").read_text())["stages"]["train"]
     lock_before = train_lock()
     # 300 epochs cannot finish in 4 s, so the timeout always strikes mid-training.
     result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.epochs=300", "--stage-timeout",
@@ -248,10 +250,53 @@ def test_a_run_cache_restore_reruns_what_depends_on_it_and_leaves_nothing_stale(
     assert manifest["sha256"] == sha256_of(tiny_archive)
 
 
-def test_run_exits_with_the_failing_stages_own_code(flow_project, prefect_env):
-    result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.require_gpu=true")
-    assert result.returncode == 2  # train's configuration error, not a generic 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: train failed: train.require_gpu is true")
+DIVERGES = {"model": "tutorial_cnn", "arch": {}, "epochs": 3, "optimizer": "sgd", "learning_rate": 10.0,
+            "batch_size": 8, "schedule": "constant"}
+
+
+@pytest.mark.parametrize("code, sets, message", [
+    (2, ["train.require_gpu=true"], "error: train failed: train.require_gpu is true"),
+    (3, ['validate.expected_per_class={"train": 21, "test": 5}'], "error: validate failed: validation failed: 1 of"),
+    (4, [f"download.sha256={'ab' * 32}"], "error: download failed: sha256 mismatch"),
+    (5, [f"train.{key}={json.dumps(value)}" for key, value in DIVERGES.items()], "error: train failed: training "),
+    # Connection refused is transient: the download task retries it (3 times, backing off) first.
+    (75, ["download.source=http://127.0.0.1:9/cifar.tar.gz"], "error: download failed: "),
+])
+def test_run_exits_with_the_failing_stages_own_code(flow_project, prefect_env, code, sets, message):
+    before = (flow_project / "params.yaml").read_bytes()
+    result = cli(prefect_env, "run", "--repo", str(flow_project), *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == code, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-3000:]
+    # The failing stage changed no output, so the run leaves params.yaml as it found it.
+    assert (flow_project / "params.yaml").read_bytes() == before
+    if code == 75:
+        assert result.stderr.count("Retry") >= 3, result.stderr[-3000:]
+
+
+def test_ctrl_c_stops_the_run_and_its_stage_with_130(flow_project, prefect_env):
+    import psutil
+
+    from pipelines.dvcrepo import with_default_sigint
+
+    run = subprocess.Popen(with_default_sigint([str(BIN / "cifar10-pipeline"), "run", "--repo", str(flow_project),
+                                                "--set", "train.epochs=300"]),
+                           env=prefect_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+
+    def training() -> list:
+        return [p for p in psutil.process_iter(["cmdline", "cwd"])
+                if p.info["cwd"] == str(flow_project) and "stages.train" in " ".join(p.info["cmdline"] or [])]
+
+    deadline = time.monotonic() + 300
+    while not training() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.5)
+    assert training(), "training never started"
+    time.sleep(3)  # mid-epoch
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C at a terminal: the CLI's process group
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted"
+    assert training() == []
 
 
 def test_overrides_are_checked_in_full_before_anything_runs(flow_project, prefect_env):

@@ -3,8 +3,8 @@ import subprocess
 import pandas as pd
 import pytest
 
-from stages.common.errors import ConfigError
 from pipelines.sweep import _override, sample_points
+from stages.common.errors import ConfigError
 from tests.conftest import git_dvc_project, set_params, tiny_params
 from tests.pipelines.conftest import BIN, cli
 from tests.test_e2e import dvc

@@ -120,9 +120,8 @@ def test_a_wrong_checksum_on_a_directory_source_is_an_integrity_error(tmp_path, 
 
 def test_pickle_labels_follow_download_classes_by_name(tmp_path):
     """download.classes in another order than batches.meta relabels each image by its class name."""
-    from stages.prepare import _read_pickles, read_raw
-
     from stages.common import dataio
+    from stages.prepare import _read_pickles, read_raw
 
     archive = synthetic.write_tar_gz(tmp_path / "py.tar.gz", synthetic.pickle_batches_files(10, 10))
     reordered = list(reversed(CLASSES))

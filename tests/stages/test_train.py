@@ -21,10 +21,11 @@ NO_AUGMENT = Augment(False, 0, 0.0, 0.0, 0.0, 0.0)
 
 
 def params(**changes) -> TrainParams:
-    base = dict(model="tutorial_cnn", arch={}, epochs=1, batch_size=8, optimizer="adam", learning_rate=0.001,
-                momentum=0.9, nesterov=True, weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
-                step_every=10, step_factor=0.5, label_smoothing=0.0, augment=NO_AUGMENT, early_stopping=None,
-                ema=False, mixed_precision=False, xla=False, seed=5, require_gpu=False)
+    base = {"model": "tutorial_cnn", "arch": {}, "epochs": 1, "batch_size": 8, "optimizer": "adam",
+            "learning_rate": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "schedule": "constant",
+            "warmup_epochs": 0.0, "step_every": 10, "step_factor": 0.5, "label_smoothing": 0.0, "augment": NO_AUGMENT,
+            "early_stopping": None, "ema": False, "mixed_precision": False, "xla": False, "seed": 5,
+            "require_gpu": False}
     return TrainParams(**{**base, **changes})
 
 
@@ -100,8 +101,8 @@ def test_a_warmup_longer_than_the_run_is_shortened_so_the_schedule_decays():
     schedule = make_schedule(p, steps_per_epoch=100)
     lr = [float(schedule(step)) for step in (25, 50, 75, 99)]
     assert lr[1] == pytest.approx(0.2) and lr[0] < lr[1] and lr[3] < lr[2] < lr[1]
-    assert p.warnings() == ["train.warmup_epochs 2 leaves no decay in 1 epoch(s) of onecycle; "
-                            "warming up for 0.5 epochs instead (half the run)"]
+    assert p.warnings() == [("train.warmup_epochs 2 leaves no decay in 1 epoch(s) of onecycle; "
+                            "warming up for 0.5 epochs instead (half the run)")]
     assert params(epochs=16, schedule="onecycle", warmup_epochs=2.0).warnings() == []
 
 
@@ -123,7 +124,7 @@ def test_schedules_augmentation_and_training_switches_run(schedule):
     p = params(epochs=2, schedule=schedule, warmup_epochs=0.5, step_every=1, label_smoothing=0.1, ema=True,
                weight_decay=1e-4, optimizer="sgd", learning_rate=0.01, early_stopping=5,
                augment=Augment(True, 4, 0.05, 0.1, 0.1, 0.1), mixed_precision=schedule == "onecycle")
-    model, history = train(p, splits(), CLASSES, NORM)
+    _model, history = train(p, splits(), CLASSES, NORM)
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
     assert len(history["epoch_seconds"]) == 2 and all(s > 0 for s in history["epoch_seconds"])
     import keras
@@ -168,7 +169,7 @@ def test_an_interrupt_swallowed_inside_training_still_stops_it():
                 try:
                     os.kill(os.getpid(), signal.SIGINT)
                     time.sleep(0.2)  # the handler runs here
-                except:  # noqa: E722 - the pattern that swallowed it
+                except:  # noqa: E722, S110 - the pattern that swallowed it
                     pass
 
     spy = SwallowsAnInterrupt()

@@ -1,6 +1,5 @@
 import numpy as np
 import pandas as pd
-import pytest
 
 from stages.common.schemas import ExpectedPerClass, PrepareParams, ValidateParams
 from stages.prepare import prepare
