@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, git_dvc_project, set_params, tiny_params
+from tests.helpers import REPO, copy_repo, dvc, git_dvc_project, set_params, stages_run, tiny_params
 
 pytestmark = pytest.mark.e2e
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-
-
-def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=ENV, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def stages_run(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", output))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +73,7 @@ def test_noop_repro_runs_nothing(project):
 def test_time_to_accuracy_is_read_from_the_run(project):
     seconds = (project / "results/train/plots/metrics/train/epoch_seconds.tsv").read_text().splitlines()
     assert len(seconds) == 2 and float(seconds[1].split("\t")[1]) > 0  # header + the one epoch
-    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks/time_to_accuracy.py"),
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/time_to_accuracy.py"),
                              "--repo", str(project), "--targets", "0.0", "1.01"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -99,7 +83,7 @@ def test_time_to_accuracy_is_read_from_the_run(project):
 
 
 def test_time_to_accuracy_names_a_missing_run(tmp_path):
-    script = Path(__file__).parents[1] / "benchmarks/time_to_accuracy.py"
+    script = REPO / "benchmarks/time_to_accuracy.py"
     result = subprocess.run([sys.executable, str(script), "--repo", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 3 and result.stderr.startswith("error: ") and "not found; run `dvc repro`" in result.stderr
 

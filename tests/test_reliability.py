@@ -15,8 +15,7 @@ import yaml
 
 from pipelines.dvcrepo import with_default_sigint
 from tests import synthetic
-from tests.conftest import copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
-from tests.test_e2e import BIN, ENV, dvc, stages_run
+from tests.helpers import BIN, ENV, copy_repo, dvc, git_dvc_project, set_params, sha256_of, stages_run, tiny_params
 
 pytestmark = pytest.mark.e2e
 
@@ -195,7 +194,7 @@ def test_bad_images_are_named_or_converted_and_counted(in_tmp):
 
     from PIL import Image
 
-    from tests.conftest import run_stage
+    from tests.helpers import run_stage
 
     files = synthetic.class_folder_files(20, 5)
     buf = BytesIO()

@@ -6,11 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from tests import synthetic
+from tests.helpers import REPO
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_recipe.py"
+SCRIPT = REPO / "benchmarks" / "gpu_recipe.py"
 
 
 def test_first_reaching_counts_training_seconds_up_to_the_epoch():

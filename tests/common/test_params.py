@@ -5,6 +5,7 @@ import pytest
 from stages.common.errors import ConfigError
 from stages.common.params import load_section, parse_section
 from stages.common.schemas import SECTIONS, knob
+from tests.helpers import REPO
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,11 @@ def test_missing_section_and_file(tmp_path):
 
 
 def test_repo_params_yaml_is_valid_for_every_stage(monkeypatch):
-    from pathlib import Path
 
     monkeypatch.delitem(SECTIONS, "ex")
     from stages.common.params import check_sections, read_params
 
-    path = Path(__file__).resolve().parents[2] / "params.yaml"
+    path = REPO / "params.yaml"
     assert set(SECTIONS) == set(read_params(path))  # every section has a schema, every schema a section
     for name in SECTIONS:
         load_section(name, path)

@@ -6,7 +6,7 @@ import pytest
 
 from stages.common.errors import ConfigError
 from stages.common.paths import artifact_paths, evaluation_files, stage_paths
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_stage_paths_come_from_the_command_line():

@@ -2,22 +2,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import BIN, free_port
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +43,3 @@ def prefect_api(tmp_path_factory):
 def prefect_env(prefect_api, tmp_path):
     return {**os.environ, "PREFECT_API_URL": prefect_api, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "PREFECT_HOME": str(tmp_path / "client_home")}
-
-
-def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "cifar10-pipeline"), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def api(url: str, method: str, path: str, json: dict | None = None):
-    response = httpx.request(method, f"{url}{path}", json=json, timeout=30)
-    response.raise_for_status()
-    return response.json() if response.content else None

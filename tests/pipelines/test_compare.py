@@ -13,9 +13,7 @@ from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar
 from pipelines.gate import default_baseline, judge
 from stages.common.errors import ConfigError
 from stages.common.schemas import GateParams
-from tests.conftest import git_dvc_project, set_params, tiny_params
-from tests.pipelines.conftest import cli
-from tests.test_e2e import dvc
+from tests.helpers import cli, dvc, git_dvc_project, set_params, tiny_params
 
 
 def predictions(actual: list[int], predicted: list[int]) -> pd.DataFrame:
@@ -219,7 +217,7 @@ def test_gate_fails_a_planted_regression_and_passes_an_improvement(two_commits, 
 
 @pytest.mark.e2e
 def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
-    from tests.pipelines.conftest import api
+    from tests.helpers import api
 
     result = cli(prefect_env, "run", "--gate", "--repo", str(two_commits))
     gates = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-gate"]}}})

@@ -11,8 +11,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
-from tests.pipelines.conftest import BIN, api, cli
+from tests.helpers import BIN, api, cli, copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,5 @@
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -9,8 +8,7 @@ from pipelines import presets
 from stages.common.errors import ConfigError
 from stages.common.params import load_section
 from stages.common.schemas import TrainParams
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("name", presets.available())
@@ -84,7 +82,7 @@ def test_gpu_fast_preset_trains_on_the_cpu_with_tiny_data():
 
 
 def test_presets_are_read_from_the_project_not_only_the_installed_package(tmp_path):
-    from tests.pipelines.conftest import BIN
+    from tests.helpers import BIN
 
     project = tmp_path / "project"
     (project / "presets").mkdir(parents=True)

@@ -5,9 +5,7 @@ import pytest
 
 from pipelines.sweep import _override, sample_points
 from stages.common.errors import ConfigError
-from tests.conftest import git_dvc_project, set_params, tiny_params
-from tests.pipelines.conftest import BIN, cli
-from tests.test_e2e import dvc
+from tests.helpers import BIN, cli, dvc, git_dvc_project, set_params, tiny_params
 
 
 def test_grid_and_random_points():

@@ -9,7 +9,7 @@ from stages.common.errors import ConfigError, DataError, IntegrityError
 from stages.common.schemas import DownloadParams
 from stages.download import download, verify_checksums
 from tests import synthetic
-from tests.conftest import run_stage, set_params, sha256_of
+from tests.helpers import run_stage, set_params, sha256_of
 
 CLASSES = synthetic.CLASSES
 

@@ -1,0 +1,115 @@
+"""Helpers the tests share (fixtures live in the conftest.py files): the project's paths, generated
+params, fresh git + DVC repos, and the real CLIs (dvc, cifar10-pipeline, a stage) as subprocesses."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment's own dvc, prefect and cifar10-pipeline
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+TINY_TRAIN, TINY_TEST = 20, 5
+
+
+def set_params(path: Path, **sections: dict) -> None:
+    """Update keys of params.yaml sections, e.g. set_params(p, train={"epochs": 1})."""
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tiny_params(archive: Path) -> dict[str, dict]:
+    """Params for a generated dataset of TINY_TRAIN/TINY_TEST images per class, 1 epoch."""
+    return {
+        # A local source is pinned by its checksum (DVC cannot watch a file outside the repo).
+        "download": {"source": str(archive), "md5": None, "sha256": sha256_of(archive)},
+        "validate": {"expected_per_class": {"train": TINY_TRAIN, "test": TINY_TEST}},
+        "train": {"epochs": 1, "batch_size": 32},
+        "report": {"misclassified": 4, "samples_per_class": 2},
+    }
+
+
+def stage_command(verb: str) -> list[str]:
+    """The stage's command as dvc.yaml writes it, with its `${paths.*}` filled in as DVC does."""
+    from stages.common.paths import artifact_paths
+
+    cmd = " ".join(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][verb]["cmd"].split())
+    paths = artifact_paths(REPO)
+    return re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(paths[m.group(1)]), cmd).split()
+
+
+def run_stage(verb: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The stage as DVC runs it (dvc.yaml's command, with python from this environment)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    _, *rest = stage_command(verb)
+    return subprocess.run([sys.executable, *rest, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def git_dvc_project(dest: Path) -> Path:
+    """A fresh git + DVC repo holding this project's pipeline files (what a user clones)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy(src, dest / name)
+    (dest / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
+    shutil.copy(REPO / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline"], cwd=dest, check=True)
+    return dest
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A copy of a built git + DVC repo, so a test can change it without touching the next test's
+    starting point (DVC's temporary state stays behind: it is tied to the original's path)."""
+    shutil.copytree(src, dest, symlinks=True, ignore=lambda folder, names: ["tmp"] if folder.endswith(".dvc") else [])
+    return dest
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=ENV, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "cifar10-pipeline"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def api(url: str, method: str, path: str, json: dict | None = None):
+    response = httpx.request(method, f"{url}{path}", json=json, timeout=30)
+    response.raise_for_status()
+    return response.json() if response.content else None
