@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -13,7 +14,7 @@ from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar
 from pipelines.gate import default_baseline, judge
 from stages.common.errors import ConfigError
 from stages.common.schemas import GateParams
-from tests.helpers import cli, dvc, git_dvc_project, set_params, tiny_params
+from tests.helpers import REPO, cli, dvc, git_dvc_project, set_params, tiny_params
 
 
 def predictions(actual: list[int], predicted: list[int]) -> pd.DataFrame:
@@ -113,6 +114,7 @@ def test_runs_on_different_splits_or_data_are_not_compared():
 def test_default_baseline_is_never_the_candidates_own_run(tmp_path):
     repo = tmp_path / "repo"
     (repo / "results/evaluate").mkdir(parents=True)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")  # where metrics.json lives
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
 
     def commit(message: str, accuracy: float | None = None) -> str:

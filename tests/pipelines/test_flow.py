@@ -108,7 +108,7 @@ def test_train_override_reruns_train_evaluate_report_as_an_experiment(flow_proje
     assert compared.returncode == 0, compared.stderr
     assert "## Metrics" in compared.stdout and "Verdict: difference within noise (p=1)" in compared.stdout
     unknown = cli(prefect_env, "compare", "no-such-rev", "--repo", str(flow_project))
-    assert unknown.returncode == 1
+    assert unknown.returncode == 2  # a bad argument
     assert unknown.stderr.strip() == ("error: 'no-such-rev' is neither a git revision nor a DVC experiment here; "
                                       "see `git log` and `dvc exp show`")
 
@@ -131,7 +131,7 @@ def test_concurrent_runs_wait_or_are_refused(flow_project, prefect_env):
     waited = cli(prefect_env, "run", "--repo", str(flow_project), "--lock-timeout", "600")
     _out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
-    assert refused.returncode == 1 and "is running the pipeline" in refused.stderr
+    assert refused.returncode == 75 and "is running the pipeline" in refused.stderr  # busy: worth a retry
     assert waited.returncode == 0, waited.stderr
     assert set(stage_lines(waited.stdout).values()) == {"up to date"}
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=flow_project, capture_output=True, text=True)
