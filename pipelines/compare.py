@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,8 +121,7 @@ def read_at(repo: Path, path: str, sha: str | None) -> str | None:
     if sha is None:
         file = repo / path
         return file.read_text() if file.is_file() else None
-    shown = subprocess.run(["git", "show", f"{sha}:{path}"], cwd=repo, capture_output=True, text=True)
-    return shown.stdout if shown.returncode == 0 else None
+    return git(repo, "show", f"{sha}:{path}")
 
 
 @dataclass
