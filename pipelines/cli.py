@@ -93,6 +93,10 @@ def run(
                    "(no Prefect logs, retries or artifacts)", err=True)
         _plain_repro(repo, overrides, dry_run)
         return
+    if not api_url:
+        # Prefect's temporary API keeps its runs in PREFECT_HOME's SQLite database: the project's
+        # own, which `cifar10-pipeline server` serves, so the runs stay browsable there.
+        os.environ.setdefault("PREFECT_HOME", str(repo / PREFECT_HOME))
     _run_flow(repo, overrides, dry_run, push, lock_timeout, parse_timeouts(stage_timeout or []), gate)
 
 

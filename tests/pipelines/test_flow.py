@@ -73,14 +73,19 @@ def test_predict_any_image_size_and_mode(flow_project, prefect_env, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: {tmp_path / 'notes.txt'} is not a readable image")
 
 
-def test_run_without_a_server_uses_a_temporary_api(flow_project, tmp_path):
-    import os
+def test_run_without_a_server_uses_a_temporary_api_whose_runs_the_project_keeps(flow_project):
+    import sqlite3
 
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     result = cli(env, "run", "--repo", str(flow_project), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert set(stage_lines(result.stdout).values()) == {"up to date"}
+    # The run is in the project's .prefect database, which `cifar10-pipeline server` serves; git ignores it.
+    with sqlite3.connect(flow_project / ".prefect" / "prefect.db") as db:
+        assert db.execute("select count(*) from flow_run").fetchone()[0] == 1
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=flow_project, capture_output=True, text=True)
+    assert ".prefect" not in status.stdout
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(flow_project, prefect_env):
