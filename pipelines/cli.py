@@ -142,7 +142,7 @@ def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, 
         typer.echo(f"accuracy: {result['metrics'].get('accuracy')}")
     page = repo / artifact_paths(repo)["report"] / REPORT_PAGE
     if page.is_file():
-        typer.echo(f"report: {page}")
+        typer.echo(f"report page: {page}")
 
 
 @app.command()
