@@ -47,6 +47,7 @@ def test_flow_runs_then_finds_everything_up_to_date(first_run, flow_project, pre
     second = cli(prefect_env, "run", "--repo", str(flow_project))
     assert second.returncode == 0, second.stderr
     assert set(stage_lines(second.stdout).values()) == {"up to date"}
+    assert f"report page: {flow_project / 'results/report/report.html'}" in second.stdout.splitlines()
     runs = api(prefect_api, "POST", "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
     assert len(runs) >= 2
     artifacts = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-report", "cifar10-metrics"]}}})
