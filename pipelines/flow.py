@@ -183,9 +183,11 @@ def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | N
     return outcome
 
 
-# The one stage that touches the network: retried with back-off, on transient failures only.
-download_task = stage_task.with_options(name="dvc-download", retries=3, retry_condition_fn=_transient_only,
-                                        retry_delay_seconds=exponential_backoff(backoff_factor=5))
+@task(name="dvc-download", task_run_name="{stage}", retries=3, retry_condition_fn=_transient_only,
+      retry_delay_seconds=exponential_backoff(backoff_factor=5))
+def download_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | None = None) -> StageOutcome:
+    """The one stage that touches the network: retried with back-off, on transient failures only."""
+    return stage_task.fn(repo_dir, stage, up_to_date, timeout_s)
 
 
 def run_stages(repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[str, float],
