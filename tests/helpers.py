@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -109,7 +110,13 @@ def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProc
     return subprocess.run([str(BIN / "cifar10-pipeline"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def api(url: str, method: str, path: str, json: dict | None = None):
-    response = httpx.request(method, f"{url}{path}", json=json, timeout=30)
+def api(url: str, method: str, path: str, json: dict | None = None, attempts: int = 5):
+    """A Prefect REST call, retried on 429/502/503 as Prefect's own client retries them (its
+    server answers 503 while SQLite is locked by another writer, seen on a busy 2-core machine)."""
+    for attempt in range(attempts):
+        response = httpx.request(method, f"{url}{path}", json=json, timeout=30)
+        if response.status_code not in (429, 502, 503) or attempt == attempts - 1:
+            break
+        time.sleep(2**attempt)
     response.raise_for_status()
     return response.json() if response.content else None
