@@ -111,8 +111,8 @@ def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProc
 
 
 def api(url: str, method: str, path: str, json: dict | None = None, attempts: int = 5):
-    """A Prefect REST call, retried on 429/502/503 as Prefect's own client retries them (its
-    server answers 503 while SQLite is locked by another writer, seen on a busy 2-core machine)."""
+    """A Prefect REST call, retried on 429/502/503 as Prefect's own client retries them (a
+    create_flow_run call got a 503 from the test server in one CI run on a busy 2-core machine)."""
     for attempt in range(attempts):
         response = httpx.request(method, f"{url}{path}", json=json, timeout=30)
         if response.status_code not in (429, 502, 503) or attempt == attempts - 1:
