@@ -16,7 +16,7 @@ INPUT_SIZE = (32, 32)
 
 
 class PredictError(ConfigError):
-    """An image or model that cannot be used, named with the fix (exit 2, as a bad argument)."""
+    """An image that cannot be read, named with the fix (exit 2, as a bad argument)."""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
