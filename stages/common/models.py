@@ -223,7 +223,6 @@ def check_arch(arch: dict[str, dict[str, Any]], model: str) -> None:
 def check_builds(name: str, options: dict[str, Any], num_classes: int = 10) -> None:
     """Build the model's body on a symbolic input, so a bad option is a config error before any
     stage runs, not a traceback from inside Keras after the data was prepared."""
-    check_options(name, options)
     try:
         body(name, keras.Input(shape=INPUT_SHAPE), num_classes, options)
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as err:
