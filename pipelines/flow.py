@@ -32,6 +32,7 @@ from pipelines.dvcrepo import (
     run_stage,
     stop_all_stages,
 )
+from stages.common import dataio
 from stages.common.errors import ConfigError, PipelineError, StageFailed, TransientError
 from stages.common.params import update_params_file
 from stages.common.paths import evaluation_files
@@ -128,7 +129,8 @@ def overrides_applied(params_file: Path, overrides: dict[str, Any] | None, chang
         restore = not keep
     finally:
         if overrides and restore and not any(o.ran for o in changed):
-            params_file.write_bytes(original)
+            with dataio.atomic_path(params_file) as tmp:  # replaced whole, as update_params_file writes it
+                tmp.write_bytes(original)
 
 
 def assert_nothing_stale(repo: Path) -> None:
