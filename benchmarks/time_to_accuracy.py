@@ -73,6 +73,11 @@ def render(repo: Path, targets: list[float], test_target: float, minutes: float)
     return "\n".join(lines)
 
 
+def _require(path: Path, repo: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro` in {repo} first")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path("."), help="project whose last run to read")
@@ -80,10 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-target", type=float, default=0.86)
     parser.add_argument("--minutes", type=float, default=20.0)
     args = parser.parse_args(argv)
-    for required in ("dvc.yaml", "params.yaml", None):  # None: the metrics, wherever dvc.yaml puts them
-        path = args.repo / (required or evaluation_files(args.repo)["metrics"])
-        if not path.is_file():
-            raise DataError(f"{path} not found; run `dvc repro` in {args.repo} first")
+    for name in ("dvc.yaml", "params.yaml"):  # dvc.yaml first: it says where the metrics are
+        _require(args.repo / name, args.repo)
+    _require(args.repo / evaluation_files(args.repo)["metrics"], args.repo)
     print(render(args.repo, args.targets, args.test_target, args.minutes))
 
 
