@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -190,13 +191,20 @@ def server(
     raise typer.Exit(subprocess.call([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env))
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
 @app.command()
-def status(repo: RepoOption = Path(".")) -> None:
+def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
     """DVC's view of what is stale, stage by stage, and why."""
     from pipelines.dvcrepo import inspect_repo, plan
 
     graph, reasons = inspect_repo(require_repo(repo))
-    for stage, fate in plan(graph, reasons).items():
+    fates = plan(graph, reasons)
+    if as_json:
+        typer.echo(json.dumps({"stages": [{"stage": stage, "status": fate} for stage, fate in fates.items()]}, indent=2))
+        return
+    for stage, fate in fates.items():
         typer.echo(f"{stage}: {fate}")
 
 
@@ -209,6 +217,7 @@ def compare(
     csv: Annotated[Path | None, typer.Option(help="Also write the --all table as CSV here.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for compare.md/.html and figures.")] = None,
     repo: RepoOption = Path("."),
+    as_json: JsonOption = False,
 ) -> None:
     """Two runs side by side with bootstrap intervals and McNemar's test, or --all runs in one table."""
     from pipelines.compare import compare as compare_runs
@@ -217,15 +226,22 @@ def compare(
     repo = require_repo(repo)
     if all_runs:
         table = experiments_table(repo, sort_by=sort_by)
-        typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
         if csv:
             table.to_csv(csv, index=False)
-            typer.echo(f"written: {csv}")
+        if as_json:
+            typer.echo(table.to_json(orient="records", indent=2))
+        else:
+            typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
+            if csv:
+                typer.echo(f"written: {csv}")
         return
     if a is None:
         raise ConfigError("compare needs a revision or experiment (or --all)")
     folder = out or repo / "comparisons" / safe_name(f"{a}_vs_{b or 'workspace'}")
-    text, _ = compare_runs(repo, a, b, folder)
+    text, findings = compare_runs(repo, a, b, folder)
+    if as_json:
+        typer.echo(json.dumps(findings, indent=2, default=str))
+        return
     typer.echo(text)
     typer.echo(f"written: {folder / 'compare.md'} and compare.html")
 
@@ -234,15 +250,22 @@ def compare(
 def gate(
     baseline: Annotated[str | None, typer.Option(help="Default: newest commit on main with metrics.")] = None,
     candidate: Annotated[str | None, typer.Option(help="Default: the workspace.")] = None,
+    register: Annotated[bool, typer.Option("--register", help="On a pass, register the candidate's model with GTO (a commit: default HEAD).")] = False,
+    stage: StageOption = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Exit 1 when the candidate's accuracy or a class's recall dropped beyond params.yaml's gate."""
     from pipelines.gate import gate as run_gate
 
-    verdict = run_gate(require_repo(repo), baseline, candidate)
+    repo = require_repo(repo)
+    verdict = run_gate(repo, baseline, candidate)
     typer.echo(verdict.markdown())
     if not verdict.passed:
         raise typer.Exit(1)
+    if register or stage:
+        from pipelines.registry import register as register_model
+
+        typer.echo(register_model(repo, candidate or "HEAD", stage).describe())
 
 
 @app.command()
@@ -266,18 +289,43 @@ def sweep(
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")
 
 
+StageOption = Annotated[str | None, typer.Option("--stage", help="Also assign the version to this GTO stage (e.g. prod).")]
+
+
 @app.command()
 def promote(
     experiment: Annotated[str, typer.Argument(help="Experiment name (dvc exp show).")],
-    branch: Annotated[str | None, typer.Option(help="Make a git branch of it instead of applying it here.")] = None,
+    branch: Annotated[str | None, typer.Option(help="Make a git branch of it (and register its model) instead of applying it here.")] = None,
+    stage: StageOption = None,
     repo: RepoOption = Path("."),
 ) -> None:
-    """Keep an experiment: as a new branch, or applied to the workspace (then git commit it)."""
+    """Keep an experiment: as a new branch whose model is registered with GTO, or applied to the
+    workspace (then git commit it and `register`)."""
     from pipelines.dvcrepo import dvc
+    from pipelines.registry import register as register_model
 
     repo = require_repo(repo)
-    output = dvc(repo, "exp", "branch", experiment, branch) if branch else dvc(repo, "exp", "apply", experiment)
-    typer.echo(output.strip() or f"{experiment} applied to the workspace; `git commit` it to keep it")
+    if not branch:
+        if stage:
+            raise ConfigError("--stage registers a commit: pass --branch too, or apply, commit and `register --stage`")
+        output = dvc(repo, "exp", "apply", experiment)
+        typer.echo(output.strip() or f"{experiment} applied to the workspace; `git commit` it, then "
+                   "`cifar10-pipeline register` to version its model")
+        return
+    typer.echo(dvc(repo, "exp", "branch", experiment, branch).strip())
+    typer.echo(register_model(repo, branch, stage).describe())
+
+
+@app.command()
+def register(
+    rev: Annotated[str, typer.Argument(help="Commit, branch or tag whose exported model to register.")] = "HEAD",
+    stage: StageOption = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Register the model at a commit as the next version in GTO (git tags: `gto show` lists them)."""
+    from pipelines.registry import register as register_model
+
+    typer.echo(register_model(require_repo(repo), rev, stage).describe())
 
 
 @app.command()
@@ -301,20 +349,58 @@ def preset(
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode.")],
-    model: Annotated[Path | None, typer.Option(help="Trained model (default: the pipeline's).")] = None,
-    classes: Annotated[Path | None, typer.Option(help="Class names in label order (default: the pipeline's).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Export folder (default: the pipeline's, dvc.yaml's paths.exports).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image, likeliest first.")] = 1,
     repo: RepoOption = Path("."),
 ) -> None:
-    """Class and probability for each image, with the model's own normalisation."""
+    """Class and probability for each image, from the exported ONNX model (no TensorFlow)."""
     from pipelines.predict import predict_files
-    from stages.common.paths import CLASSES, artifact_paths
+    from stages.common.paths import artifact_paths
 
-    if model is None or classes is None:
-        declared = artifact_paths(require_repo(repo))
-        model = model or repo / declared["model"]
-        classes = classes or repo / declared["prepared"] / CLASSES
-    for path, label, probability in predict_files(paths, model, classes):
-        typer.echo(f"{path}: {label} ({probability:.4f})")
+    exports = model or repo / artifact_paths(require_repo(repo))["exports"]
+    for path, ranked in predict_files(paths, exports, top_k):
+        typer.echo(f"{path}: " + ", ".join(f"{label} ({probability:.4f})" for label, probability in ranked))
+
+
+@app.command()
+def api(
+    model: Annotated[Path | None, typer.Option(help="Export folder (default: the pipeline's, dvc.yaml's paths.exports).")] = None,
+    rev: Annotated[str | None, typer.Option(help="Serve the export of this git revision or GTO tag instead.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Serve the exported model over HTTP: POST /predict, GET /health, GET /metadata, docs at /docs."""
+    from pipelines import api as inference_api
+    from stages.common.paths import artifact_paths
+
+    if model is not None and rev is not None:
+        raise ConfigError("api takes --model or --rev, not both")
+    if model is not None:
+        inference_api.serve(model, host, port)
+        return
+    repo = require_repo(repo)
+    exports = artifact_paths(repo)["exports"]
+    if rev is None:
+        inference_api.serve(repo / exports, host, port)
+    else:
+        inference_api.serve_revision(repo, rev, exports, host, port)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"cifar10-pipeline {version('cifar10-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def common(
+    _version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                           help="Print the version and exit.")] = False,
+) -> None:
+    """Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect."""
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ McNemar's exact test on the paired test predictions, ending in a plain verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -216,8 +217,9 @@ def _md_table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple[str, Uncertainty | None]:
-    """Write compare.md/.html (and figures) to `out_dir`; return the Markdown and the statistics."""
+def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple[str, dict[str, Any]]:
+    """Write compare.md/.html (and figures) to `out_dir`; return the Markdown and the same
+    findings as data (what `compare --json` prints)."""
     name_b = name_b or WORKSPACE
     run_a, run_b = load_run(repo, name_a), load_run(repo, name_b)
     notes = check_comparable(run_a, run_b)
@@ -260,7 +262,15 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
     text = "\n".join(lines) + "\n"
     (out_dir / "compare.md").write_text(text)
     (out_dir / "compare.html").write_text(render_html(text, f"{name_a} vs {name_b}"))
-    return text, stats
+    findings = {
+        "a": name_a, "b": name_b, "notes": notes,
+        "params": [{"param": k, "a": o, "b": n} for k, o, n in changed],
+        "metrics": {k: {"a": run_a.metrics[k], "b": run_b.metrics[k], "change": run_b.metrics[k] - run_a.metrics[k]}
+                    for k in keys},
+        "uncertainty": dataclasses.asdict(stats) if stats else None,
+        "page": str(out_dir / "compare.html"),
+    }
+    return text, findings
 
 
 def safe_name(text: str) -> str:

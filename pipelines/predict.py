@@ -1,11 +1,12 @@
-"""Predictions for image files with the trained model, which carries its own normalisation."""
+"""Predictions with the exported model (ONNX Runtime, no TensorFlow): images of any size or mode
+decoded as a person sees them. `cifar10-pipeline predict` and the inference API share this path."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,36 +36,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_pixels(path: Path) -> np.ndarray:
-    """Any size or mode -> (32, 32, 3) float pixels in 0..255, as the model was trained on."""
+    """An image file -> (32, 32, 3) float pixels in 0..255, as the model was trained on."""
     if not path.is_file():
         raise PredictError(f"{path} not found; pass existing image files")
+    return decode_pixels(path, str(path))
+
+
+def decode_pixels(source: Path | BinaryIO, name: str) -> np.ndarray:
+    """Any size or mode -> (32, 32, 3) float pixels in 0..255; errors name the image as `name`."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns below twice its pixel limit; an image that large is refused too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 rgb = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise PredictError(f"{path} is too large to be a safe image to decode ({err})") from None
+        raise PredictError(f"{name} is too large to be a safe image to decode ({err})") from None
     except PermissionError:
-        raise PredictError(f"{path} cannot be read (permission denied); fix its permissions") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise PredictError(f"{path} is not a readable image ({err})") from None
+        raise PredictError(f"{name} cannot be read (permission denied); fix its permissions") from None
+    except UnidentifiedImageError:
+        raise PredictError(f"{name} is not a readable image (no format Pillow decodes); send a JPEG, PNG, ...") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise PredictError(f"{name} is not a readable image ({err})") from None
     if rgb.size != INPUT_SIZE:
         rgb = rgb.resize(INPUT_SIZE, Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.float32)
 
 
-def predict_files(paths: list[Path], model_path: Path, classes_path: Path) -> Iterator[tuple[Path, str, float]]:
-    from stages.common import dataio
+def predict_files(paths: list[Path], exports: Path, top_k: int = 1) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+    """For each image file its `top_k` likeliest classes with probabilities, from the export in `exports`."""
+    from stages.common.serving import load_exported
 
-    names = dataio.read_json(classes_path)  # a missing file names itself and `dvc repro`
     batch = np.stack([load_pixels(p) for p in paths])
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    from stages.common.models import load_trained
-
-    model = load_trained(model_path)
-    probabilities = np.asarray(model.predict(batch, verbose=0))
-    for path, row in zip(paths, probabilities):
-        best = int(row.argmax())
-        yield path, names[best], float(row[best])
+    model, _ = load_exported(exports)
+    yield from zip(paths, model.top_k(batch, top_k))

@@ -3,14 +3,17 @@ params, fresh git + DVC repos, and the real CLIs (dvc, cifar10-pipeline, a stage
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's own dvc, prefect and cifar10-pipeline
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+STAGES = frozenset(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # every stage of the DAG
 
 
 TINY_TRAIN, TINY_TEST = 20, 5
@@ -120,3 +124,30 @@ def api(url: str, method: str, path: str, json: dict | None = None, attempts: in
         time.sleep(2**attempt)
     response.raise_for_status()
     return response.json() if response.content else None
+
+
+@contextlib.contextmanager
+def inference_api(*args: str, env: dict | None = None, startup_s: float = 90) -> Iterator[tuple[str, int]]:
+    """`cifar10-pipeline api ARGS` on a free port of 127.0.0.1, once it answers /health; yields
+    (base URL, pid) and stops it after."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "cifar10-pipeline"), "api", *args, "--port", str(port)], env=env or ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError(f"the API did not start:\n{proc.communicate()[0][-3000:]}")
+            time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)

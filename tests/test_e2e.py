@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
+import httpx
 import pytest
 import yaml
 
-from tests.helpers import REPO, copy_repo, dvc, git_dvc_project, set_params, stages_run, tiny_params
+from tests.helpers import (
+    BIN,
+    ENV,
+    REPO,
+    STAGES,
+    cli,
+    copy_repo,
+    dvc,
+    git_dvc_project,
+    inference_api,
+    set_params,
+    stages_run,
+    tiny_params,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +35,7 @@ def built(tmp_path_factory, tiny_archive):
     repo = git_dvc_project(tmp_path_factory.mktemp("e2e") / "project")
     set_params(repo / "params.yaml", **tiny_params(tiny_archive))
     result = dvc(repo, "repro")
-    assert stages_run(result.stdout) == {"download", "prepare", "validate", "train", "evaluate", "report"}
+    assert stages_run(result.stdout) == STAGES
     return repo
 
 
@@ -49,7 +64,7 @@ def test_repro_writes_every_stage_output(project):
     assert (project / "results/report/report.html").is_file()
     assert (project / "results/train/metrics.json").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "prepare", "validate", "train", "evaluate", "report"}
+    assert set(lock["stages"]) == STAGES
     # Data and models go to DVC, not git.
     ignored = subprocess.run(["git", "check-ignore", "data/raw", "data/prepared", "models/model.keras"],
                              cwd=project, capture_output=True, text=True).stdout.split()
@@ -92,15 +107,41 @@ def test_time_to_accuracy_names_a_missing_run(tmp_path):
     "section, change, expected",
     [
         ("report", {"dpi": 60}, {"report"}),
-        ("evaluate", {"split": "val"}, {"evaluate", "report"}),
-        # Same predictions in other batches: evaluate's outputs are unchanged, so DVC skips report.
+        # The export's signature.json carries the evaluation's metrics.
+        ("evaluate", {"split": "val"}, {"evaluate", "export", "report"}),
+        # Same predictions in other batches: evaluate's outputs are unchanged, so DVC skips the rest.
         ("evaluate", {"batch_size": 7}, {"evaluate"}),
-        ("train", {"epochs": 2}, {"train", "evaluate", "report"}),
+        ("export", {"onnx_opset": 15}, {"export"}),
+        ("train", {"epochs": 2}, {"train", "evaluate", "export", "report"}),
     ],
 )
 def test_a_param_change_reruns_exactly_its_stage_and_downstream(project, section, change, expected):
     set_params(project / "params.yaml", **{section: change})
     assert stages_run(dvc(project, "repro").stdout) == expected
+
+
+def test_a_registered_model_version_is_listed_and_served_by_its_tag(project):
+    """The model registry: `register` tags the commit (GTO), `gto show` lists it, and the API serves
+    the export of that tag from DVC's cache, whatever the workspace holds now."""
+    import hashlib
+
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "a trained model"], cwd=project, check=True)
+    first = cli(ENV, "register", "--stage", "prod", "--repo", str(project))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("registered cifar10-classifier v0.0.1 at ") and "stage 'prod'" in first.stdout
+    again = cli(ENV, "register", "--repo", str(project))  # the same commit keeps its version
+    assert again.returncode == 0 and "v0.0.1" in again.stdout
+    shown = json.loads(subprocess.run([str(BIN / "gto"), "show", "--json"], cwd=project, capture_output=True,
+                                      text=True, check=True).stdout)
+    assert shown["cifar10-classifier"]["version"] == "v0.0.1" and shown["cifar10-classifier"]["stage"]["prod"] == "v0.0.1"
+    md5 = hashlib.md5((project / "models/model.keras").read_bytes()).hexdigest()
+    shutil.rmtree(project / "models/export")  # served from the tag's commit, not the workspace
+    with inference_api("--rev", "cifar10-classifier@v0.0.1", "--repo", str(project)) as (url, _):
+        meta = httpx.get(f"{url}/metadata").json()
+    assert meta["model_md5"] == md5 and meta["test_accuracy"] is not None
+    bad = cli(ENV, "register", "no-such-branch", "--repo", str(project))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: 'no-such-branch' is no commit of ")
 
 
 def test_failed_validation_stops_the_pipeline(tmp_path, tiny_archive):

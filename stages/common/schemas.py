@@ -137,6 +137,25 @@ class EvaluateParams:
     tta_flip: bool
 
 
+EXPORT_FORMATS = ("saved_model", "onnx")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    formats: list[str]
+    onnx_opset: int = knob(min=13, max=18)  # 18: the newest tf2onnx 1.17 writes
+    # The check against Keras on the test split: an export beyond either limit is not written.
+    max_probability_diff: float = knob(min=0.0, max=1.0)
+    min_top1_agreement: float = knob(min=0.0, max=1.0)
+    batch_size: int = knob(min=1, max=65_536)
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if unknown or not self.formats or len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"params.yaml: 'export.formats' is {self.formats!r}; list each of "
+                              f"{', '.join(EXPORT_FORMATS)} at most once (at least one)")
+
+
 @dataclass(frozen=True)
 class ReportParams:
     misclassified: int = knob(min=0, max=100)
@@ -159,6 +178,7 @@ SECTIONS: dict[str, type] = {
     "validate": ValidateParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
     "report": ReportParams,
     "gate": GateParams,
 }

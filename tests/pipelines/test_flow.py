@@ -11,14 +11,14 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import BIN, api, cli, copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
+from tests.helpers import BIN, STAGES, api, cli, copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
 
 pytestmark = pytest.mark.e2e
 
 
 def stage_lines(stdout: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in stdout.splitlines() if line.split(":")[0] in
-                {"download", "prepare", "validate", "train", "evaluate", "report"})
+                STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def flow_project(first_run, tmp_path):
 def test_flow_runs_then_finds_everything_up_to_date(first_run, flow_project, prefect_env, prefect_api):
     first = first_run[1]
     assert first.returncode == 0, first.stderr
-    assert set(stage_lines(first.stdout)) == {"download", "prepare", "validate", "train", "evaluate", "report"}
+    assert set(stage_lines(first.stdout)) == STAGES
     assert all(v.startswith("ran") for v in stage_lines(first.stdout).values())
     second = cli(prefect_env, "run", "--repo", str(flow_project))
     assert second.returncode == 0, second.stderr
@@ -62,14 +62,15 @@ def test_predict_any_image_size_and_mode(flow_project, prefect_env, tmp_path):
     Image.new("RGBA", (16, 16), (200, 10, 10, 128)).save(tmp_path / "small.png")
     (tmp_path / "notes.txt").write_text("not an image")
     classes = json.loads((flow_project / "data/prepared/classes.json").read_text())
-    args = ["--model", str(flow_project / "models/model.keras"), "--classes", str(flow_project / "data/prepared/classes.json")]
+    args = ["--repo", str(flow_project), "--top-k", "2"]  # the pipeline's export, found through dvc.yaml
     result = cli(prefect_env, "predict", str(tmp_path / "gray.png"), str(tmp_path / "small.png"), *args)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2
     for line in result.stdout.splitlines():
         _path, rest = line.split(": ")
-        label, probability = rest.split(" (")
-        assert label in classes and 0.0 < float(probability.rstrip(")")) <= 1.0
+        ranked = [(label, float(p.rstrip(")"))) for label, p in (item.split(" (") for item in rest.split(", "))]
+        assert len(ranked) == 2 and all(label in classes for label, _ in ranked)
+        assert 1.0 >= ranked[0][1] >= ranked[1][1] >= 0.0
     bad = cli(prefect_env, "predict", str(tmp_path / "notes.txt"), *args)
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: {tmp_path / 'notes.txt'} is not a readable image")
 
@@ -99,11 +100,11 @@ def test_dry_run_prints_the_plan_and_changes_nothing(flow_project, prefect_env):
     assert (flow_project / "params.yaml").read_text() == before
 
 
-def test_train_override_reruns_train_evaluate_report_as_an_experiment(flow_project, prefect_env):
+def test_train_override_reruns_train_and_downstream_as_an_experiment(flow_project, prefect_env):
     result = cli(prefect_env, "run", "--repo", str(flow_project), "--set", "train.epochs=2")
     assert result.returncode == 0, result.stderr
     lines = stage_lines(result.stdout)
-    assert {s for s, v in lines.items() if v.startswith("ran")} == {"train", "evaluate", "report"}
+    assert {s for s, v in lines.items() if v.startswith("ran")} == {"train", "evaluate", "export", "report"}
     experiment = next(line.split(": ")[1] for line in result.stdout.splitlines() if line.startswith("experiment: "))
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=flow_project, capture_output=True, text=True)
     assert experiment in shown.stdout

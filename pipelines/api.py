@@ -1,0 +1,118 @@
+"""The inference API: FastAPI serving the exported ONNX model with ONNX Runtime (no TensorFlow).
+
+`cifar10-pipeline api` starts it with uvicorn. Images arrive as multipart files of any size or mode
+and are decoded as `predict` decodes them (pipelines/predict.py); a bad file is a 4xx with a
+one-line reason and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from pipelines.predict import PredictError, decode_pixels
+from stages.common.serving import OnnxClassifier, load_exported
+
+MAX_FILES = 64  # images per request
+MAX_FILE_BYTES = 10 * 1024 * 1024  # per image; a 32x32 model gains nothing from larger uploads
+
+
+def read_upload(upload: UploadFile) -> np.ndarray:
+    """One uploaded file -> model pixels, or an HTTPException naming the file and what is wrong."""
+    name = upload.filename or "upload"
+    data = upload.file.read(MAX_FILE_BYTES + 1)
+    if not data:
+        raise HTTPException(400, f"{name} is empty; send an image file")
+    if len(data) > MAX_FILE_BYTES:
+        raise HTTPException(413, f"{name} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; send a smaller image")
+    try:
+        return decode_pixels(io.BytesIO(data), name)
+    except PredictError as err:
+        raise HTTPException(415, str(err)) from None
+
+
+def create_app(model: OnnxClassifier, signature: dict[str, Any]) -> FastAPI:
+    app = FastAPI(title="cifar10-pipeline inference API", version=signature.get("version", "unknown"),
+                  description="Class probabilities for images, from the pipeline's exported ONNX model.")
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return JSONResponse(status_code=422, content={"detail": f"{where}: {first.get('msg', 'invalid')}"})
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": signature.get("version", "unknown")}
+
+    @app.get("/metadata")
+    def metadata() -> dict[str, Any]:
+        metrics = signature.get("metrics") or {}
+        return {
+            "classes": model.classes,
+            "version": signature.get("version"),
+            "git_rev": signature.get("git_rev"),
+            "model_md5": signature.get("model_md5"),
+            "test_accuracy": metrics.get("accuracy") if metrics.get("split") == "test" else None,
+            "metrics": metrics,
+            "input": signature.get("input"),
+            "onnx_opset": signature.get("onnx_opset"),
+        }
+
+    @app.post("/predict")
+    async def predict(
+        files: Annotated[list[UploadFile], File(description="One or more images, any size or mode.")],
+        top_k: Annotated[int, Query(ge=1, description="How many classes to return per image.")] = 3,
+    ) -> dict[str, Any]:
+        if len(files) > MAX_FILES:
+            raise HTTPException(413, f"{len(files)} files in one request; send at most {MAX_FILES}")
+        pixels = np.stack([read_upload(upload) for upload in files])
+        # ONNX Runtime releases the GIL: run it off the event loop so /health stays responsive.
+        ranked = await asyncio.to_thread(model.top_k, pixels, min(top_k, len(model.classes)))
+        return {"version": signature.get("version"), "predictions": [
+            {"file": upload.filename, "class": best[0][0], "probability": round(best[0][1], 6),
+             "top_k": [{"class": name, "probability": round(p, 6)} for name, p in best]}
+            for upload, best in zip(files, ranked)]}
+
+    return app
+
+
+def exports_at(repo: Path, rev: str, exports: Path, dest: Path) -> Path:
+    """The export folder as it was at a git revision (a commit, a branch, a GTO tag such as
+    cifar10-classifier@v0.0.1), from DVC's cache or remote."""
+    from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+    from scmrepo.exceptions import SCMError
+
+    from stages.common.errors import ConfigError, DataError
+
+    try:
+        fs = DVCFileSystem(str(repo), rev=rev)
+    except (SCMError, DvcException) as err:
+        raise ConfigError(f"revision '{rev}' not found in {repo} ({err}); pass a commit, branch or tag") from None
+    try:
+        fs.get(exports.as_posix(), str(dest), recursive=True)
+    except (FileNotFoundError, DvcException) as err:
+        raise DataError(f"{exports} at '{rev}' cannot be read ({err}); that revision has no export, "
+                        "or its files are in no cache: `dvc pull` first") from None
+    return dest
+
+
+def serve(exports: Path, host: str, port: int, threads: int = 0) -> None:
+    import uvicorn
+
+    model, signature = load_exported(exports, threads)
+    uvicorn.run(create_app(model, signature), host=host, port=port, log_level="info")
+
+
+def serve_revision(repo: Path, rev: str, exports: Path, host: str, port: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="cifar10-api-") as tmp:
+        serve(exports_at(repo, rev, exports, Path(tmp) / "export"), host, port)

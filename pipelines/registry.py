@@ -1,0 +1,63 @@
+"""Model versions in the GTO registry: git tags on the commits whose exported model is kept.
+
+The artifact is declared once, in dvc.yaml's `artifacts:` (DVC Studio's convention), so `gto show`,
+`dvc artifacts get . NAME --stage prod` and DVC Studio all see the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.common.errors import ConfigError
+from stages.common.paths import DVC_YAML
+
+
+@dataclass(frozen=True)
+class Registered:
+    artifact: str
+    version: str
+    commit: str
+    stage: str | None
+
+    def describe(self) -> str:
+        staged = f", assigned to stage '{self.stage}'" if self.stage else ""
+        return (f"registered {self.artifact} {self.version} at {self.commit[:7]}{staged} (`gto show`; "
+                f"push the tags with `git push origin --tags`)")
+
+
+def model_artifact(repo: Path) -> str:
+    """The name of the model artifact dvc.yaml declares."""
+    import yaml
+
+    declared = yaml.safe_load((repo / DVC_YAML).read_text()) or {}
+    models = [name for name, spec in (declared.get("artifacts") or {}).items() if (spec or {}).get("type") == "model"]
+    if len(models) != 1:
+        raise ConfigError(f"{repo / DVC_YAML} declares {len(models)} artifacts of type model; it needs exactly "
+                          "one under `artifacts:` (restore it from the project's dvc.yaml)")
+    return models[0]
+
+
+def register(repo: Path, ref: str = "HEAD", stage: str | None = None) -> Registered:
+    """Register the next version of the model at `ref` (and assign it to `stage`), as `gto register`
+    and `gto assign` do; a commit already registered keeps its version."""
+    from gto import api as gto
+    from gto.exceptions import GTOException, VersionExistsForCommit
+
+    from pipelines.dvcrepo import git
+
+    name = model_artifact(repo)
+    commit = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    if not commit:
+        raise ConfigError(f"'{ref}' is no commit of {repo}; register a commit, branch or tag (commit the run first)")
+    try:
+        try:
+            version = gto.register(str(repo), name, commit).version
+        except VersionExistsForCommit:
+            version = next(v["version"] for v in gto.show(str(repo), name)
+                           if v["commit_hexsha"] == commit and v["registrations"])
+        if stage:
+            gto.assign(str(repo), name, stage, version=version)
+    except GTOException as err:
+        raise ConfigError(f"GTO refused to register {name} at {ref} ({err}); check `gto show {name}`") from None
+    return Registered(name, version, commit, stage)

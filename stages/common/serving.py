@@ -1,0 +1,63 @@
+"""The exported model at inference time: ONNX Runtime on raw 0..255 pixels, no TensorFlow.
+
+One code path for every consumer of the export: the export stage's own check, `cifar10-pipeline
+predict` and the inference API (`cifar10-pipeline api`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import dataio
+from stages.common.errors import DataError
+
+# What the export stage writes into its model folder (dvc.yaml's paths.exports).
+EXPORTED = {"saved_model": "saved_model", "onnx": "model.onnx", "signature": "signature.json"}
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probabilities"
+INPUT_SHAPE = (32, 32, 3)
+
+
+class OnnxClassifier:
+    """An ONNX model of the export's signature (pixels in, probabilities out), ready to predict."""
+
+    def __init__(self, onnx_path: Path, classes: list[str], threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's own choice (one per core)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime raises its own untyped errors
+            raise DataError(f"{onnx_path} is not a loadable ONNX model ({str(err).splitlines()[0]}); "
+                            "re-export it (`dvc repro -f export`)") from None
+        self.classes = classes
+
+    def probabilities(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """(N, 32, 32, 3) pixels in 0..255 -> (N, classes) probabilities."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != INPUT_SHAPE:
+            raise DataError(f"expected images of shape (N, 32, 32, 3), got {pixels.shape}")
+        batches = [self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + batch_size]})[0]
+                   for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(batches) if batches else np.zeros((0, len(self.classes)), np.float32)
+
+    def top_k(self, pixels: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """For each image its k likeliest classes, best first, as (name, probability)."""
+        probabilities = self.probabilities(pixels)
+        order = np.argsort(-probabilities, axis=1)[:, :k]
+        return [[(self.classes[j], float(row[j])) for j in best] for row, best in zip(probabilities, order)]
+
+
+def load_exported(folder: Path, threads: int = 0) -> tuple[OnnxClassifier, dict[str, Any]]:
+    """The export's ONNX model and its signature.json (classes, version, metrics)."""
+    onnx_path, signature_path = folder / EXPORTED["onnx"], folder / EXPORTED["signature"]
+    for path in (signature_path, onnx_path):
+        if not path.is_file():
+            raise DataError(f"{path} not found; export the model first (`cifar10-pipeline run` or "
+                            "`dvc repro export`, with onnx in export.formats)")
+    signature = dataio.read_json(signature_path)
+    return OnnxClassifier(onnx_path, signature["classes"], threads), signature
