@@ -255,7 +255,7 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
         fig.savefig(out_dir / "confusion.png", dpi=90)
         lines += ["", "## Confusion matrices and their difference", "", "![confusion](confusion.png)"]
     try:
-        dvc(repo, "plots", "diff", *revs, "-o", str(out_dir / "plots"))
+        dvc(repo, "plots", "diff", *revs, "-o", str(out_dir / "plots"), "--html-template", str(offline_plots_template(repo)))
         lines += ["", "## Training curves", "", "Overlaid by `dvc plots diff`: [plots/index.html](plots/index.html)"]
     except CommandFailed as err:
         lines += ["", f"Training curves: not available ({err})"]
@@ -271,6 +271,27 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
         "page": str(out_dir / "compare.html"),
     }
     return text, findings
+
+
+# The Vega-Lite release DVC's plot templates are written for (their specs name the v5 schema).
+VEGA_LITE_VERSION = "v5.21"
+
+
+def offline_plots_template(repo: Path) -> Path:
+    """A `dvc plots --html-template` with Vega, Vega-Lite and Vega-Embed inlined (vl-convert's
+    bundle), so the page draws without internet; DVC's own template loads them from a CDN. Built
+    once per repo, under .dvc/tmp."""
+    path = repo / ".dvc" / "tmp" / f"plots-offline-{VEGA_LITE_VERSION}.html"
+    if not path.is_file():
+        import vl_convert
+
+        from stages.common.dataio import write_text
+
+        bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
+        write_text(path, "<!DOCTYPE html>\n<html>\n<head>\n<meta charset='utf-8'>\n{refresh_tag}\n"
+                         f"<title>DVC plots</title>\n<script>{bundle}</script>\n"
+                         "<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n")
+    return path
 
 
 def safe_name(text: str) -> str:

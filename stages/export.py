@@ -9,9 +9,7 @@ Normalisation is inside the model, so every export takes raw 0..255 RGB pixels, 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from stages.common import dataio
 from stages.common.errors import IntegrityError, run_main
 from stages.common.params import load_section
 from stages.common.paths import CLASSES, EVALUATION, stage_paths
+from stages.common.provenance import code_revision, file_md5
 from stages.common.schemas import ExportParams
 from stages.common.serving import EXPORTED, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME, OnnxClassifier
 
@@ -113,14 +112,9 @@ def saved_model_probabilities(folder: Path, pixels: np.ndarray, batch_size: int)
 
 
 def model_version(model_path: Path) -> dict[str, str]:
-    """The git revision the export was made at and DVC's hash of the Keras model (a file's md5)."""
-    digest = hashlib.md5()
-    with model_path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    rev = head.stdout.strip() if head.returncode == 0 else "unknown"
-    return {"git_rev": rev, "model_md5": digest.hexdigest(), "version": f"{rev[:7]}-{digest.hexdigest()[:8]}"}
+    """The code revision the export was made at and DVC's hash of the Keras model (a file's md5)."""
+    rev, md5 = code_revision(), file_md5(model_path)
+    return {"git_rev": rev, "model_md5": md5, "version": f"{rev[:7]}-{md5[:8]}"}
 
 
 def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dict[str, dict[str, float]]:

@@ -18,8 +18,9 @@ import pandas as pd
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, CURVES, EVALUATION, REPORT_PAGE, RUN_INFO, stage_paths
-from stages.common.render import per_class_table, render_html
+from stages.common.paths import CLASSES, CURVES, EVALUATION, REPORT_PAGE, RUN_INFO, VALIDATION, stage_paths
+from stages.common.provenance import code_revision, file_md5
+from stages.common.render import per_class_table, render_html, validation_table
 from stages.common.schemas import ReportParams
 
 # --- figures -------------------------------------------------------------------------------
@@ -129,22 +130,11 @@ def model_card(manifest: dict, train_params: dict, metrics: dict, model_path: Pa
     ])
 
 
-def code_revision() -> str:
-    """The git commit the stages ran from, marked when stage code had uncommitted changes."""
-    import subprocess
-
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode != 0:
-        return "unknown (not a git checkout)"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "stages", "dvc.yaml"], capture_output=True, text=True)
-    return head.stdout.strip() + (" + uncommitted changes to stages/ or dvc.yaml" if dirty.stdout.strip() else "")
-
-
 # --- stage ---------------------------------------------------------------------------------
 
 
 def main() -> None:
-    paths = stage_paths("report", "raw", "prepared", "model", "train", "evaluate", "out")
+    paths = stage_paths("report", "raw", "prepared", "validate", "model", "train", "evaluate", "out")
     prepared, train_dir, evaluate_dir = paths["prepared"], paths["train"], paths["evaluate"]
     params: ReportParams = load_section("report")
     classes = dataio.read_json(prepared / CLASSES)
@@ -187,7 +177,9 @@ def main() -> None:
         md_text = render_markdown(metrics, report, {**run_info, "split": split},
                                   {t: f for t, (f, _) in figures.items()})
         md_text += "\n" + model_card(dataio.read_json(paths["raw"] / "manifest.json"), _train_params(train_dir), metrics,
-                                     paths["model"], _md5(paths["model"]), code_revision())
+                                     paths["model"], file_md5(paths["model"]), code_revision())
+        validation = dataio.read_json(paths["validate"] / VALIDATION["results"])
+        md_text += "\n## Data validation (Great Expectations)\n\n" + validation_table(validation) + "\n"
         (tmp / "report.md").write_text(md_text)
         (tmp / REPORT_PAGE).write_text(render_html(md_text))
     print(f"report: {paths['out'] / REPORT_PAGE} and report.md, {len(figures)} figures")
@@ -203,15 +195,6 @@ def _train_params(train_dir: Path) -> dict:
 
 def _trained_model(train_dir: Path) -> dict:
     return {"model": _train_params(train_dir).get("model")}
-
-
-def _md5(path: Path) -> str:
-    import hashlib
-
-    if not path.is_file():
-        raise DataError(f"{path} not found; run `dvc repro train` first")
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -196,7 +197,8 @@ def train(
             epochs=params.epochs,
             shuffle=False,  # the tf.data pipeline shuffles, seeded
             callbacks=[interrupt, *guards, *(callbacks or [])],
-            verbose=2,
+            # A live progress bar at a terminal; one line per epoch in logs (DVC, Prefect, CI).
+            verbose=1 if sys.stdout.isatty() else 2,
         )
     history = {key: [r[key] for r in previous if key in r] + [float(v) for v in values]
                for key, values in fit.history.items() if key != "learning_rate"}

@@ -9,7 +9,6 @@ and Data Docs.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,8 @@ import pandas as pd
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, stage_paths
+from stages.common.paths import CLASSES, VALIDATION, stage_paths
+from stages.common.render import render_html, validation_table
 from stages.common.schemas import ExpectedPerClass, PrepareParams, ValidateParams
 
 IMAGE_COLUMNS = [
@@ -110,27 +110,15 @@ def build_suites(classes: list[str], params: ValidateParams, with_counts: bool) 
     return {"images": images, "class_counts": counts, "normalization": norm}
 
 
-def run_validation(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], docs_dir: Path | None) -> dict:
-    """Validate each table with its suite through a GX checkpoint; optionally build Data Docs.
-
-    One checkpoint per table, since each table is its own in-memory batch.
-    """
+def run_validation(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]]) -> dict:
+    """Validate each table with its suite through a GX checkpoint, one per table, since each table
+    is its own in-memory batch. No Data Docs: they load Bootstrap, jQuery and fonts from CDNs, so
+    they render blank on an offline machine; validation.html shows every result instead."""
     import great_expectations as gx
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False, "metric_calculations": False}
-    actions = []
-    if docs_dir is not None:
-        context.add_data_docs_site(
-            site_name="validate",
-            site_config={
-                "class_name": "SiteBuilder",
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-            },
-        )
-        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["validate"]))
     source = context.data_sources.add_pandas("prepared")
     results = {}
     for name, expectations in suites.items():
@@ -138,7 +126,7 @@ def run_validation(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]]
         suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
         definition = context.validation_definitions.add(gx.ValidationDefinition(data=batch, suite=suite, name=name))
         checkpoint = context.checkpoints.add(
-            gx.Checkpoint(name=name, validation_definitions=[definition], actions=actions,
+            gx.Checkpoint(name=name, validation_definitions=[definition], actions=[],
                           result_format={"result_format": "SUMMARY"})
         )
         outcome = checkpoint.run(batch_parameters={"dataframe": tables[name]})
@@ -170,7 +158,6 @@ def failures(results: dict) -> list[str]:
 
 def validate(
     images: pd.DataFrame, classes: list[str], norm: dict, params: ValidateParams, prepare: PrepareParams,
-    docs_dir: Path | None = None,
 ) -> tuple[dict, list[str]]:
     """GX results per table and the failures as short lines (empty when all passed)."""
     expected = expected_counts(params.expected_per_class, prepare)
@@ -179,7 +166,7 @@ def validate(
         "class_counts": class_counts_table(images, classes, expected),
         "normalization": normalization_table(norm),
     }
-    results = run_validation(tables, build_suites(classes, params, expected is not None), docs_dir)
+    results = run_validation(tables, build_suites(classes, params, expected is not None))
     return results, failures(results)
 
 
@@ -207,16 +194,19 @@ def main() -> None:
     conversions = dataio.read_json(prepared / "conversions.json")
 
     with dataio.atomic_dir(out) as tmp:
-        results, failed = validate(images, classes, norm, params, prepare, docs_dir=tmp / "data_docs")
+        results, failed = validate(images, classes, norm, params, prepare)
         summary = summarize(results, conversions)
-        dataio.write_json(tmp / "result.json", results)
+        dataio.write_json(tmp / VALIDATION["results"], results)
         dataio.write_json(tmp / "summary.json", summary)
+        verdict = "all passed" if not failed else f"{len(failed)} failed"
+        page = f"# Data validation: {summary['evaluated']} expectations, {verdict}\n\n{validation_table(results)}\n"
+        dataio.write_text(tmp / VALIDATION["page"], render_html(page, "CIFAR-10 data validation"))
     if failed:
         for line in failed:
             print(f"  FAILED {line}")
         raise DataError(
             f"validation failed: {len(failed)} of {summary['evaluated']} expectations "
-            f"(first: {failed[0]}); see {out}/data_docs/index.html, fix the data or the validate.* params"
+            f"(first: {failed[0]}); see {out / VALIDATION['page']}, fix the data or the validate.* params"
         )
     converted = f" ({len(conversions)} images were converted by prepare)" if conversions else ""
     print(f"validate: all {summary['evaluated']} expectations passed{converted} -> {out}")

@@ -4,6 +4,7 @@ params, fresh git + DVC repos, and the real CLIs (dvc, cifar10-pipeline, a stage
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -151,3 +152,105 @@ def inference_api(*args: str, env: dict | None = None, startup_s: float = 90) ->
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+# Debian's Chromium, headless, with its own background traffic off.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-default-apps", "--hide-scrollbars", "--window-size=1280,1600"]
+LOCAL_URL = re.compile(r"^(file://|data:|blob:|about:|https?://(127\.0\.0\.1|localhost)[:/])")
+# Drawn charts: Vega's canvas or SVG marks, and any other canvas or SVG with content.
+CHARTS_JS = ("[...document.querySelectorAll('canvas, svg')].filter(e => e.getBoundingClientRect().width > 50"
+             " && e.getBoundingClientRect().height > 50).length")
+
+
+def chromium() -> str:
+    """Debian's chromium, or a failed test that says how to get it (never a silent skip)."""
+    import pytest
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("Chromium not found: install Debian's chromium package (apt-get install chromium); .ci/run does")
+    return found
+
+
+@dataclasses.dataclass
+class PageVisit:
+    requested: list[str]  # every URL the page asked for, itself included
+    failed: list[str]  # requests that got no response
+    charts: int  # canvas/svg elements larger than 50x50 px after the page's scripts ran
+    images: tuple[int, int]  # (<img> elements decoded, <img> elements)
+    text: str  # the rendered page's text
+    screenshot: Path
+
+    def external(self) -> list[str]:
+        return [url for url in self.requested if not LOCAL_URL.match(url)]
+
+
+def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | None = None, timeout_s: float = 60) -> PageVisit:
+    """Open `url` in headless Chromium through the DevTools protocol: record every request the page
+    makes, let its scripts run (until `wait_for_text` shows, when given), count drawn charts and
+    take a screenshot."""
+    import base64
+    import json
+
+    from websockets.sync.client import connect
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    browser = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}",
+                                "--remote-debugging-port=0", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file, deadline = workdir / "profile" / "DevToolsActivePort", time.monotonic() + 30
+        while not port_file.is_file() or len(port_file.read_text().split()) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("Chromium did not open its DevTools port")
+            time.sleep(0.2)
+        port = port_file.read_text().split()[0]
+        target = next(t for t in httpx.get(f"http://127.0.0.1:{port}/json/list").json() if t["type"] == "page")
+        with connect(target["webSocketDebuggerUrl"], max_size=None) as ws:
+            ids = iter(range(1, 1_000_000))
+            requested, failed = [], []
+
+            def call(method: str, **params):
+                sent = next(ids)
+                ws.send(json.dumps({"id": sent, "method": method, "params": params}))
+                while True:
+                    message = json.loads(ws.recv(timeout=timeout_s))
+                    if message.get("id") == sent:
+                        return message.get("result", {})
+                    if message.get("method") == "Network.requestWillBeSent":
+                        requested.append(message["params"]["request"]["url"])
+                    elif message.get("method") == "Network.loadingFailed":
+                        failed.append(message["params"].get("errorText", ""))
+
+            def page_text() -> str:
+                return call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
+                            returnByValue=True)["result"].get("value", "")
+
+            call("Network.enable")
+            call("Page.enable")
+            call("Page.navigate", url=url)
+            deadline = time.monotonic() + timeout_s
+            while wait_for_text and wait_for_text not in page_text() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(settle_s)
+            charts = call("Runtime.evaluate", expression=CHARTS_JS, returnByValue=True)["result"]["value"]
+            images = call("Runtime.evaluate", returnByValue=True, expression=(
+                "[[...document.images].filter(i => i.complete && i.naturalWidth > 0).length, document.images.length]"
+            ))["result"]["value"]
+            text = page_text()
+            shot = workdir / "page.png"
+            shot.write_bytes(base64.b64decode(call("Page.captureScreenshot", format="png")["data"]))
+        return PageVisit(requested, failed, charts, tuple(images), text, shot)
+    finally:
+        os.killpg(browser.pid, signal.SIGKILL)
+        browser.wait(timeout=30)
+
+
+def not_blank(png: Path) -> bool:
+    """More than a background: a drawn page has many distinct colours."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20

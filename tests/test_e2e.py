@@ -22,9 +22,11 @@ from tests.helpers import (
     dvc,
     git_dvc_project,
     inference_api,
+    not_blank,
     set_params,
     stages_run,
     tiny_params,
+    visit,
 )
 
 pytestmark = pytest.mark.e2e
@@ -57,7 +59,8 @@ def test_repro_writes_every_stage_output(project):
     assert metrics["accuracy"] == round(float(confusion.trace() / confusion.sum()), 4)
     assert metrics["split"] == "test" and len(metrics["data"]) == 16
     assert (project / "models/model.keras").stat().st_size > 0
-    assert (project / "results/validate/data_docs/index.html").is_file()
+    assert "expect_column_values_to_be_in_set" in (project / "results/validate/validation.html").read_text()
+    assert "## Data validation (Great Expectations)" in (project / "results/report/report.md").read_text()
     assert json.loads((project / "results/validate/summary.json").read_text())["success"] is True
     report = (project / "results/report/report.md").read_text()
     assert "| accuracy |" in report and "![Confusion matrix](confusion_matrix.png)" in report
@@ -69,6 +72,18 @@ def test_repro_writes_every_stage_output(project):
     ignored = subprocess.run(["git", "check-ignore", "data/raw", "data/prepared", "models/model.keras"],
                              cwd=project, capture_output=True, text=True).stdout.split()
     assert ignored == ["data/raw", "data/prepared", "models/model.keras"]
+
+
+def test_report_and_validation_pages_draw_offline_in_chromium(project, tmp_path):
+    seen = {page: visit((project / page).as_uri(), tmp_path / page.replace("/", "_"))
+            for page in ("results/report/report.html", "results/validate/validation.html")}
+    for page, visited in seen.items():
+        assert visited.external() == [] and visited.failed == [], page
+        assert not_blank(visited.screenshot), page
+    validation, report = seen["results/validate/validation.html"], seen["results/report/report.html"]
+    assert validation.text.startswith("Data validation:") and "expect_table_row_count_to_equal" in validation.text
+    assert report.images == (4, 4)  # curves, confusion matrix, misclassified and sample grids all decode
+    assert "Data validation (Great Expectations)" in report.text and "Model card" in report.text
 
 
 def test_metrics_and_plots_render(project):
@@ -154,4 +169,5 @@ def test_failed_validation_stops_the_pipeline(tmp_path, tiny_archive):
     assert "error: validation failed" in result.stderr and "expected_count" in result.stderr
     assert not (repo / "models/model.keras").exists()
     assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == {"download", "prepare"}
-    assert (repo / "results/validate/data_docs/index.html").is_file()  # the failure is inspectable
+    page = (repo / "results/validate/validation.html").read_text()  # the failure is inspectable
+    assert "see results/validate/validation.html" in result.stderr and "<strong>FAIL</strong>" in page

@@ -47,6 +47,7 @@ def artifact_paths(repo: Path) -> dict[str, Path]:
 # Files inside a stage's folder that other parts read, by what they hold.
 EVALUATION = {"metrics": "metrics.json", "report": "classification_report.json",
               "confusion": "confusion_matrix.csv", "predictions": "predictions.csv"}
+VALIDATION = {"results": "result.json", "page": "validation.html"}  # Great Expectations' results, every one shown
 CLASSES = "classes.json"  # in the prepared folder: class names in label order
 RUN_INFO = "run_info.json"  # in the train folder
 CURVES = "plots/metrics"  # in the train folder: DVCLive's per-epoch TSVs

@@ -19,6 +19,28 @@ def per_class_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def validation_table(results: dict) -> str:
+    """Every Great Expectations result of the validate stage (its result.json): table,
+    expectation, arguments, pass/fail and what was observed, as a Markdown table."""
+    rows = ["| table | expectation | arguments | result | observed |", "|---|---|---|---|---|"]
+    for table, result in results.items():
+        for item in result["results"]:
+            config = item["expectation_config"]
+            arguments = ", ".join(f"{k}={v}" for k, v in config["kwargs"].items() if k != "batch_id")
+            outcome = item.get("result") or {}
+            if "observed_value" in outcome and outcome["observed_value"] is not None:
+                observed = str(outcome["observed_value"])
+            elif "unexpected_count" in outcome:
+                observed = f"{outcome['unexpected_count']} of {outcome.get('element_count')} rows unexpected"
+            else:
+                observed = ""
+            if (item.get("exception_info") or {}).get("raised_exception"):
+                observed = item["exception_info"]["exception_message"]
+            cells = [table, config["type"], arguments, "pass" if item["success"] else "**FAIL**", observed]
+            rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(rows)
+
+
 def render_html(md_text: str, title: str = "CIFAR-10 report") -> str:
     import markdown
 

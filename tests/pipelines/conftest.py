@@ -18,7 +18,7 @@ def prefect_api(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": url}
+           "PREFECT_UI_ENABLED": "true", "PREFECT_API_URL": url}
     log = open(home / "server.log", "w")  # noqa: SIM115 - the server writes to it until the session ends
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -46,3 +46,12 @@ def test_errors_end_in_one_line_with_their_code(monkeypatch, capsys):
     assert code == 1 and err.startswith("error: unexpected RuntimeError: dvc push: remote unreachable; rerun with ")
     assert len(err.strip().splitlines()) == 1
     assert run_main(monkeypatch, capsys, lambda: None) == (0, "")
+
+
+def test_version_prints_the_installed_version(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    monkeypatch.setattr("sys.argv", ["cifar10-pipeline", "--version"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 0 and capsys.readouterr().out == f"cifar10-pipeline {version('cifar10-pipeline')}\n"

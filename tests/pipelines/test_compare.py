@@ -14,7 +14,7 @@ from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar
 from pipelines.gate import default_baseline, judge
 from stages.common.errors import ConfigError
 from stages.common.schemas import GateParams
-from tests.helpers import REPO, cli, dvc, git_dvc_project, set_params, tiny_params
+from tests.helpers import REPO, cli, dvc, git_dvc_project, not_blank, set_params, tiny_params, visit
 
 
 def predictions(actual: list[int], predicted: list[int]) -> pd.DataFrame:
@@ -173,12 +173,29 @@ def test_compare_two_commits_shows_param_and_metric_deltas(two_commits, prefect_
     folder = repo / "comparisons" / "HEAD-1_vs_HEAD"
     for name in ("compare.md", "compare.html", "confusion.png", "plots/index.html"):
         assert (folder / name).is_file(), name
+    # Both pages draw in a browser with nothing fetched from outside the machine.
+    plots = visit((folder / "plots/index.html").as_uri(), repo.parent / "browser-plots")
+    assert plots.external() == [] and plots.failed == [] and plots.charts >= 3 and not_blank(plots.screenshot)
+    page = visit((folder / "compare.html").as_uri(), repo.parent / "browser-compare")
+    assert page.external() == [] and page.images == (1, 1) and "Verdict:" in page.text and not_blank(page.screenshot)
 
     table = cli(prefect_env, "compare", "--all", "--csv", str(repo / "all.csv"), "--repo", str(repo))
     assert table.returncode == 0, table.stderr
     rows = pd.read_csv(repo / "all.csv")
     assert len(rows) >= 2 and "param train.epochs" in rows.columns
     assert rows["accuracy"].dropna().is_monotonic_decreasing and rows["accuracy"].iloc[-1] != rows["accuracy"].iloc[-1]
+
+    # --json: the same findings for scripts.
+    findings = json.loads(cli(prefect_env, "compare", "HEAD~1", "HEAD", "--json", "--repo", str(repo)).stdout)
+    assert findings["metrics"]["accuracy"] == {"a": old["accuracy"], "b": new["accuracy"],
+                                               "change": pytest.approx(new["accuracy"] - old["accuracy"])}
+    assert {"param": "train.epochs", "a": 1, "b": 3} in findings["params"]
+    assert findings["uncertainty"]["verdict"] in out and findings["page"] == str(folder / "compare.html")
+    all_rows = json.loads(cli(prefect_env, "compare", "--all", "--json", "--repo", str(repo)).stdout)
+    assert len(all_rows) == len(rows)  # a run without metrics is null in JSON
+    assert [r["accuracy"] for r in all_rows if r["accuracy"] is not None] == rows["accuracy"].dropna().tolist()
+    status = json.loads(cli(prefect_env, "status", "--json", "--repo", str(repo)).stdout)
+    assert {s["stage"]: s["status"] for s in status["stages"]}["train"] == "up to date"
 
 
 @pytest.mark.e2e

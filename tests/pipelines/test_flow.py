@@ -11,7 +11,19 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import BIN, STAGES, api, cli, copy_repo, git_dvc_project, set_params, sha256_of, tiny_params
+from tests.helpers import (
+    BIN,
+    STAGES,
+    api,
+    cli,
+    copy_repo,
+    git_dvc_project,
+    not_blank,
+    set_params,
+    sha256_of,
+    tiny_params,
+    visit,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +65,20 @@ def test_flow_runs_then_finds_everything_up_to_date(first_run, flow_project, pre
     artifacts = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-report", "cifar10-metrics"]}}})
     assert {a["key"] for a in artifacts} == {"cifar10-report", "cifar10-metrics"}
     assert any("Accuracy" in (a.get("data") or "") for a in artifacts if a["key"] == "cifar10-report")
+
+
+def test_the_prefect_ui_shows_the_run_and_its_report_artifact(first_run, prefect_api, tmp_path):
+    """The Prefect UI of the test server, opened in Chromium: the flow run's page, then the report."""
+    assert first_run[1].returncode == 0, first_run[1].stderr
+    runs = api(prefect_api, "POST", "/flow_runs/filter", {"sort": "START_TIME_ASC", "limit": 200})
+    run = next(r for r in runs if r["parameters"].get("repo_dir") == str(first_run[0]))
+    ui = prefect_api.removesuffix("/api")
+    page = visit(f"{ui}/runs/flow-run/{run['id']}", tmp_path / "run", wait_for_text=run["name"])
+    assert run["name"] in page.text and "Completed" in page.text and not_blank(page.screenshot)
+    (report,) = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {
+        "key": {"any_": ["cifar10-report"]}, "flow_run_id": {"any_": [run["id"]]}}})
+    artifact = visit(f"{ui}/artifacts/artifact/{report['id']}", tmp_path / "artifact", wait_for_text="Accuracy")
+    assert "cifar10-report" in artifact.text and "Accuracy" in artifact.text and not_blank(artifact.screenshot)
 
 
 def test_predict_any_image_size_and_mode(flow_project, prefect_env, tmp_path):

@@ -24,12 +24,16 @@ def failed_columns(failures: list[str]) -> str:
     return "\n".join(failures)
 
 
-def test_good_data_passes_and_writes_data_docs(tmp_path):
+def test_good_data_passes_and_every_result_is_tabled():
+    from stages.common.render import validation_table
+
     table, norm = prepared()
-    results, failures = validate(table, CLASSES, norm, PARAMS, PREPARE, docs_dir=tmp_path / "docs")
+    results, failures = validate(table, CLASSES, norm, PARAMS, PREPARE)
     assert failures == []
     assert set(results) == {"images", "class_counts", "normalization"}
-    assert (tmp_path / "docs" / "index.html").is_file()
+    rows = validation_table(results).splitlines()[2:]
+    assert len(rows) == sum(len(r["results"]) for r in results.values()) and all("| pass |" in r for r in rows)
+    assert "| class_counts | expect_table_row_count_to_equal | value=" in "\n".join(rows)
 
 
 def test_planted_problems_are_each_reported():
@@ -40,9 +44,12 @@ def test_planted_problems_are_each_reported():
     test_row = table.index[table["split"] == "test"][0]
     table.loc[test_row, "content_hash"] = table.loc[3, "content_hash"]  # test image also in train
     table.loc[4, "height"] = 31
-    _, failures = validate(table, CLASSES, norm, PARAMS, PREPARE)
+    results, failures = validate(table, CLASSES, norm, PARAMS, PREPARE)
     text = failed_columns(failures)
     assert "'column': 'label'" in text
+    from stages.common.render import validation_table
+
+    assert validation_table(results).count("| **FAIL** |") == len(failures)
     assert "'column': 'pixel_std'" in text
     assert "expect_column_values_to_not_be_null {'column': 'pixel_mean'}" in text
     assert "'column': 'in_test_and_fit'" in text
