@@ -1,8 +1,11 @@
-"""Sweeps: a grid or a random search over params, each point a queued DVC experiment.
+"""Sweeps: a grid, a random or a Bayesian (Optuna's TPE) search over params, each point a queued
+DVC experiment.
 
 Points run through DVC's own queue (`dvc exp run --queue`, then `--run-all -j N`), each in its own
 temporary workspace, so every point stays in `dvc exp show`, its outputs in DVC's cache, and any
-one can be promoted with `dvc exp branch` / `dvc exp apply` (`cifar10-pipeline promote`).
+one can be promoted with `dvc exp branch` / `dvc exp apply` (`cifar10-pipeline promote`). A TPE
+search asks Optuna for `jobs` points at a time and tells it each one's metric as it ends.
+Progress (done, failed, remaining, best so far) is logged as points finish.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pipelines.compare import experiments_table, safe_name
 from pipelines.dvcrepo import dvc, dvc_executable, set_arg
 from pipelines.flow import check_overrides
-from stages.common.errors import CommandFailed, ConfigError
+from stages.common.errors import ConfigError
 
 OUT_DIR = Path("comparisons")
 
@@ -58,7 +61,7 @@ def sample_points(space: dict[str, Any], kind: str, n: int, seed: int) -> list[d
         keys = list(space)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(_values(space[k]) for k in keys))]
     if kind != "random":
-        raise ConfigError(f"sweep kind '{kind}' is not grid or random")
+        raise ConfigError(f"sweep kind '{kind}' is not grid, random or tpe")
     rng = np.random.default_rng(seed)
     return [{k: _draw(v, rng) for k, v in space.items()} for _ in range(n)]
 
@@ -68,11 +71,88 @@ def _override(key: str, value: Any) -> str:
     return set_arg(key, float(f"{value:.6g}") if isinstance(value, float) else value)
 
 
-def _queue_failures(repo: Path) -> set[str]:
+POLL_S = 5.0  # how often a running batch's queue is read for finished points
+
+
+def queue_statuses(repo: Path) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
     import subprocess
 
     status = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, capture_output=True, text=True).stdout
-    return {line.split()[1] for line in status.splitlines() if "Failed" in line and len(line.split()) > 1}
+    rows = [line.split() for line in status.splitlines()[1:]]
+    return {row[1]: row[-1] for row in rows if len(row) >= 4}
+
+
+def optuna_distributions(space: dict[str, Any]) -> dict[str, Any]:
+    """The search space as Optuna distributions (the same entries random search draws from)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, list):
+            out[key] = CategoricalDistribution(spec)
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"unknown search space entry {spec!r}; use a list, choice, uniform, log_uniform or int_uniform")
+        (kind, args), = spec.items()
+        makers = {"choice": lambda a: CategoricalDistribution(a), "uniform": lambda a: FloatDistribution(a[0], a[1]),
+                  "log_uniform": lambda a: FloatDistribution(a[0], a[1], log=True),
+                  "int_uniform": lambda a: IntDistribution(a[0], a[1])}
+        if kind not in makers:
+            raise ConfigError(f"unknown search space kind '{kind}'; use choice, uniform, log_uniform or int_uniform")
+        out[key] = makers[kind](args)
+    return out
+
+
+class Progress:
+    """Which points ended, their metric, and one log line per change: done/failed/remaining, best so far."""
+
+    def __init__(self, repo: Path, total: int, sort_by: str, logger) -> None:
+        self.repo, self.total, self.sort_by, self.logger = repo, total, sort_by, logger
+        self.metric: dict[str, float] = {}
+        self.failed: list[str] = []
+
+    def ended(self, names: set[str]) -> None:
+        table = experiments_table(self.repo, sort_by=None)
+        rows = {row["name"]: row for row in table.to_dict("records")} if not table.empty else {}
+        for exp in sorted(names):
+            row = rows.get(exp, {})
+            if row.get("status") == "ok" and pd.notna(row.get(self.sort_by)):
+                self.metric[exp] = float(row[self.sort_by])
+            else:
+                self.failed.append(exp)
+        done = len(self.metric) + len(self.failed)
+        best = max(self.metric, key=self.metric.get) if self.metric else None
+        so_far = f"best so far {best} ({self.sort_by} {self.metric[best]})" if best else "no point finished yet"
+        self.logger.info(f"progress: {done}/{self.total} ended, {len(self.failed)} failed, "
+                         f"{self.total - done} remaining; {so_far}")
+
+
+def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger) -> None:
+    """Queue the batch's points and run them, `jobs` at a time, reporting each as it ends."""
+    import subprocess
+
+    for exp, point in batch:
+        sets = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
+        dvc(repo, "exp", "run", "--queue", "--name", exp, *sets)
+        logger.info(f"queued {exp}: {point}")
+    pending = {exp for exp, _ in batch}
+    runner = subprocess.Popen([dvc_executable(), "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=repo,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while pending:
+            finished = runner.poll() is not None
+            statuses = queue_statuses(repo)
+            ended = pending if finished else {exp for exp in pending if statuses.get(exp) in ("Success", "Failed")}
+            if ended:
+                progress.ended(ended)
+                pending -= ended
+            elif not finished:
+                time.sleep(POLL_S)
+    finally:
+        if runner.poll() is None:  # interrupted: stop the queue's run with it
+            runner.terminate()
+        runner.wait()
 
 
 @flow(name="cifar10-sweep", log_prints=True)
@@ -89,29 +169,28 @@ def sweep(
     """Queue one DVC experiment per point, run them (`jobs` at a time), then rank them."""
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
-    points = sample_points(space or {}, kind, n, seed)
+    if kind == "tpe":
+        optuna_distributions(space or {})  # a bad space fails before anything runs
+        points = []
+    else:
+        points = sample_points(space or {}, kind, n, seed)
     for point in points:  # a point the schema refuses would only fail later, in its own run
         check_overrides(repo / "params.yaml", point)
     name = safe_name(name or time.strftime("sweep-%Y%m%d-%H%M%S"))
-    names = []
-    for i, point in enumerate(points, start=1):
-        exp = f"{name}-{i}"
-        sets = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
-        dvc(repo, "exp", "run", "--queue", "--name", exp, *sets)
-        names.append(exp)
-        logger.info(f"queued {exp}: {point}")
+    total = n if kind == "tpe" else len(points)
+    progress = Progress(repo, total, sort_by, logger)
     started = time.perf_counter()
-    try:
-        dvc(repo, "exp", "run", "--run-all", "--jobs", str(jobs))
-    except CommandFailed as err:  # failed points are found below, each by its own status
-        logger.warning(f"dvc exp run --run-all: {err}")
-    logger.info(f"ran {len(points)} points in {time.perf_counter() - started:.0f} s with {jobs} job(s)")
+    if kind == "tpe":
+        names, points = tpe_search(repo, space or {}, n, seed, jobs, name, progress, logger)
+    else:
+        names = [f"{name}-{i}" for i in range(1, len(points) + 1)]
+        run_batch(repo, list(zip(names, points)), jobs, progress, logger)
+    logger.info(f"ran {total} points in {time.perf_counter() - started:.0f} s with {jobs} job(s)")
 
     table = experiments_table(repo, sort_by=sort_by)
     mine = table[table["name"].isin(names)] if not table.empty else table
-    finished = {row["name"]: row for row in mine.to_dict("records")
-                if row.get("status") == "ok" and pd.notna(row.get("accuracy"))}
-    failed = sorted((set(names) - set(finished)) | (_queue_failures(repo) & set(names)))
+    finished = {row["name"]: row for row in mine.to_dict("records") if row["name"] in progress.metric}
+    failed = sorted(set(names) - set(finished))
     points_by_name = dict(zip(names, points))
     rows = [{"name": n_, **points_by_name[n_], **{k: r.get(k) for k in ("accuracy", "f1_macro", "loss")}, "status": "ok"}
             for n_, r in finished.items() if n_ not in failed]
@@ -136,6 +215,33 @@ def sweep(
                           key=safe_name(f"sweep-{name}").lower(), description=f"Sweep {name}")
     create_markdown_artifact("\n".join(summary), key="cifar10-sweep", description="Latest sweep")
     return {"name": name, "points": len(points), "failed": failed, "best": best, "table": str(out / f"{name}.csv")}
+
+
+def tpe_search(repo: Path, space: dict[str, Any], n: int, seed: int, jobs: int, name: str, progress: Progress,
+               logger) -> tuple[list[str], list[dict[str, Any]]]:
+    """Optuna's TPE over `space`: ask `jobs` points, run them as DVC experiments, tell it each
+    one's metric (a failed point is a failed trial), until `n` points ran."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    distributions = optuna_distributions(space)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    names: list[str] = []
+    points: list[dict[str, Any]] = []
+    while len(names) < n:
+        trials = [study.ask(distributions) for _ in range(min(jobs, n - len(names)))]
+        batch = [(f"{name}-{len(names) + i}", trial.params) for i, trial in enumerate(trials, start=1)]
+        for _, point in batch:
+            check_overrides(repo / "params.yaml", point)
+        run_batch(repo, batch, jobs, progress, logger)
+        for trial, (exp, point) in zip(trials, batch):
+            if exp in progress.metric:
+                study.tell(trial, progress.metric[exp])
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            names.append(exp)
+            points.append(point)
+    return names, points
 
 
 def load_sweep_config(path: Path) -> dict[str, Any]:

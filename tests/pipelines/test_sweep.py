@@ -47,8 +47,45 @@ def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, tiny_archiv
     ranked = table[table["status"] == "ok"]
     assert ranked["accuracy"].is_monotonic_decreasing and table["status"].iloc[-1] == "failed"  # best first
     assert "Best: `" in result.stdout
+    # Progress as points end, one line each (Prefect's log), the last one with the whole count.
+    progress = [line for line in (result.stdout + result.stderr).splitlines() if "progress: " in line]
+    assert len(progress) >= 2 and "progress: 3/3 ended, 1 failed, 0 remaining; best so far t-" in progress[-1]
 
-    promoted = cli(prefect_env, "promote", table["name"][0], "--branch", "best", "--repo", str(repo))
+    promoted = cli(prefect_env, "promote", table["name"][0], "--branch", "best", "--stage", "prod", "--repo", str(repo))
     assert promoted.returncode == 0, promoted.stderr
+    assert "registered cifar10-classifier v0.0.1 at " in promoted.stdout and "stage 'prod'" in promoted.stdout
     branches = subprocess.run(["git", "branch", "--list", "best"], cwd=repo, capture_output=True, text=True).stdout
     assert "best" in branches
+
+
+def test_tpe_space_maps_to_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from pipelines.sweep import optuna_distributions
+
+    dists = optuna_distributions({"a": [1, 2], "b": {"choice": ["x"]}, "c": {"uniform": [0, 1]},
+                                  "d": {"log_uniform": [1e-4, 1e-2]}, "e": {"int_uniform": [1, 3]}})
+    assert dists["a"] == CategoricalDistribution([1, 2]) and dists["b"] == CategoricalDistribution(["x"])
+    assert dists["c"] == FloatDistribution(0, 1) and dists["d"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert dists["e"] == IntDistribution(1, 3)
+    with pytest.raises(ConfigError, match="unknown search space kind 'normal'"):
+        optuna_distributions({"x": {"normal": [0, 1]}})
+
+
+@pytest.mark.e2e
+def test_a_tpe_search_runs_each_trial_as_an_experiment(tmp_path, tiny_archive, prefect_env):
+    repo = git_dvc_project(tmp_path / "project")
+    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
+    dvc(repo, "repro")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=repo, check=True)
+    (tmp_path / "space.yaml").write_text("kind: tpe\nn: 2\nseed: 1\nspace:\n"
+                                         "  train.learning_rate: {log_uniform: [0.0005, 0.005]}\n")
+    result = cli(prefect_env, "sweep", str(tmp_path / "space.yaml"), "--name", "b", "--repo", str(repo))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(repo / "comparisons" / "b.csv")
+    assert sorted(table["name"]) == ["b-1", "b-2"] and set(table["status"]) == {"ok"}
+    assert table["train.learning_rate"].between(0.0005, 0.005).all() and table["accuracy"].notna().all()
+    shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True, text=True).stdout
+    assert '"b-1"' in shown and '"b-2"' in shown
+    assert "progress: 2/2 ended, 0 failed, 0 remaining; best so far b-" in result.stdout + result.stderr
