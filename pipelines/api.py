@@ -113,6 +113,6 @@ def serve(exports: Path, host: str, port: int, threads: int = 0) -> None:
     uvicorn.run(create_app(model, signature), host=host, port=port, log_level="info")
 
 
-def serve_revision(repo: Path, rev: str, exports: Path, host: str, port: int) -> None:
+def serve_revision(repo: Path, rev: str, exports: Path, host: str, port: int, threads: int = 0) -> None:
     with tempfile.TemporaryDirectory(prefix="cifar10-api-") as tmp:
-        serve(exports_at(repo, rev, exports, Path(tmp) / "export"), host, port)
+        serve(exports_at(repo, rev, exports, Path(tmp) / "export"), host, port, threads)

@@ -368,6 +368,7 @@ def api(
     rev: Annotated[str | None, typer.Option(help="Serve the export of this git revision or GTO tag instead.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per request (0: one per core).")] = 0,
     repo: RepoOption = Path("."),
 ) -> None:
     """Serve the exported model over HTTP: POST /predict, GET /health, GET /metadata, docs at /docs."""
@@ -377,14 +378,14 @@ def api(
     if model is not None and rev is not None:
         raise ConfigError("api takes --model or --rev, not both")
     if model is not None:
-        inference_api.serve(model, host, port)
+        inference_api.serve(model, host, port, threads)
         return
     repo = require_repo(repo)
     exports = artifact_paths(repo)["exports"]
     if rev is None:
-        inference_api.serve(repo / exports, host, port)
+        inference_api.serve(repo / exports, host, port, threads)
     else:
-        inference_api.serve_revision(repo, rev, exports, host, port)
+        inference_api.serve_revision(repo, rev, exports, host, port, threads)
 
 
 def version_callback(value: bool) -> None:
