@@ -192,6 +192,7 @@ def server(
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+StageOption = Annotated[str | None, typer.Option("--stage", help="Also assign the version to this GTO stage (e.g. prod).")]
 
 
 @app.command()
@@ -263,8 +264,12 @@ def gate(
     if not verdict.passed:
         raise typer.Exit(1)
     if register or stage:
+        from pipelines.dvcrepo import git
         from pipelines.registry import register as register_model
 
+        if candidate is None and git(repo, "status", "--porcelain", "--", "dvc.lock"):
+            raise ConfigError("the gated run (the workspace) is not committed, so there is no version to register; "
+                              "commit it, then `cifar10-pipeline register`")
         typer.echo(register_model(repo, candidate or "HEAD", stage).describe())
 
 
@@ -287,9 +292,6 @@ def sweep(
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")
-
-
-StageOption = Annotated[str | None, typer.Option("--stage", help="Also assign the version to this GTO stage (e.g. prod).")]
 
 
 @app.command()
