@@ -24,6 +24,7 @@ from tests.helpers import (
     inference_api,
     not_blank,
     set_params,
+    stage_command,
     stages_run,
     tiny_params,
     visit,
@@ -84,6 +85,32 @@ def test_report_and_validation_pages_draw_offline_in_chromium(project, tmp_path)
     assert validation.text.startswith("Data validation:") and "expect_table_row_count_to_equal" in validation.text
     assert report.images == (4, 4)  # curves, confusion matrix, misclassified and sample grids all decode
     assert "Data validation (Great Expectations)" in report.text and "Model card" in report.text
+
+
+def test_training_shows_a_live_progress_bar_only_at_a_terminal(project):
+    import os
+    import pty
+
+    primary, secondary = pty.openpty()
+    env = {**ENV, "PYTHONPATH": str(project)}
+    proc = subprocess.Popen(stage_command("train"), cwd=project, env=env, stdin=secondary, stdout=secondary,
+                            stderr=secondary, close_fds=True)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed: the stage ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert proc.wait(timeout=600) == 0, b"".join(chunks)[-2000:]
+    at_terminal = b"".join(chunks).decode(errors="replace")
+    assert "━" in at_terminal and "\r" in at_terminal  # Keras' bar, redrawn in place
+    logged = dvc(project, "repro", "-f", "train").stdout  # DVC's pipe: one line per epoch
+    assert "━" not in logged and re.search(r"\d+/\d+ - \d+s - .*val_accuracy", logged)
 
 
 def test_metrics_and_plots_render(project):
