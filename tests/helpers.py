@@ -127,6 +127,20 @@ def api(url: str, method: str, path: str, json: dict | None = None, attempts: in
     return response.json() if response.content else None
 
 
+def serving(health_url: str, proc: subprocess.Popen, timeout_s: float, interval_s: float = 0.5) -> bool:
+    """Wait until `health_url` answers 200 (True), or `proc` exits or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+
+
 @contextlib.contextmanager
 def inference_api(*args: str, env: dict | None = None, startup_s: float = 90) -> Iterator[tuple[str, int]]:
     """`cifar10-pipeline api ARGS` on a free port of 127.0.0.1, once it answers /health; yields
@@ -136,17 +150,9 @@ def inference_api(*args: str, env: dict | None = None, startup_s: float = 90) ->
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"the API did not start:\n{proc.communicate()[0][-3000:]}")
-            time.sleep(0.5)
+        if not serving(f"{url}/health", proc, startup_s):
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"the API did not start:\n{proc.communicate()[0][-3000:]}")
         yield url, proc.pid
     finally:
         if proc.poll() is None:

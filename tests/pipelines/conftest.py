@@ -3,12 +3,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
-import httpx
 import pytest
 
-from tests.helpers import BIN, free_port
+from tests.helpers import BIN, free_port, serving
 
 
 @pytest.fixture(scope="session")
@@ -22,17 +20,9 @@ def prefect_api(tmp_path_factory):
     log = open(home / "server.log", "w")  # noqa: SIM115 - the server writes to it until the session ends
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-        time.sleep(1)
+    if not serving(f"{url}/health", proc, timeout_s=120, interval_s=1):
+        log.close()
+        raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
