@@ -203,11 +203,13 @@ def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | N
     from websockets.sync.client import connect
 
     workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / "profile" / "DevToolsActivePort"
+    port_file.unlink(missing_ok=True)  # a reused workdir must not hand over an earlier browser's port
     browser = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}",
                                 "--remote-debugging-port=0", "about:blank"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        port_file, deadline = workdir / "profile" / "DevToolsActivePort", time.monotonic() + 30
+        deadline = time.monotonic() + 30
         while not port_file.is_file() or len(port_file.read_text().split()) < 2:
             if time.monotonic() > deadline:
                 raise RuntimeError("Chromium did not open its DevTools port")
