@@ -68,6 +68,15 @@ def train_device() -> str:
     return f"GPU ({gpus[0].name})" if gpus else "CPU"
 
 
+def distribution_strategy(kind: str) -> tf.distribute.Strategy:
+    """mirrored: one replica per GPU, or per logical CPU device where several are configured (the
+    tests split the CPU in two); none: TensorFlow's default, one device."""
+    if kind != "mirrored":
+        return tf.distribute.get_strategy()
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+
+
 def set_precision(mixed: bool) -> None:
     """float16 pays off on GPUs only; on a CPU the mixed type is bfloat16, which only helps where the
     CPU has AVX-512 BF16 or AMX (measure with benchmarks/throughput.py --set mixed_precision=true)."""
@@ -174,7 +183,9 @@ def train(
     """Build and fit the model (resuming from `backup_dir` if it holds an interrupted run);
     raise if the loss or weights stop being finite. Returns the history of all epochs."""
     steps = -(-len(splits["train"][1]) // params.batch_size)
-    model = compiled_model(params, len(classes), normalization, steps)
+    # Variables made in the scope are mirrored; fit splits each (global) batch across the replicas.
+    with distribution_strategy(params.distribute).scope():
+        model = compiled_model(params, len(classes), normalization, steps)
     k = len(classes)
     train_ds = make_dataset(*splits["train"], params.batch_size, shuffle_seed=params.seed, num_classes=k)
     has_val = len(splits["val"][1]) > 0
@@ -237,6 +248,8 @@ def main() -> None:
     previous = resume_history(backup_dir)
     resumed = f", resuming after epoch {len(previous)}" if previous else ""
     print(f"train: {params.model} on {device}, {len(splits['train'][1]):,} images, {params.epochs} epochs{resumed}")
+    if params.distribute == "mirrored" and device == "CPU":
+        print("warning: train.distribute is mirrored but TensorFlow sees no GPU: one replica on the CPU")
 
     started = time.perf_counter()
     # dvcyaml=None: the stage's plots are declared in dvc.yaml, DVCLive must not edit it.
@@ -258,6 +271,8 @@ def main() -> None:
         "seconds_per_epoch": round(seconds / max(params.epochs - len(previous), 1), 1),
         "resumed_after_epoch": len(previous),
         "parameters": model.count_params(),
+        "distribute": params.distribute,
+        "replicas": model.distribute_strategy.num_replicas_in_sync,
         "seed": params.seed,
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
                      "tensorflow": tf.__version__, "keras": keras.__version__},

@@ -21,6 +21,7 @@ from stages.common.errors import ConfigError
 MODEL_NAMES = ("tutorial_cnn", "leaky_bn_cnn", "vgg_blocks", "bn_cnn", "gap_cnn", "resnet", "fast_vgg", "transfer")
 OPTIMIZERS = ("adam", "adamw", "sgd", "nadam", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
+DISTRIBUTE = ("none", "mirrored")
 
 
 def knob(
@@ -100,6 +101,8 @@ class TrainParams:
     ema: bool  # keep an exponential moving average of the weights and evaluate with it
     mixed_precision: bool  # bfloat16 on CPU, float16 on GPU
     xla: bool
+    # mirrored: tf.distribute.MirroredStrategy over this machine's GPUs (batch_size is the global batch)
+    distribute: str = knob(choices=DISTRIBUTE)
     seed: int = knob(min=0)
     require_gpu: bool
 

@@ -24,7 +24,7 @@ def params(**changes) -> TrainParams:
     base = {"model": "tutorial_cnn", "arch": {}, "epochs": 1, "batch_size": 8, "optimizer": "adam",
             "learning_rate": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "schedule": "constant",
             "warmup_epochs": 0.0, "step_every": 10, "step_factor": 0.5, "label_smoothing": 0.0, "augment": NO_AUGMENT,
-            "early_stopping": None, "ema": False, "mixed_precision": False, "xla": False, "seed": 5,
+            "early_stopping": None, "ema": False, "mixed_precision": False, "xla": False, "distribute": "none", "seed": 5,
             "require_gpu": False}
     return TrainParams(**{**base, **changes})
 
@@ -182,3 +182,62 @@ def test_an_interrupt_swallowed_inside_training_still_stops_it():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after training
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+MIRRORED_SCRIPT = """
+import json, sys
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from stages.train import compiled_model, distribution_strategy, make_dataset, train
+from tests.stages.test_train import CLASSES, NORM, params
+from tests import synthetic
+
+images, labels = synthetic.make_images(40, CLASSES, seed=3)
+data = {"train": (images[::2], labels[::2]), "val": (images[1::2], labels[1::2])}
+out, start, step = {}, None, {}
+for kind in ("none", "mirrored"):
+    # One SGD step on one batch from the same weights: the replicas' gradients must average.
+    p = params(distribute=kind, batch_size=16, optimizer="sgd", learning_rate=0.05, momentum=0.0)
+    with distribution_strategy(kind).scope():
+        m = compiled_model(p, len(CLASSES), NORM, 1)
+    start = start or m.get_weights()
+    m.set_weights(start)
+    m.fit(make_dataset(images[:16], labels[:16], 16, None, len(CLASSES)), epochs=1, verbose=0)
+    step[kind] = m.get_weights()
+
+    p = params(distribute=kind, epochs=4, batch_size=16, ema=True)
+    model, history = train(p, data, CLASSES, NORM, backup_dir=None)
+    path = sys.argv[1] + f"/{kind}.keras"
+    model.save(path)
+    probs = model.predict(images[1::2], verbose=0)
+    out[kind] = {"replicas": model.distribute_strategy.num_replicas_in_sync,
+                 "val_accuracy": history["val_accuracy"][-1],
+                 "reload_diff": float(np.abs(keras.saving.load_model(path).predict(images[1::2], verbose=0) - probs).max())}
+out["step_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(step["none"], step["mirrored"]))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_mirrored_training_splits_each_batch_across_two_devices_and_saves_a_plain_model(tmp_path):
+    """train.distribute: mirrored on two logical CPU devices (set before TensorFlow starts: a
+    subprocess): two replicas in sync, one step the same update as on one device (gradients
+    averaged, not summed), the saved model reloads to the same predictions, and it learns as the
+    one-device run does on the same data."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ENV, REPO
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["none"]["replicas"] == 1 and result["mirrored"]["replicas"] == 2
+    assert result["step_diff"] < 1e-5
+    for kind in ("none", "mirrored"):
+        assert result[kind]["reload_diff"] < 1e-5
+    assert result["mirrored"]["val_accuracy"] > 0.8
+    assert abs(result["mirrored"]["val_accuracy"] - result["none"]["val_accuracy"]) <= 0.1
