@@ -65,6 +65,36 @@ def parse_timeouts(pairs: list[str]) -> dict[str, float]:
 
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param: key=value (repeatable).")]
+PoolOption = Annotated[str | None, typer.Option(
+    "--pool", help="Run on this Prefect work pool's workers (they clone origin and share the DVC remote).")]
+
+
+def require_server(api_url: str | None) -> None:
+    """Work pools live on a Prefect server; Prefect's temporary one ends with this command."""
+    if not api_url:
+        raise ConfigError("a work pool needs a Prefect server that workers reach: set PREFECT_API_URL "
+                          "(see README, Scaling out)")
+    if not _api_reachable(api_url):
+        raise TransientError(f"the Prefect API at {api_url} is unreachable; start it and rerun")
+
+
+def _run_on_pool(repo: Path, overrides: dict[str, Any], pool: str, api_url: str | None) -> None:
+    """One flow run on the pool, waited for; its experiment is pulled here."""
+    import time
+
+    from pipelines import remote
+
+    require_server(api_url)
+    git_url, rev, branch = remote.remote_revision(repo)
+    remote.deploy(pool, git_url, branch)
+    name = time.strftime("run-%Y%m%d-%H%M%S")
+    runs = remote.submit(pool, git_url, rev, {name: overrides}, tags=["cli"])
+    typer.echo(f"submitted {name} to work pool '{pool}' (flow run {runs[name].id}); waiting for a worker")
+    state = remote.wait_for(runs, lambda *_: None)[name]
+    if not state.is_completed():
+        raise PipelineError(f"flow run {name} ended {state.name}: {state.message}")
+    remote.pull_experiment(repo, name)
+    typer.echo(f"experiment: {name} (pulled from origin; `cifar10-pipeline compare {name}`)")
 
 
 @app.command()
@@ -77,6 +107,7 @@ def run(
     stage_timeout: TimeoutOption = None,
     fallback: Annotated[bool, typer.Option(help="If the Prefect API is unreachable, run plain `dvc repro`.")] = False,
     gate: Annotated[bool, typer.Option("--gate", help="End with the quality gate against main; fail on regression.")] = False,
+    pool: PoolOption = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
     from pipelines.flow import check_overrides
@@ -85,6 +116,9 @@ def run(
     overrides = parse_overrides(set_ or [])
     check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
     api_url = os.environ.get("PREFECT_API_URL")
+    if pool:
+        _run_on_pool(repo, overrides, pool, api_url)
+        return
     if api_url and not _api_reachable(api_url):
         if not fallback:
             raise TransientError(
@@ -173,6 +207,22 @@ def serve(
         parameters={"repo_dir": str(repo), "overrides": overrides or None, "push": push,
                     "stage_timeouts": parse_timeouts(stage_timeout or [])},
     )
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option("--pool", help="The Prefect work pool whose workers run it.")],
+    concurrency_limit: Annotated[int | None, typer.Option(help="Flow runs of it at a time, across workers.")] = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Create the deployment cifar10-experiment/POOL: workers clone origin and push experiments back."""
+    from pipelines import remote
+
+    repo = require_repo(repo)
+    require_server(os.environ.get("PREFECT_API_URL"))
+    git_url, _, branch = remote.remote_revision(repo)
+    typer.echo(f"deployment {remote.deploy(pool, git_url, branch, concurrency_limit)}: code from {git_url} ({branch})")
+    typer.echo(f"start a worker per machine (or GPU): prefect worker start --pool {pool} --type process --limit 1")
 
 
 @app.command()
@@ -280,6 +330,7 @@ def sweep(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Points run at a time, each in its own temp workspace.")] = 1,
     name: Annotated[str | None, typer.Option(help="Sweep name; points are NAME-1, NAME-2, ...")] = None,
     repo: RepoOption = Path("."),
+    pool: PoolOption = None,
 ) -> None:
     """Run a grid or random search as DVC experiments; end with the ranked table and the best point."""
     from pipelines.sweep import load_sweep_config
@@ -287,8 +338,10 @@ def sweep(
 
     repo = require_repo(repo)
     cfg = load_sweep_config(config)
+    if pool:
+        require_server(os.environ.get("PREFECT_API_URL"))
     result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
-                        n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name)
+                        n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name, pool=pool)
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")

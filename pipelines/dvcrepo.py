@@ -214,9 +214,11 @@ def set_arg(key: str, value: object) -> str:
 
 
 def run_stage(
-    repo_dir: Path, stage: str, log: Callable[[str], None] = print, timeout_s: float | None = None
+    repo_dir: Path, stage: str, log: Callable[[str], None] = print, timeout_s: float | None = None,
+    pull: bool = False,
 ) -> StageOutcome:
-    """`dvc repro --single-item <stage>`, streaming its output to `log`.
+    """`dvc repro --single-item <stage>`, streaming its output to `log`; with `pull`, missing
+    inputs come from the DVC remote and a run computed elsewhere is restored from its run-cache.
 
     The command runs in its own process group: on timeout (or when the flow is stopped, see
     `stop_all_stages`) the whole group is ended, dvc and the stage's Python process alike.
@@ -224,7 +226,7 @@ def run_stage(
     started = time.perf_counter()
     before = lock_entry(repo_dir, stage)
     proc = subprocess.Popen(
-        with_default_sigint([dvc_executable(), "repro", "--single-item", stage]),
+        with_default_sigint([dvc_executable(), "repro", *(["--pull"] if pull else []), "--single-item", stage]),
         cwd=repo_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     RUNNING[proc.pid] = proc
@@ -270,10 +272,25 @@ def git(repo_dir: Path, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+class RemoteUnreachable(TransientError):
+    pass
+
+
+# What botocore, aiohttp and git say when the other end is down or the network is: worth a rerun.
+_UNREACHABLE = re.compile(r"Could not connect|Connection refused|connection was closed|Cannot connect to host|"
+                          r"timed out|Temporary failure in name resolution|Connect timeout|Unable to access",
+                          re.IGNORECASE)
+
+
 def dvc(repo_dir: Path, *args: str) -> str:
-    """Run a dvc command, returning stdout; its error line becomes the exception message."""
+    """Run a dvc command, returning stdout; its error line becomes the exception message, a
+    remote that cannot be reached a transient error (exit 75: rerun when it is back)."""
     result = subprocess.run([dvc_executable(), *args], cwd=repo_dir, capture_output=True, text=True)
     if result.returncode != 0:
         errors = _DVC_ERROR.findall(result.stderr + result.stdout)
-        raise CommandFailed(f"dvc {' '.join(args)}: {errors[-1] if errors else result.stderr.strip()}")
+        line = errors[-1] if errors else result.stderr.strip()
+        if _UNREACHABLE.search(result.stderr + result.stdout):
+            raise RemoteUnreachable(f"dvc {args[0]}: a remote is unreachable ({line}); check that it is up and "
+                                    f"rerun: DVC writes each object whole, so nothing is half-written")
+        raise CommandFailed(f"dvc {' '.join(args)}: {line}")
     return result.stdout

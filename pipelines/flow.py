@@ -174,26 +174,28 @@ def _transient_only(task, task_run, state) -> bool:
 # run_stage enforces a stage's timeout itself, stopping the stage's whole process group; a Prefect
 # timeout would only interrupt the task's thread.
 @task(name="dvc-stage", task_run_name="{stage}")
-def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | None = None) -> StageOutcome:
+def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | None = None,
+               pull: bool = False) -> StageOutcome:
     logger = get_run_logger()
     if up_to_date:
         # `dvc status` already said so and nothing upstream ran: `dvc repro` would only skip it.
         outcome = StageOutcome(stage, ran=False, seconds=0.0)
     else:
-        outcome = run_stage(Path(repo_dir), stage, log=logger.info, timeout_s=timeout_s)
+        outcome = run_stage(Path(repo_dir), stage, log=logger.info, timeout_s=timeout_s, pull=pull)
     logger.info(outcome.describe())
     return outcome
 
 
 @task(name="dvc-download", task_run_name="{stage}", retries=3, retry_condition_fn=_transient_only,
       retry_delay_seconds=exponential_backoff(backoff_factor=5))
-def download_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | None = None) -> StageOutcome:
+def download_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | None = None,
+                  pull: bool = False) -> StageOutcome:
     """The one stage that touches the network: retried with back-off, on transient failures only."""
-    return stage_task.fn(repo_dir, stage, up_to_date, timeout_s)
+    return stage_task.fn(repo_dir, stage, up_to_date, timeout_s, pull)
 
 
 def run_stages(repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[str, float],
-               outcomes: list[StageOutcome]) -> list[StageOutcome]:
+               outcomes: list[StageOutcome], pull: bool = False) -> list[StageOutcome]:
     """The stages in DVC's order, one task each, appending to `outcomes`; a failure stops the rest.
 
     They form a chain, so each runs when the one before has finished: there is nothing to run
@@ -201,10 +203,12 @@ def run_stages(repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[st
     """
     done: dict[str, StageOutcome] = {}
     for stage in graph.order:
+        # Stale also covers a stage whose outputs are not in this workspace (a fresh clone): with
+        # `pull` DVC fetches them, or restores the stage from the remote's run-cache.
         up_to_date = stage not in stale and not any(done[u].ran for u in graph.upstream[stage])
         run = download_task if stage == "download" else stage_task
         try:
-            done[stage] = run(str(repo), stage, up_to_date, timeouts.get(stage))
+            done[stage] = run(str(repo), stage, up_to_date, timeouts.get(stage), pull)
         except StageFailed:
             skipped = graph.order[graph.order.index(stage) + 1:]
             get_run_logger().error(f"{stage} failed; not run: {', '.join(skipped) or 'nothing'}")
@@ -222,14 +226,16 @@ def log_plan(graph: StageGraph, reasons: dict[str, list[str]]) -> dict[str, str]
     return fate
 
 
-def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[str, Any] | None) -> str | None:
-    """A run with overrides becomes a DVC experiment named after the flow run (dvc exp show)."""
-    if not overrides:
+def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[str, Any] | None,
+                    name: str | None = None) -> str | None:
+    """A run with overrides (or a name) becomes a DVC experiment, by default named after the flow
+    run (dvc exp show)."""
+    if not overrides and not name:
         return None
     if not any(o.ran for o in outcomes):
         get_run_logger().info("nothing ran: the workspace already holds these results; no new experiment saved")
         return None
-    experiment = experiment_name(_flow_run_name(), _flow_run_id())
+    experiment = name or experiment_name(_flow_run_name(), _flow_run_id())
     # Metrics and curves are git's to track; include them even before their first commit.
     include = [arg for path in git_tracked_outputs(repo) if (repo / path).exists() for arg in ("-I", path)]
     dvc(repo, "exp", "save", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}")
@@ -238,7 +244,9 @@ def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[st
 
 
 def push_outputs(repo: Path) -> None:
-    get_run_logger().info(dvc(repo, "push").strip() or "dvc push: nothing to push")
+    """Data, models and DVC's run-cache to the default remote: a clone elsewhere then finds each
+    stage up to date after `dvc pull`, or restores it from the run-cache (`--pull`)."""
+    get_run_logger().info(dvc(repo, "push", "--run-cache").strip() or "dvc push: nothing to push")
 
 
 def publish_artifacts(repo: Path, outcomes: list[StageOutcome], experiment: str | None,
@@ -288,8 +296,12 @@ def pipeline(
     stage_timeouts: dict[str, float] | None = None,
     lock_timeout_s: float = 0.0,
     gate: bool = False,
+    experiment: str | None = None,
+    pull: bool = False,
 ) -> dict[str, Any]:
-    """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped."""
+    """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped. `experiment`
+    names the DVC experiment the run is saved as; `pull` takes missing data and stages computed
+    elsewhere from the DVC remote (its run-cache) instead of running them."""
     repo = Path(repo_dir).resolve()
     outcomes: list[StageOutcome] = []
     with flow_lock(repo, lock_timeout_s), overrides_applied(repo / "params.yaml", overrides, outcomes, keep=not dry_run):
@@ -297,10 +309,10 @@ def pipeline(
         fate = log_plan(graph, reasons)
         if dry_run:
             return {"plan": fate}
-        run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes)
+        run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes, pull)
         if any(o.ran for o in outcomes):
             assert_nothing_stale(repo)
-        experiment = save_experiment(repo, outcomes, overrides)
+        experiment = save_experiment(repo, outcomes, overrides, experiment)
         if push:
             push_outputs(repo)
         verdict = run_gate(repo) if gate else None

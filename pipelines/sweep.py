@@ -10,6 +10,7 @@ Progress (done, failed, remaining, best so far) is logged as points finish.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -66,9 +67,13 @@ def sample_points(space: dict[str, Any], kind: str, n: int, seed: int) -> list[d
     return [{k: _draw(v, rng) for k, v in space.items()} for _ in range(n)]
 
 
-def _override(key: str, value: Any) -> str:
+def _rounded(value: Any) -> Any:
     # Six significant digits keep a random draw's experiment params readable.
-    return set_arg(key, float(f"{value:.6g}") if isinstance(value, float) else value)
+    return float(f"{value:.6g}") if isinstance(value, float) else value
+
+
+def _override(key: str, value: Any) -> str:
+    return set_arg(key, _rounded(value))
 
 
 POLL_S = 5.0  # how often a running batch's queue is read for finished points
@@ -107,8 +112,8 @@ def optuna_distributions(space: dict[str, Any]) -> dict[str, Any]:
 class Progress:
     """Which points ended, their metric, and one log line per change: done/failed/remaining, best so far."""
 
-    def __init__(self, repo: Path, total: int, sort_by: str, logger) -> None:
-        self.repo, self.total, self.sort_by, self.logger = repo, total, sort_by, logger
+    def __init__(self, repo: Path, total: int, sort_by: str, logger, name: str = "") -> None:
+        self.repo, self.total, self.sort_by, self.logger, self.name = repo, total, sort_by, logger, name
         self.metric: dict[str, float] = {}
         self.failed: list[str] = []
 
@@ -155,6 +160,36 @@ def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, pr
         runner.wait()
 
 
+def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger, *,
+                pool: str, git_url: str, rev: str) -> None:
+    """The batch's points as flow runs of the pool's deployment, taken by however many workers
+    serve the pool (`jobs` does not apply); each finished point's experiment is pulled from origin.
+    A point origin already holds (this sweep ran before) is pulled, not run again: rerunning a
+    sweep retries its failed points alone."""
+    from pipelines import remote
+
+    on_origin = remote.pushed_experiments(repo)
+    again = [exp for exp, _ in batch if exp in on_origin]
+    for exp in again:
+        remote.pull_experiment(repo, exp)
+        logger.info(f"{exp} is already on origin (an earlier run of this sweep): pulled, not run again")
+    if again:
+        progress.ended(set(again))
+    todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in on_origin}
+    runs = remote.submit(pool, git_url, rev, todo, tags=[f"sweep:{progress.name}"])
+    for exp, run in runs.items():
+        logger.info(f"submitted {exp} to work pool '{pool}' (flow run {run.id}): {todo[exp]}")
+
+    def ended(exp: str, state) -> None:
+        if state.is_completed():
+            remote.pull_experiment(repo, exp)
+        else:
+            logger.error(f"{exp}: flow run {state.name} ({state.message}); rerun the sweep to retry failed points alone")
+        progress.ended({exp})
+
+    remote.wait_for(runs, ended, POLL_S)
+
+
 @flow(name="cifar10-sweep", log_prints=True)
 def sweep(
     repo_dir: str = ".",
@@ -165,10 +200,19 @@ def sweep(
     jobs: int = 1,
     name: str | None = None,
     sort_by: str = "accuracy",
+    pool: str | None = None,
 ) -> dict[str, Any]:
-    """Queue one DVC experiment per point, run them (`jobs` at a time), then rank them."""
+    """Queue one DVC experiment per point, run them (`jobs` at a time, or as flow runs on the
+    work pool `pool`), then rank them."""
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
+    runner = run_batch
+    if pool:
+        from pipelines import remote
+
+        git_url, rev, branch = remote.remote_revision(repo)  # before anything is submitted
+        logger.info(f"deployment {remote.deploy(pool, git_url, branch)}: workers clone {git_url} at {rev[:7]}")
+        runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev)
     if kind == "tpe":
         optuna_distributions(space or {})  # a bad space fails before anything runs
         points = []
@@ -178,14 +222,15 @@ def sweep(
         check_overrides(repo / "params.yaml", point)
     name = safe_name(name or time.strftime("sweep-%Y%m%d-%H%M%S"))
     total = n if kind == "tpe" else len(points)
-    progress = Progress(repo, total, sort_by, logger)
+    progress = Progress(repo, total, sort_by, logger, name)
     started = time.perf_counter()
     if kind == "tpe":
-        names, points = tpe_search(repo, space or {}, n, seed, jobs, name, progress, logger)
+        names, points = tpe_search(repo, space or {}, n, seed, jobs, name, progress, logger, runner)
     else:
         names = [f"{name}-{i}" for i in range(1, len(points) + 1)]
-        run_batch(repo, list(zip(names, points)), jobs, progress, logger)
-    logger.info(f"ran {total} points in {time.perf_counter() - started:.0f} s with {jobs} job(s)")
+        runner(repo, list(zip(names, points)), jobs, progress, logger)
+    where = f"on work pool '{pool}'" if pool else f"with {jobs} job(s)"
+    logger.info(f"ran {total} points in {time.perf_counter() - started:.0f} s {where}")
 
     table = experiments_table(repo, sort_by=sort_by)
     mine = table[table["name"].isin(names)] if not table.empty else table
@@ -196,7 +241,8 @@ def sweep(
             for n_, r in finished.items() if n_ not in failed]
     rows += [{"name": n_, **points_by_name[n_], "status": "failed"} for n_ in failed]
     for n_ in failed:
-        logger.error(f"{n_} failed: {points_by_name[n_]}; rerun it alone with `dvc exp run` and these -S values")
+        retry = "rerun the sweep with --name " + name + " --pool " + pool if pool else "`dvc exp run` and these -S values"
+        logger.error(f"{n_} failed: {points_by_name[n_]}; rerun it alone with {retry}")
     result = pd.DataFrame(rows)
     if "accuracy" in result:
         result = result.sort_values("accuracy", ascending=False, na_position="last").reset_index(drop=True)
@@ -218,7 +264,7 @@ def sweep(
 
 
 def tpe_search(repo: Path, space: dict[str, Any], n: int, seed: int, jobs: int, name: str, progress: Progress,
-               logger) -> tuple[list[str], list[dict[str, Any]]]:
+               logger, runner=run_batch) -> tuple[list[str], list[dict[str, Any]]]:
     """Optuna's TPE over `space`: ask `jobs` points, run them as DVC experiments, tell it each
     one's metric (a failed point is a failed trial), until `n` points ran."""
     import optuna
@@ -233,7 +279,7 @@ def tpe_search(repo: Path, space: dict[str, Any], n: int, seed: int, jobs: int, 
         batch = [(f"{name}-{len(names) + i}", trial.params) for i, trial in enumerate(trials, start=1)]
         for _, point in batch:
             check_overrides(repo / "params.yaml", point)
-        run_batch(repo, batch, jobs, progress, logger)
+        runner(repo, batch, jobs, progress, logger)
         for trial, (exp, point) in zip(trials, batch):
             if exp in progress.metric:
                 study.tell(trial, progress.metric[exp])

@@ -1,0 +1,238 @@
+"""The pipeline scaled out on one machine: a Prefect server, a bare git repo as origin, a moto S3
+server as the DVC remote, a process work pool with two workers in their own empty folders (they
+share nothing but the remotes), a killed worker, and the S3 server down during a push."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import psutil
+import pytest
+import yaml
+
+from tests.helpers import BIN, REPO, api, dvc, free_port, git_dvc_project, set_params, tiny_params
+
+pytestmark = pytest.mark.e2e
+BUCKET = "dvc-remote"
+POOL = "cpu"
+
+
+class MotoS3:
+    """moto's S3 server on 127.0.0.1 (as dvc-s3's own tests start it); stop and start keep the data."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per S3 request otherwise
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def git(cwd, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def start_worker(home, env: dict) -> subprocess.Popen:
+    home.mkdir()
+    log = open(home / "worker.log", "w")  # noqa: SIM115 - the worker writes to it until it stops
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
+                             "--limit", "1"], cwd=home, env={**env, "PREFECT_HOME": str(home / ".prefect")},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to the worker and everything under it, its flow run and stages: a machine dying."""
+    parent = psutil.Process(proc.pid)
+    for p in [*parent.children(recursive=True), parent]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def training_under(proc: subprocess.Popen) -> bool:
+    try:
+        return any("stages.train" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+def flow_runs(prefect_api: str, tag: str | None = None) -> list[dict]:
+    body = {"flows": {"name": {"any_": ["cifar10-experiment"]}}}
+    if tag:
+        body["flow_runs"] = {"tags": {"all_": [tag]}}
+    return api(prefect_api, "POST", "/flow_runs/filter", json=body)
+
+
+def remote_experiments(origin) -> set[str]:
+    return {line.split("/")[-1] for line in git(origin, "for-each-ref", "--format=%(refname)", "refs/exps").split()}
+
+
+@pytest.fixture
+def cluster(tmp_path, http_server, tiny_archive, prefect_api, prefect_env):
+    """origin, the S3 remote, a developer's clone with the project, the pool and two workers."""
+    import boto3
+
+    s3 = MotoS3()
+    s3.start()
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=s3.url, **{k.lower(): v for k, v in creds.items() if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    env = {**prefect_env, **creds, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+
+    www, base_url = http_server
+    shutil.copy(tiny_archive, www / "tiny.tar.gz")
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    dev = git_dvc_project(tmp_path / "dev")
+    shutil.copytree(REPO / "pipelines", dev / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    params = tiny_params(tiny_archive)
+    params["download"]["source"] = f"{base_url}/tiny.tar.gz"  # over HTTP: the workers share no files
+    set_params(dev / "params.yaml", **params)
+    dvc(dev, "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc")
+    dvc(dev, "remote", "modify", "storage", "endpointurl", s3.url)
+    dvc(dev, "remote", "modify", "storage", "verify", "true")
+    git(dev, "add", "-A")
+    git(dev, "commit", "-qm", "tiny data, S3 remote, flow code")
+    git(dev, "remote", "add", "origin", str(origin))
+    git(dev, "push", "-q", "origin", "main")
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=env,
+                   check=True, capture_output=True)
+    workers = [start_worker(tmp_path / f"worker{i}", env) for i in (1, 2)]
+    yield {"s3": s3, "origin": origin, "dev": dev, "env": {**env, "PWD": str(dev)}, "workers": workers,
+           "tmp": tmp_path}
+    for proc in workers:
+        if proc.poll() is None:
+            kill_tree(proc)
+    s3.stop()
+
+
+def dvc_in(cwd, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """dvc with the S3 credentials (tests.helpers.dvc runs with the plain environment)."""
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def run_in(cwd, env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "cifar10-pipeline"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster, prefect_api):
+    dev, origin, env, s3 = cluster["dev"], cluster["origin"], cluster["env"], cluster["s3"]
+
+    # 1. A worker dies mid-training: the run ends Crashed (heartbeats stop), nothing is pushed.
+    started = subprocess.Popen([str(BIN / "cifar10-pipeline"), "run", "--pool", POOL, "-S", "train.epochs=30"],
+                               cwd=dev, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    victim = None
+    while victim is None and time.monotonic() < deadline and started.poll() is None:
+        victim = next((w for w in cluster["workers"] if training_under(w)), None)
+        time.sleep(1)
+    assert victim is not None, started.communicate()
+    kill_tree(victim)
+    killed_at = time.monotonic()
+    out, err = started.communicate(timeout=600)
+    freed_s = time.monotonic() - killed_at
+    assert started.returncode == 1 and "Crashed" in err, (out, err)
+    assert err.strip().count("\n") == 0, err  # one line
+    assert remote_experiments(origin) == set()
+    print(f"MEASURE slot freed {freed_s:.0f} s after the kill")
+
+    # 2. The retry runs on the surviving worker; the experiment comes back through origin and S3.
+    done = run_in(dev, env, "run", "--pool", POOL, "-S", "train.learning_rate=0.002")
+    assert done.returncode == 0, done.stderr
+    name = done.stdout.split("experiment: ")[1].split()[0]
+    assert remote_experiments(origin) == {name}
+    shown = dvc_in(dev, env, "exp", "show", "--json").stdout
+    assert name in shown
+
+    # 3. A 4-point sweep: the live worker takes every point (a second one rejoins).
+    cluster["workers"].append(start_worker(cluster["tmp"] / "worker3", env))
+    space = cluster["tmp"] / "space.yaml"
+    space.write_text(yaml.safe_dump({"kind": "grid", "space": {"train.learning_rate": [0.001, 0.003],
+                                                                "train.seed": [1, 2]}}))
+    started_s = time.monotonic()
+    done = run_in(dev, env, "sweep", str(space), "--pool", POOL, "--name", "grid")
+    sweep_s = time.monotonic() - started_s
+    assert done.returncode == 0, done.stderr[-3000:]
+    points = {f"grid-{i}" for i in range(1, 5)}
+    assert remote_experiments(origin) == points | {name}
+    for point in points:  # each ran exactly once
+        runs = flow_runs(prefect_api, "sweep:grid")
+        mine = [r for r in runs if r["parameters"].get("name") == point]
+        assert [r["state"]["type"] for r in mine] == ["COMPLETED"], mine
+    print(f"MEASURE sweep of 4 points on the pool: {sweep_s:.0f} s")
+    # Rerun: nothing is run again.
+    again = run_in(dev, env, "sweep", str(space), "--pool", POOL, "--name", "grid")
+    assert again.returncode == 0 and len(flow_runs(prefect_api, "sweep:grid")) == 4, again.stderr[-2000:]
+
+    # 4. A third clone pulls and compares; an applied experiment is up to date after `dvc pull`.
+    third = cluster["tmp"] / "third"
+    git(cluster["tmp"], "clone", "-q", str(origin), str(third))
+    dvc_in(third, env, "exp", "pull", "origin", *sorted(points))
+    compared = run_in(third, env, "compare", "--all", "--json")
+    assert compared.returncode == 0, compared.stderr
+    assert all(p in compared.stdout for p in points)
+    dvc_in(third, env, "exp", "apply", "grid-1")
+    dvc_in(third, env, "pull")
+    assert dvc_in(third, env, "status").stdout.strip() == "Data and pipelines are up to date."
+    #    `--pull` in a fresh clone restores from the run-cache the stages whose outputs DVC caches;
+    #    train's git-tracked outputs (cache: false) are not pushed with its run-cache entry, so it
+    #    and the stages after it run again.
+    fourth = cluster["tmp"] / "fourth"
+    git(cluster["tmp"], "clone", "-q", str(origin), str(fourth))
+    started_s = time.monotonic()
+    rerun = dvc_in(fourth, env, "exp", "run", "--pull", "-S", "train.learning_rate=0.001", "-S", "train.seed=1")
+    print(f"MEASURE grid-1 again in a fresh clone with --pull: {time.monotonic() - started_s:.0f} s")
+    for stage in ("download", "prepare", "validate"):
+        assert f"Stage '{stage}' is cached - skipping run" in rerun.stdout, rerun.stdout
+    assert "Running stage 'train'" in rerun.stdout
+
+    # 5. The S3 server down during a push: exit 75 and one line; back up, a rerun pushes.
+    s3.stop()
+    down = run_in(third, env, "run", "--push", "-S", "report.dpi=60")
+    assert down.returncode == 75, down.stderr[-2000:]
+    assert "unreachable" in down.stderr and down.stderr.strip().count("\n") == 0, down.stderr
+    s3.start()
+    up = run_in(third, env, "run", "--push")
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert dvc_in(third, env, "status", "--cloud").stdout.strip().lower().startswith(("cache and remote", "data and pipelines"))
+
+
+def test_gpu_work_pool_templates_pass_prefects_own_checks(prefect_api, prefect_env):
+    """No cluster or Docker daemon runs here: the Kubernetes base job template is checked by a real
+    Prefect server (placeholders against variables), the Docker deployment for its GPU request."""
+    templates = REPO / "pipelines" / "work_pools"
+    created = subprocess.run([str(BIN / "prefect"), "work-pool", "create", "k8s-gpu", "--type", "kubernetes",
+                              "--overwrite", "--base-job-template", str(templates / "kubernetes-gpu.json")],
+                             env=prefect_env, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    pool = api(prefect_api, "GET", "/work_pools/k8s-gpu")
+    container = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert pool["base_job_template"]["variables"]["properties"]["gpus"]["default"] == 1
+
+    docker = yaml.safe_load((templates / "docker-gpu.yaml").read_text())
+    (deployment,) = docker["deployments"]
+    assert deployment["entrypoint"] == "pipelines/remote.py:experiment_on_pool"
+    assert (REPO / deployment["entrypoint"].split(":")[0]).is_file()
+    request = deployment["work_pool"]["job_variables"]["container_create_kwargs"]["device_requests"][0]
+    assert request["capabilities"] == [["gpu"]] and request["count"] == -1
