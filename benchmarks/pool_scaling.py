@@ -1,0 +1,179 @@
+"""A sweep on a Prefect process pool with one worker and with two: wall time, per-point overhead,
+what travels through the remotes.
+
+Stands up what the scale-out test does (tests/pipelines/test_cluster.py): a Prefect server, moto's
+S3 server as the DVC remote, a bare git origin, a generated dataset served over HTTP. For each
+mode it starts the workers, each in its own empty folder (pinned: `taskset -c i` and one
+TensorFlow thread, standing in for a one-core machine each), times `cifar10-pipeline sweep
+--pool`, and reads each point's clone/pipeline/push seconds from the workers' logs. One warm-up
+run first computes the data stages once, so every mode restores them from the run-cache alike.
+
+    python benchmarks/pool_scaling.py [--modes pinned1 pinned2 unpinned1 unpinned2] [--points 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from tests import synthetic
+from tests.helpers import BIN, free_port, serving, sha256_of
+from tests.pipelines.test_cluster import (
+    BUCKET,
+    CREDENTIALS,
+    create_pool,
+    git,
+    kill_tree,
+    s3_remote,
+    shared_project,
+    start_worker,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMINGS = re.compile(r"timings: clone_s ([\d.]+), pipeline_s ([\d.]+), push_s ([\d.]+)")
+ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = open(home.parent / "server.log", "w")  # noqa: SIM115 - written until the server stops
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if not serving(f"{url}/health", proc, timeout_s=180, interval_s=1):
+        raise SystemExit("the Prefect server did not start; see server.log")
+    return proc, url
+
+
+def http_root(root: Path) -> str:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def cli(cwd: Path, env: dict, *args: str) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([str(BIN / "cifar10-pipeline"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"cifar10-pipeline {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
+    workers_n = int(mode[-1])
+    pinned = mode.startswith("pinned")
+    pool = f"bench-{mode}"
+    create_pool(pool, env)
+    workers = [start_worker(work / f"{mode}-worker{i}", {**env, **(ONE_THREAD if pinned else {})}, pool,
+                            ("taskset", "-c", str(i)) if pinned else ()) for i in range(workers_n)]
+    try:
+        seconds = cli(dev, env, "sweep", str(space), "--pool", pool, "--name", f"sw-{mode}")
+    finally:
+        for proc in workers:
+            kill_tree(proc)
+    points = [tuple(map(float, m)) for i in range(workers_n)
+              for m in TIMINGS.findall((work / f"{mode}-worker{i}" / "worker.log").read_text())]
+    return {"mode": mode, "workers": workers_n, "pinned": pinned, "sweep_s": round(seconds, 1),
+            "points": len(points),
+            "clone_s": round(statistics.mean(p[0] for p in points), 1),
+            "pipeline_s": round(statistics.mean(p[1] for p in points), 1),
+            "push_s": round(statistics.mean(p[2] for p in points), 1)}
+
+
+def bucket_size(s3_url: str) -> tuple[int, float]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    objects = [o for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+               for o in page.get("Contents", [])]
+    return len(objects), sum(o["Size"] for o in objects) / 1e6
+
+
+def pull_into_fresh_clone(work: Path, origin: Path, env: dict, names: list[str]) -> dict:
+    clone = work / "puller"
+    git(work, "clone", "-q", str(origin), str(clone))
+    started = time.perf_counter()
+    done = subprocess.run([str(BIN / "dvc"), "exp", "pull", "origin", *names], cwd=clone, env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    cache = clone / ".dvc" / "cache"
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    return {"experiments": len(names), "seconds": round(seconds, 1), "ok": done.returncode == 0,
+            "cache_files": len(files), "cache_mb": round(sum(p.stat().st_size for p in files) / 1e6, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=["pinned1", "pinned2", "unpinned1", "unpinned2"])
+    parser.add_argument("--points", type=int, default=4, choices=[2, 4, 6, 8])
+    parser.add_argument("--per-class", type=int, default=100, help="training images per class")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pool_scaling.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="pool-bench-"))
+    (work / "prefect").mkdir()
+    server, api_url = prefect_server(work / "prefect")
+    s3 = s3_remote()
+    try:
+        www = work / "www"
+        www.mkdir()
+        archive = synthetic.write_tar_gz(www / "data.tar.gz",
+                                         synthetic.class_folder_files(args.per_class, args.per_class // 5))
+        params = {"download": {"md5": None, "sha256": sha256_of(archive)},
+                  "validate": {"expected_per_class": {"train": args.per_class, "test": args.per_class // 5}},
+                  "train": {"epochs": args.epochs, "batch_size": 64},
+                  "report": {"misclassified": 4, "samples_per_class": 2}}
+        origin, dev = shared_project(work, f"{http_root(www)}/data.tar.gz", params, s3.url)
+        env = {**os.environ, **CREDENTIALS, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "client"),
+               "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_WORKER_QUERY_SECONDS": "2",
+               "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        space = work / "space.yaml"
+        rates = [0.05, 0.1, 0.2, 0.4][: max(args.points // 2, 1)]
+        space.write_text(yaml.safe_dump({"kind": "grid", "space": {"train.learning_rate": rates,
+                                                                    "train.seed": [1, 2]}}))
+        create_pool("bench-warmup", env)
+        warm = start_worker(work / "warmup-worker", env, "bench-warmup")
+        warmup_s = cli(dev, env, "run", "--pool", "bench-warmup", "-S", "train.seed=0")
+        kill_tree(warm)
+        results = {"cpu": cpu_model(), "per_class": args.per_class, "epochs": args.epochs,
+                   "warmup_run_s": round(warmup_s, 1), "modes": [run_mode(m, work, dev, env, space) for m in args.modes]}
+        objects, megabytes = bucket_size(s3.url)
+        results["s3_after_all"] = {"objects": objects, "mb": round(megabytes, 2)}
+        names = [f"sw-{args.modes[0]}-{i}" for i in range(1, len(rates) * 2 + 1)]
+        results["pull_one_sweep"] = pull_into_fresh_clone(work, origin, env, names)
+    finally:
+        s3.stop()
+        server.terminate()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            flags = Path("/proc/cpuinfo").read_text()
+            isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+            return f"{line.split(':', 1)[1].strip()} ({isa}, {os.cpu_count()} cores)"
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
