@@ -153,7 +153,10 @@ def main() -> None:
         warmup_s = cli(dev, env, "run", "--pool", "bench-warmup", "-S", "train.seed=0")
         kill_tree(warm)
         results = {"cpu": cpu_model(), "per_class": args.per_class, "epochs": args.epochs,
-                   "warmup_run_s": round(warmup_s, 1), "modes": [run_mode(m, work, dev, env, space) for m in args.modes]}
+                   "warmup_run_s": round(warmup_s, 1), "modes": []}
+        for mode in args.modes:  # written after each mode: a long run interrupted keeps what it measured
+            results["modes"].append(run_mode(mode, work, dev, env, space))
+            write(args.out, results)
         objects, megabytes = bucket_size(s3.url)
         results["s3_after_all"] = {"objects": objects, "mb": round(megabytes, 2)}
         names = [f"sw-{args.modes[0]}-{i}" for i in range(1, len(rates) * 2 + 1)]
@@ -161,9 +164,13 @@ def main() -> None:
     finally:
         s3.stop()
         server.terminate()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write(args.out, results)
     print(json.dumps(results, indent=2))
+
+
+def write(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def cpu_model() -> str:

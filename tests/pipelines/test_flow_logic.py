@@ -30,7 +30,7 @@ class FakeDvc:
     def __init__(self, changes: set[str], failures: dict[str, list[int]] | None = None):
         self.changes, self.failures, self.calls = changes, failures or {}, []
 
-    def run_stage(self, repo: Path, stage: str, log=print, timeout_s=None) -> StageOutcome:
+    def run_stage(self, repo: Path, stage: str, log=print, timeout_s=None, pull=False) -> StageOutcome:
         self.calls.append(stage)
         codes = self.failures.get(stage)
         if codes:
