@@ -21,12 +21,16 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the test suite's cluster set-up is reused; tests/ is not installed
 
 from tests import synthetic
 from tests.helpers import BIN, free_port, serving, sha256_of
@@ -41,7 +45,6 @@ from tests.pipelines.test_cluster import (
     start_worker,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMINGS = re.compile(r"timings: clone_s ([\d.]+), pipeline_s ([\d.]+), push_s ([\d.]+)")
 ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
 

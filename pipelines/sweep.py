@@ -5,7 +5,9 @@ Points run through DVC's own queue (`dvc exp run --queue`, then `--run-all -j N`
 temporary workspace, so every point stays in `dvc exp show`, its outputs in DVC's cache, and any
 one can be promoted with `dvc exp branch` / `dvc exp apply` (`cifar10-pipeline promote`). A TPE
 search asks Optuna for `jobs` points at a time and tells it each one's metric as it ends.
-Progress (done, failed, remaining, best so far) is logged as points finish.
+Progress (done, failed, remaining, best so far) is logged as points finish. With a work pool
+(`pool`), each point is instead a flow run of the pool's deployment (pipelines/remote.py), taken by
+whichever workers serve it, and its experiment is pulled from the git and DVC remotes.
 """
 
 from __future__ import annotations
