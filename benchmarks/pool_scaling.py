@@ -69,12 +69,15 @@ def http_root(root: Path) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def cli(cwd: Path, env: dict, *args: str) -> float:
+def cli(cwd: Path, env: dict, *args: str, may_fail: bool = False) -> tuple[float, str]:
+    """Seconds taken and the last error line ("" when it succeeded); a sweep's failed point is a
+    result (`may_fail`), anything else ends the benchmark."""
     started = time.perf_counter()
     done = subprocess.run([str(BIN / "cifar10-pipeline"), *args], cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
+    error = done.stderr.strip().splitlines()[-1] if done.returncode != 0 and done.stderr.strip() else ""
+    if done.returncode != 0 and not may_fail:
         raise SystemExit(f"cifar10-pipeline {' '.join(args)} failed: {done.stderr[-2000:]}")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, error
 
 
 def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
@@ -85,13 +88,13 @@ def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
     workers = [start_worker(work / f"{mode}-worker{i}", {**env, **(ONE_THREAD if pinned else {})}, pool,
                             ("taskset", "-c", str(i)) if pinned else ()) for i in range(workers_n)]
     try:
-        seconds = cli(dev, env, "sweep", str(space), "--pool", pool, "--name", f"sw-{mode}")
+        seconds, error = cli(dev, env, "sweep", str(space), "--pool", pool, "--name", f"sw-{mode}", may_fail=True)
     finally:
         for proc in workers:
             kill_tree(proc)
     points = [tuple(map(float, m)) for i in range(workers_n)
               for m in TIMINGS.findall((work / f"{mode}-worker{i}" / "worker.log").read_text())]
-    return {"mode": mode, "workers": workers_n, "pinned": pinned, "sweep_s": round(seconds, 1),
+    return {"mode": mode, "workers": workers_n, "pinned": pinned, "sweep_s": round(seconds, 1), "error": error,
             "points": len(points),
             "clone_s": round(statistics.mean(p[0] for p in points), 1),
             "pipeline_s": round(statistics.mean(p[1] for p in points), 1),
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pool_scaling.json")
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pool-bench-"))
@@ -148,12 +152,12 @@ def main() -> None:
                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_WORKER_QUERY_SECONDS": "2",
                "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
         space = work / "space.yaml"
-        rates = [0.05, 0.1, 0.2, 0.4][: max(args.points // 2, 1)]
+        rates = args.learning_rates[: max(args.points // 2, 1)]
         space.write_text(yaml.safe_dump({"kind": "grid", "space": {"train.learning_rate": rates,
                                                                     "train.seed": [1, 2]}}))
         create_pool("bench-warmup", env)
         warm = start_worker(work / "warmup-worker", env, "bench-warmup")
-        warmup_s = cli(dev, env, "run", "--pool", "bench-warmup", "-S", "train.seed=0")
+        warmup_s, _ = cli(dev, env, "run", "--pool", "bench-warmup", "-S", "train.seed=0")
         kill_tree(warm)
         results = {"cpu": cpu_model(), "per_class": args.per_class, "epochs": args.epochs,
                    "warmup_run_s": round(warmup_s, 1), "modes": []}
