@@ -245,7 +245,8 @@ def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[st
 
 def push_outputs(repo: Path) -> None:
     """Data, models and DVC's run-cache to the default remote: a clone elsewhere then finds each
-    stage up to date after `dvc pull`, or restores it from the run-cache (`--pull`)."""
+    stage up to date after `dvc pull`, and `--pull` restores the stages whose outputs DVC caches
+    from the run-cache (git-tracked outputs do not travel with a run-cache entry)."""
     get_run_logger().info(dvc(repo, "push", "--run-cache").strip() or "dvc push: nothing to push")
 
 
