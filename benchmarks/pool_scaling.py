@@ -40,6 +40,7 @@ from tests.pipelines.test_cluster import (
     create_pool,
     git,
     kill_tree,
+    s3_client,
     s3_remote,
     shared_project,
     start_worker,
@@ -102,10 +103,7 @@ def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
 
 
 def bucket_size(s3_url: str) -> tuple[int, float]:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    client = s3_client(s3_url)
     objects = [o for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
                for o in page.get("Contents", [])]
     return len(objects), sum(o["Size"] for o in objects) / 1e6

@@ -85,8 +85,7 @@ def _run_on_pool(repo: Path, overrides: dict[str, Any], pool: str, api_url: str 
     from pipelines import remote
 
     require_server(api_url)
-    git_url, rev, branch = remote.remote_revision(repo)
-    remote.deploy(pool, git_url, branch)
+    git_url, rev, _ = remote.deploy_head(repo, pool)
     name = time.strftime("run-%Y%m%d-%H%M%S")
     runs = remote.submit(pool, git_url, rev, {name: overrides}, tags=["cli"])
     typer.echo(f"submitted {name} to work pool '{pool}' (flow run {runs[name].id}); waiting for a worker")
@@ -220,8 +219,8 @@ def deploy(
 
     repo = require_repo(repo)
     require_server(os.environ.get("PREFECT_API_URL"))
-    git_url, _, branch = remote.remote_revision(repo)
-    typer.echo(f"deployment {remote.deploy(pool, git_url, branch, concurrency_limit)}: code from {git_url} ({branch})")
+    git_url, rev, deployment = remote.deploy_head(repo, pool, concurrency_limit)
+    typer.echo(f"deployment {deployment}: code from {git_url}, HEAD {rev[:7]}")
     typer.echo(f"start a worker per machine (or GPU): prefect worker start --pool {pool} --type process --limit 1")
 
 

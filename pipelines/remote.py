@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from pipelines.dvcrepo import RemoteUnreachable, dvc, dvc_executable, git
+from pipelines.dvcrepo import RemoteUnreachable, dvc, git
 from pipelines.flow import pipeline
 from stages.common.errors import CommandFailed, ConfigError
 
@@ -163,9 +163,11 @@ def remote_revision(repo: Path) -> tuple[str, str, str]:
     url = git(repo, "remote", "get-url", "origin")
     if not url:
         raise ConfigError("no git remote 'origin'; workers clone it: `git remote add origin URL` and `git push`")
-    # `dvc remote default` fails (saying so on stdout) when there is none.
-    default = subprocess.run([dvc_executable(), "remote", "default"], cwd=repo, capture_output=True, text=True)
-    if default.returncode != 0 or not default.stdout.strip():
+    try:
+        default = dvc(repo, "remote", "default").strip()
+    except CommandFailed:  # `dvc remote default` fails when there is none
+        default = ""
+    if not default:
         raise ConfigError("no default DVC remote; workers share data and models through one: "
                           "`dvc remote add -d storage s3://bucket/path` (see README, Scaling out)")
     rev = git(repo, "rev-parse", "HEAD") or ""
@@ -175,6 +177,13 @@ def remote_revision(repo: Path) -> tuple[str, str, str]:
     if not on_origin:
         raise ConfigError(f"HEAD ({rev[:7]}) is not on origin; `git push` it first: workers clone the git remote")
     return url, rev, on_origin[0]
+
+
+def deploy_head(repo: Path, pool: str, concurrency_limit: int | None = None) -> tuple[str, str, str]:
+    """Check what workers need (see remote_revision), then deploy for `pool`: (git URL, HEAD's
+    commit, deployment name)."""
+    git_url, rev, branch = remote_revision(repo)
+    return git_url, rev, deploy(pool, git_url, branch, concurrency_limit)
 
 
 def submit(pool: str, git_url: str, rev: str, points: dict[str, dict[str, Any]], tags: list[str]) -> dict[str, Any]:

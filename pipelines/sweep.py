@@ -114,8 +114,8 @@ def optuna_distributions(space: dict[str, Any]) -> dict[str, Any]:
 class Progress:
     """Which points ended, their metric, and one log line per change: done/failed/remaining, best so far."""
 
-    def __init__(self, repo: Path, total: int, sort_by: str, logger, name: str = "") -> None:
-        self.repo, self.total, self.sort_by, self.logger, self.name = repo, total, sort_by, logger, name
+    def __init__(self, repo: Path, total: int, sort_by: str, logger) -> None:
+        self.repo, self.total, self.sort_by, self.logger = repo, total, sort_by, logger
         self.metric: dict[str, float] = {}
         self.failed: list[str] = []
 
@@ -163,7 +163,7 @@ def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, pr
 
 
 def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger, *,
-                pool: str, git_url: str, rev: str) -> None:
+                pool: str, git_url: str, rev: str, sweep_name: str) -> None:
     """The batch's points as flow runs of the pool's deployment, taken by however many workers
     serve the pool (`jobs` does not apply); each finished point's experiment is pulled from origin.
     A point origin already holds (this sweep ran before) is pulled, not run again: rerunning a
@@ -178,7 +178,7 @@ def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, 
     if again:
         progress.ended(set(again))
     todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in on_origin}
-    runs = remote.submit(pool, git_url, rev, todo, tags=[f"sweep:{progress.name}"])
+    runs = remote.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"])
     for exp, run in runs.items():
         logger.info(f"submitted {exp} to work pool '{pool}' (flow run {run.id}): {todo[exp]}")
 
@@ -208,13 +208,6 @@ def sweep(
     work pool `pool`), then rank them."""
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
-    runner = run_batch
-    if pool:
-        from pipelines import remote
-
-        git_url, rev, branch = remote.remote_revision(repo)  # before anything is submitted
-        logger.info(f"deployment {remote.deploy(pool, git_url, branch)}: workers clone {git_url} at {rev[:7]}")
-        runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev)
     if kind == "tpe":
         optuna_distributions(space or {})  # a bad space fails before anything runs
         points = []
@@ -223,8 +216,15 @@ def sweep(
     for point in points:  # a point the schema refuses would only fail later, in its own run
         check_overrides(repo / "params.yaml", point)
     name = safe_name(name or time.strftime("sweep-%Y%m%d-%H%M%S"))
+    runner = run_batch
+    if pool:
+        from pipelines import remote
+
+        git_url, rev, deployment = remote.deploy_head(repo, pool)  # before anything is submitted
+        logger.info(f"deployment {deployment}: workers clone {git_url} at {rev[:7]}")
+        runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev, sweep_name=name)
     total = n if kind == "tpe" else len(points)
-    progress = Progress(repo, total, sort_by, logger, name)
+    progress = Progress(repo, total, sort_by, logger)
     started = time.perf_counter()
     if kind == "tpe":
         names, points = tpe_search(repo, space or {}, n, seed, jobs, name, progress, logger, runner)

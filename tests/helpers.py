@@ -94,8 +94,9 @@ def copy_repo(src: Path, dest: Path) -> Path:
     return dest
 
 
-def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=ENV, capture_output=True, text=True, timeout=900)
+def dvc(repo: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env or ENV, capture_output=True, text=True,
+                            timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -139,6 +140,27 @@ def serving(health_url: str, proc: subprocess.Popen, timeout_s: float, interval_
         if proc.poll() is not None or time.monotonic() > deadline:
             return False
         time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]:
+    """A real Prefect server on 127.0.0.1 with its PREFECT_HOME in `home` (SQLite there, or the
+    database at `database_url`); yields its API URL and stops it afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "true", "PREFECT_API_URL": url,
+           **({"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {})}
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if not serving(f"{url}/health", proc, timeout_s=120, interval_s=1):
+                raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 @contextlib.contextmanager

@@ -4,15 +4,20 @@ share nothing but the remotes), a killed worker, and the S3 server down during a
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from tests.helpers import BIN, REPO, api, dvc, free_port, git_dvc_project, set_params, tiny_params
+from tests.helpers import BIN, REPO, api, dvc, free_port, git_dvc_project, prefect_server, set_params, tiny_params
 
 pytestmark = pytest.mark.e2e
 BUCKET = "dvc-remote"
@@ -25,11 +30,8 @@ class MotoS3:
     def __init__(self) -> None:
         import logging
 
-        from moto.server import ThreadedMotoServer
-
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per S3 request otherwise
         self.port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -90,14 +92,19 @@ def remote_experiments(origin) -> set[str]:
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def s3_remote() -> MotoS3:
-    """moto's S3 server, started, with the bucket the DVC remote uses."""
+def s3_client(url: str):
     import boto3
 
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                        region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
+
+
+def s3_remote() -> MotoS3:
+    """moto's S3 server, started, with the bucket the DVC remote uses."""
     s3 = MotoS3()
     s3.start()
-    boto3.client("s3", endpoint_url=s3.url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    s3_client(s3.url).create_bucket(Bucket=BUCKET)
     return s3
 
 
@@ -120,34 +127,73 @@ def shared_project(root, source_url: str, params: dict, s3_url: str):
     return origin, dev
 
 
+POSTGRES_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))  # Debian's postgresql package
+
+
+def as_postgres(*command: str) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as Debian's `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+@contextlib.contextmanager
+def postgresql() -> Iterator[str | None]:
+    """Debian's PostgreSQL on 127.0.0.1 in a temporary folder, with a `prefect` database: yields
+    its SQLAlchemy URL, or None where the package is not installed (then the server uses SQLite)."""
+    if not POSTGRES_BIN:
+        yield None
+        return
+    bin_dir = POSTGRES_BIN[-1].parent
+    folder = Path(tempfile.mkdtemp(prefix="cifar10-pg-"))  # not under pytest's root-only tmp: postgres reads it
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data = folder / "data"
+    try:
+        subprocess.run(as_postgres(str(bin_dir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust",
+                                   "-E", "UTF8"), check=True, capture_output=True)
+        subprocess.run(as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                                   f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"),
+                       check=True, capture_output=True)
+        subprocess.run(as_postgres(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect",
+                                   "prefect"), check=True, capture_output=True)
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run(as_postgres(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"), capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def team_prefect_api(tmp_path_factory):
+    """The Prefect server a team runs: on PostgreSQL where Debian's package is installed (several
+    workers lock SQLite), else on SQLite; the test's output says which."""
+    with postgresql() as database_url:
+        print(f"MEASURE Prefect server database: {'PostgreSQL' if database_url else 'SQLite (no postgresql package)'}")
+        with prefect_server(tmp_path_factory.mktemp("team_prefect_home"), database_url) as url:
+            yield url
+
+
 def create_pool(name: str, env: dict) -> None:
     subprocess.run([str(BIN / "prefect"), "work-pool", "create", name, "--type", "process", "--overwrite"], env=env,
                    check=True, capture_output=True)
 
 
 @pytest.fixture
-def cluster(tmp_path, http_server, tiny_archive, prefect_api, prefect_env):
+def cluster(tmp_path, http_server, tiny_archive, team_prefect_api):
     """origin, the S3 remote, a developer's clone with the project, the pool and two workers."""
     s3 = s3_remote()
-    env = {**prefect_env, **CREDENTIALS, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+    env = {**os.environ, "PREFECT_API_URL": team_prefect_api, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_HOME": str(tmp_path / "client_home"), **CREDENTIALS, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
     www, base_url = http_server
     shutil.copy(tiny_archive, www / "tiny.tar.gz")
     origin, dev = shared_project(tmp_path, f"{base_url}/tiny.tar.gz", tiny_params(tiny_archive), s3.url)
     create_pool(POOL, env)
     workers = [start_worker(tmp_path / f"worker{i}", env) for i in (1, 2)]
     yield {"s3": s3, "origin": origin, "dev": dev, "env": {**env, "PWD": str(dev)}, "workers": workers,
-           "tmp": tmp_path}
+           "tmp": tmp_path, "api": team_prefect_api}
     for proc in workers:
         if proc.poll() is None:
             kill_tree(proc)
     s3.stop()
-
-
-def dvc_in(cwd, env: dict, *args: str) -> subprocess.CompletedProcess:
-    """dvc with the S3 credentials (tests.helpers.dvc runs with the plain environment)."""
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def run_in(cwd, env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -155,8 +201,8 @@ def run_in(cwd, env: dict, *args: str, timeout: float = 900) -> subprocess.Compl
                           timeout=timeout)
 
 
-def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster, prefect_api):
-    dev, origin, env, s3 = cluster["dev"], cluster["origin"], cluster["env"], cluster["s3"]
+def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
+    dev, origin, env, s3, prefect_api = cluster["dev"], cluster["origin"], cluster["env"], cluster["s3"], cluster["api"]
 
     # 1. A worker dies mid-training: the run ends Crashed (heartbeats stop), nothing is pushed.
     started = subprocess.Popen([str(BIN / "cifar10-pipeline"), "run", "--pool", POOL, "-S", "train.epochs=30"],
@@ -181,7 +227,7 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster, prefec
     assert done.returncode == 0, done.stderr
     name = done.stdout.split("experiment: ")[1].split()[0]
     assert remote_experiments(origin) == {name}
-    shown = dvc_in(dev, env, "exp", "show", "--json").stdout
+    shown = dvc(dev, "exp", "show", "--json", env=env).stdout
     assert name in shown
 
     # 3. A 4-point sweep: the live worker takes every point (a second one rejoins).
@@ -207,20 +253,20 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster, prefec
     # 4. A third clone pulls and compares; an applied experiment is up to date after `dvc pull`.
     third = cluster["tmp"] / "third"
     git(cluster["tmp"], "clone", "-q", str(origin), str(third))
-    dvc_in(third, env, "exp", "pull", "origin", *sorted(points))
+    dvc(third, "exp", "pull", "origin", *sorted(points), env=env)
     compared = run_in(third, env, "compare", "--all", "--json")
     assert compared.returncode == 0, compared.stderr
     assert all(p in compared.stdout for p in points)
-    dvc_in(third, env, "exp", "apply", "grid-1")
-    dvc_in(third, env, "pull")
-    assert dvc_in(third, env, "status").stdout.strip() == "Data and pipelines are up to date."
+    dvc(third, "exp", "apply", "grid-1", env=env)
+    dvc(third, "pull", env=env)
+    assert dvc(third, "status", env=env).stdout.strip() == "Data and pipelines are up to date."
     #    `--pull` in a fresh clone restores from the run-cache the stages whose outputs DVC caches;
     #    train's git-tracked outputs (cache: false) are not pushed with its run-cache entry, so it
     #    and the stages after it run again.
     fourth = cluster["tmp"] / "fourth"
     git(cluster["tmp"], "clone", "-q", str(origin), str(fourth))
     started_s = time.monotonic()
-    rerun = dvc_in(fourth, env, "exp", "run", "--pull", "-S", "train.learning_rate=0.001", "-S", "train.seed=1")
+    rerun = dvc(fourth, "exp", "run", "--pull", "-S", "train.learning_rate=0.001", "-S", "train.seed=1", env=env)
     print(f"MEASURE grid-1 again in a fresh clone with --pull: {time.monotonic() - started_s:.0f} s")
     for stage in ("download", "prepare", "validate"):
         assert f"Stage '{stage}' is cached - skipping run" in rerun.stdout, rerun.stdout
@@ -234,7 +280,7 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster, prefec
     s3.start()
     up = run_in(third, env, "run", "--push")
     assert up.returncode == 0, up.stderr[-2000:]
-    assert dvc_in(third, env, "status", "--cloud").stdout.strip().lower().startswith(("cache and remote", "data and pipelines"))
+    assert dvc(third, "status", "--cloud", env=env).stdout.strip().lower().startswith(("cache and remote", "data and pipelines"))
 
 
 def test_gpu_work_pool_templates_pass_prefects_own_checks(prefect_api, prefect_env):
