@@ -67,6 +67,9 @@ def parse_timeouts(pairs: list[str]) -> dict[str, float]:
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param: key=value (repeatable).")]
 PoolOption = Annotated[str | None, typer.Option(
     "--pool", help="Run on this Prefect work pool's workers (they clone origin and share the DVC remote).")]
+GpuPoolOption = Annotated[str | None, typer.Option(
+    "--gpu-pool", help="Send the GPU stages (train, evaluate) to this work pool's workers; the rest run "
+                       "where the run does.")]
 
 
 def require_server(api_url: str | None) -> None:
@@ -78,16 +81,25 @@ def require_server(api_url: str | None) -> None:
         raise TransientError(f"the Prefect API at {api_url} is unreachable; start it and rerun")
 
 
-def _run_on_pool(repo: Path, overrides: dict[str, Any], pool: str, api_url: str | None) -> None:
+def deploy_pools(repo: Path, *pools: str | None) -> tuple[str, str]:
+    """The deployments of each pool given, from HEAD on origin (see remote.deploy_head): (git URL, commit)."""
+    from pipelines import remote
+
+    require_server(os.environ.get("PREFECT_API_URL"))
+    for pool in filter(None, pools):
+        git_url, rev, _ = remote.deploy_head(repo, pool)
+    return git_url, rev
+
+
+def _run_on_pool(repo: Path, overrides: dict[str, Any], pool: str, gpu_pool: str | None) -> None:
     """One flow run on the pool, waited for; its experiment is pulled here."""
     import time
 
     from pipelines import remote
 
-    require_server(api_url)
-    git_url, rev, _ = remote.deploy_head(repo, pool)
+    git_url, rev = deploy_pools(repo, pool, gpu_pool)
     name = time.strftime("run-%Y%m%d-%H%M%S")
-    runs = remote.submit(pool, git_url, rev, {name: overrides}, tags=["cli"])
+    runs = remote.submit(pool, git_url, rev, {name: overrides}, tags=["cli"], gpu_pool=gpu_pool)
     typer.echo(f"submitted {name} to work pool '{pool}' (flow run {runs[name].id}); waiting for a worker")
     state = remote.wait_for(runs, lambda *_: None)[name]
     if not state.is_completed():
@@ -107,6 +119,7 @@ def run(
     fallback: Annotated[bool, typer.Option(help="If the Prefect API is unreachable, run plain `dvc repro`.")] = False,
     gate: Annotated[bool, typer.Option("--gate", help="End with the quality gate against main; fail on regression.")] = False,
     pool: PoolOption = None,
+    gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
     from pipelines.flow import check_overrides
@@ -116,8 +129,13 @@ def run(
     check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
     api_url = os.environ.get("PREFECT_API_URL")
     if pool:
-        _run_on_pool(repo, overrides, pool, api_url)
+        _run_on_pool(repo, overrides, pool, gpu_pool)
         return
+    if gpu_pool and not dry_run:
+        from pipelines.remote import require_committed
+
+        require_committed(repo)  # before any stage runs
+        deploy_pools(repo, gpu_pool)
     if api_url and not _api_reachable(api_url):
         if not fallback:
             raise TransientError(
@@ -131,7 +149,7 @@ def run(
         # Prefect's temporary API keeps its runs in PREFECT_HOME's SQLite database: the project's
         # own, which `cifar10-pipeline server` serves, so the runs stay browsable there.
         os.environ.setdefault("PREFECT_HOME", str(repo / PREFECT_HOME))
-    _run_flow(repo, overrides, dry_run, push, lock_timeout, parse_timeouts(stage_timeout or []), gate)
+    _run_flow(repo, overrides, dry_run, push, lock_timeout, parse_timeouts(stage_timeout or []), gate, gpu_pool)
 
 
 def _api_reachable(url: str) -> bool:
@@ -157,13 +175,13 @@ def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
 
 
 def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
-              timeouts: dict[str, float], gate: bool) -> None:
+              timeouts: dict[str, float], gate: bool, gpu_pool: str | None = None) -> None:
     from pipelines.flow import pipeline
     from stages.common.paths import REPORT_PAGE, artifact_paths
 
     # A failing stage raises StageFailed with the stage's own exit code (2 config, 3 data, ...).
     result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
-                      push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts, gate=gate)
+                      push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts, gate=gate, gpu_pool=gpu_pool)
     if dry_run:
         for stage, fate in result["plan"].items():
             typer.echo(f"{stage}: {fate}")
@@ -214,13 +232,14 @@ def deploy(
     concurrency_limit: Annotated[int | None, typer.Option(help="Flow runs of it at a time, across workers.")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
-    """Create the deployment cifar10-experiment/POOL: workers clone origin and push experiments back."""
+    """Create the deployments cifar10-experiment/POOL (whole runs) and cifar10-stages/POOL (another
+    run's GPU stages): workers clone origin and push experiments back."""
     from pipelines import remote
 
     repo = require_repo(repo)
     require_server(os.environ.get("PREFECT_API_URL"))
     git_url, rev, deployment = remote.deploy_head(repo, pool, concurrency_limit)
-    typer.echo(f"deployment {deployment}: code from {git_url}, HEAD {rev[:7]}")
+    typer.echo(f"deployments {deployment} and {remote.STAGES_FLOW_NAME}/{pool}: code from {git_url}, HEAD {rev[:7]}")
     typer.echo(f"start a worker per machine (or GPU): prefect worker start --pool {pool} --type process --limit 1")
 
 
@@ -330,6 +349,7 @@ def sweep(
     name: Annotated[str | None, typer.Option(help="Sweep name; points are NAME-1, NAME-2, ...")] = None,
     repo: RepoOption = Path("."),
     pool: PoolOption = None,
+    gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run a grid or random search as DVC experiments; end with the ranked table and the best point."""
     from pipelines.sweep import load_sweep_config
@@ -337,10 +357,13 @@ def sweep(
 
     repo = require_repo(repo)
     cfg = load_sweep_config(config)
+    if gpu_pool and not pool:
+        raise ConfigError("--gpu-pool needs --pool: the local queue's points run in DVC's temporary workspaces")
     if pool:
         require_server(os.environ.get("PREFECT_API_URL"))
     result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
-                        n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name, pool=pool)
+                        n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name, pool=pool,
+                        gpu_pool=gpu_pool)
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")

@@ -28,6 +28,10 @@ from stages.common.params import flatten
 class StageGraph:
     order: list[str]  # topological: every stage after the stages it depends on
     upstream: dict[str, list[str]]
+    gpu: frozenset[str] = frozenset()  # marked `meta: {accelerator: gpu}` in dvc.yaml
+
+
+GPU_MARK = ("accelerator", "gpu")
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,14 @@ class StageOutcome:
     ran: bool  # the stage's outputs in the workspace changed: run, or restored from DVC's run-cache
     seconds: float
     from_run_cache: bool = False
+    pool: str | None = None  # the work pool that ran it, when not this machine
 
     def describe(self) -> str:
         if not self.ran:
             return f"{self.stage}: up to date"
         if self.from_run_cache:
             return f"{self.stage}: restored from run-cache"
-        return f"{self.stage}: ran {self.seconds:.0f} s"
+        return f"{self.stage}: ran {self.seconds:.0f} s" + (f" on work pool '{self.pool}'" if self.pool else "")
 
 
 def dvc_executable() -> str:
@@ -63,6 +68,8 @@ def inspect_repo(repo_dir: Path) -> tuple[StageGraph, dict[str, list[str]]]:
     with Repo(str(repo_dir)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         names = {stage: stage.name for stage in graph.nodes}
+        key, value = GPU_MARK
+        gpu = frozenset(stage.name for stage in graph.nodes if (getattr(stage, "meta", None) or {}).get(key) == value)
         dag = nx.DiGraph()
         dag.add_nodes_from(names.values())
         dag.add_edges_from((names[up], names[down]) for down, up in graph.edges)
@@ -70,17 +77,19 @@ def inspect_repo(repo_dir: Path) -> tuple[StageGraph, dict[str, list[str]]]:
             status = repo.status()
         except LockError:
             raise RepoBusy(f"another dvc command is running in {repo_dir}; wait for it to finish and rerun") from None
-    stage_graph = StageGraph(order=_file_order(repo_dir, dag), upstream={n: sorted(dag.predecessors(n)) for n in dag})
+    stage_graph = StageGraph(order=_file_order(repo_dir, dag), upstream={n: sorted(dag.predecessors(n)) for n in dag},
+                             gpu=gpu)
     return stage_graph, _reasons(repo_dir, status)
 
 
-def git_tracked_outputs(repo_dir: Path) -> list[str]:
-    """Outputs DVC leaves to git (`cache: false`: metrics, curves, predictions), relative paths."""
+def git_tracked_outputs(repo_dir: Path, stages: list[str] | None = None) -> list[str]:
+    """Outputs DVC leaves to git (`cache: false`: metrics, curves, predictions), relative paths;
+    of `stages` only, when given."""
     from dvc.repo import Repo
 
     with Repo(str(repo_dir)) as repo:
         return sorted({str(Path(out.fs_path).relative_to(repo_dir.resolve())) for out in repo.index.outs
-                       if not out.use_cache})
+                       if not out.use_cache and (stages is None or out.stage.name in stages)})
 
 
 def _file_order(repo_dir: Path, dag: nx.DiGraph) -> list[str]:

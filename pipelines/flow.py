@@ -194,28 +194,62 @@ def download_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float 
     return stage_task.fn(repo_dir, stage, up_to_date, timeout_s, pull)
 
 
+@task(name="gpu-pool", task_run_name="{stages} on {pool}")
+def gpu_pool_task(repo_dir: str, stages: list[str], pool: str, inputs: list[str], up_to_date: bool,
+                  timeouts: dict[str, float]) -> list[StageOutcome]:
+    """Consecutive GPU stages as one flow run on the GPU pool (one clone there, one hand-back)."""
+    if up_to_date:
+        return [StageOutcome(stage, ran=False, seconds=0.0) for stage in stages]
+    from pipelines.remote import run_stages_on_pool
+
+    handoff = f"{experiment_name(_flow_run_name(), _flow_run_id())}-{'-'.join(stages)}"
+    outcomes = run_stages_on_pool(Path(repo_dir), stages, inputs, pool, handoff, timeouts, log=get_run_logger().info)
+    for outcome in outcomes:
+        get_run_logger().info(outcome.describe())
+    return outcomes
+
+
+def batches(graph: StageGraph, gpu_pool: str | None) -> list[list[str]]:
+    """The stages in DVC's order, each alone, except that with a GPU pool consecutive GPU stages
+    go there together."""
+    groups: list[list[str]] = []
+    for stage in graph.order:
+        if gpu_pool and stage in graph.gpu and groups and groups[-1][-1] in graph.gpu:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
 def run_stages(repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[str, float],
-               outcomes: list[StageOutcome], pull: bool = False) -> list[StageOutcome]:
-    """The stages in DVC's order, one task each, appending to `outcomes`; a failure stops the rest.
+               outcomes: list[StageOutcome], pull: bool = False, gpu_pool: str | None = None) -> list[StageOutcome]:
+    """The stages in DVC's order, one task each (or one for a batch sent to the GPU pool),
+    appending to `outcomes`; a failure stops the rest.
 
     They form a chain, so each runs when the one before has finished: there is nothing to run
     side by side, and a task called directly is what Prefect's examples do then.
     """
     done: dict[str, StageOutcome] = {}
-    for stage in graph.order:
+    for group in batches(graph, gpu_pool):
+        inputs = sorted({u for stage in group for u in graph.upstream[stage]} - set(group))
         # Stale also covers a stage whose outputs are not in this workspace (a fresh clone): with
         # `pull` DVC fetches them, or restores the stage from the remote's run-cache.
-        up_to_date = stage not in stale and not any(done[u].ran for u in graph.upstream[stage])
-        run = download_task if stage == "download" else stage_task
+        up_to_date = not any(stage in stale for stage in group) and not any(done[u].ran for u in inputs)
         try:
-            done[stage] = run(str(repo), stage, up_to_date, timeouts.get(stage), pull)
+            if gpu_pool and group[0] in graph.gpu:
+                results = gpu_pool_task(str(repo), group, gpu_pool, inputs, up_to_date, timeouts)
+            else:
+                run = download_task if group[0] == "download" else stage_task
+                results = [run(str(repo), group[0], up_to_date, timeouts.get(group[0]), pull)]
         except StageFailed:
-            skipped = graph.order[graph.order.index(stage) + 1:]
-            get_run_logger().error(f"{stage} failed; not run: {', '.join(skipped) or 'nothing'}")
+            skipped = graph.order[graph.order.index(group[-1]) + 1:]
+            get_run_logger().error(f"{', '.join(group)} failed; not run: {', '.join(skipped) or 'nothing'}")
             raise
         finally:
             stop_all_stages()  # stopped or failed: leave no stage process behind
-        outcomes.append(done[stage])
+        for outcome in results:
+            done[outcome.stage] = outcome
+            outcomes.append(outcome)
     return outcomes
 
 
@@ -227,9 +261,9 @@ def log_plan(graph: StageGraph, reasons: dict[str, list[str]]) -> dict[str, str]
 
 
 def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[str, Any] | None,
-                    name: str | None = None) -> str | None:
+                    name: str | None = None, stages: list[str] | None = None) -> str | None:
     """A run with overrides (or a name) becomes a DVC experiment, by default named after the flow
-    run (dvc exp show)."""
+    run (dvc exp show); with `stages`, DVC commits only their outputs (the others may be absent)."""
     if not overrides and not name:
         return None
     if not any(o.ran for o in outcomes):
@@ -238,7 +272,7 @@ def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[st
     experiment = name or experiment_name(_flow_run_name(), _flow_run_id())
     # Metrics and curves are git's to track; include them even before their first commit.
     include = [arg for path in git_tracked_outputs(repo) if (repo / path).exists() for arg in ("-I", path)]
-    dvc(repo, "exp", "save", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}")
+    dvc(repo, "exp", "save", "--name", experiment, *include, "-m", f"prefect flow run {_flow_run_id()}", *(stages or []))
     get_run_logger().info(f"saved as DVC experiment {experiment} (dvc exp show)")
     return experiment
 
@@ -299,10 +333,12 @@ def pipeline(
     gate: bool = False,
     experiment: str | None = None,
     pull: bool = False,
+    gpu_pool: str | None = None,
 ) -> dict[str, Any]:
     """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped. `experiment`
     names the DVC experiment the run is saved as; `pull` takes missing data and stages computed
-    elsewhere from the DVC remote (its run-cache) instead of running them."""
+    elsewhere from the DVC remote (its run-cache) instead of running them; `gpu_pool` sends the
+    stages dvc.yaml marks `accelerator: gpu` (train, evaluate) to that work pool's workers."""
     repo = Path(repo_dir).resolve()
     outcomes: list[StageOutcome] = []
     with flow_lock(repo, lock_timeout_s), overrides_applied(repo / "params.yaml", overrides, outcomes, keep=not dry_run):
@@ -310,7 +346,7 @@ def pipeline(
         fate = log_plan(graph, reasons)
         if dry_run:
             return {"plan": fate}
-        run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes, pull)
+        run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes, pull, gpu_pool)
         if any(o.ran for o in outcomes):
             assert_nothing_stale(repo)
         experiment = save_experiment(repo, outcomes, overrides, experiment)

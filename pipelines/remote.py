@@ -6,8 +6,14 @@ come from the DVC remote: `dvc repro --pull`, the run-cache included), saves the
 named DVC experiment and pushes it with `dvc exp push origin` (git refs to the git remote, data,
 models and run-cache to the DVC remote). Any clone then sees it after `dvc exp pull origin NAME`.
 
+A flow run anywhere (this machine, or a pool's worker) can send its GPU stages to a GPU pool: a
+flow run of `cifar10-stages/<pool>` clones the same revision, takes the caller's params.yaml and
+dvc.lock, pulls the inputs the caller pushed, runs those stages, pushes their cached outputs and
+hands the rest (dvc.lock, metrics, curves) back as a DVC experiment on origin, which the caller
+pulls, restores into its workspace and removes.
+
 Prefect schedules the runs (work pools, workers, concurrency limits); this module only says what
-one run does, and creates the deployment from the git remote (`cifar10-pipeline deploy`).
+one run does, and creates the deployments from the git remote (`cifar10-pipeline deploy`).
 """
 
 from __future__ import annotations
@@ -16,18 +22,29 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from pipelines.dvcrepo import RemoteUnreachable, dvc, git
-from pipelines.flow import pipeline
-from stages.common.errors import CommandFailed, ConfigError
+from pipelines.dvcrepo import (
+    RemoteUnreachable,
+    StageOutcome,
+    dvc,
+    git,
+    git_tracked_outputs,
+)
+from pipelines.flow import pipeline, save_experiment, stage_task
+from stages.common.errors import CommandFailed, ConfigError, StageFailed
 
 FLOW_NAME = "cifar10-experiment"
 ENTRYPOINT = "pipelines/remote.py:experiment_on_pool"
+STAGES_FLOW_NAME = "cifar10-stages"
+STAGES_ENTRYPOINT = "pipelines/remote.py:stages_on_pool"
+# What a GPU pool's flow run needs of its caller's workspace besides the commit.
+HANDED_OVER = ("params.yaml", "dvc.lock")
 
 
 def _transient(task, task_run, state) -> bool:
@@ -53,8 +70,15 @@ def pushed_experiments(repo: Path) -> set[str]:
 
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_transient)
-def push_experiment(repo: Path, name: str) -> None:
-    get_run_logger().info(dvc(repo, "exp", "push", "--run-cache", "origin", name).strip())
+def push_experiment(repo: Path, name: str, cache: bool = True) -> None:
+    """Git refs to origin and, with `cache`, outputs and run-cache to the DVC remote."""
+    get_run_logger().info(dvc(repo, "exp", "push", *(["--run-cache"] if cache else ["--no-cache"]), "origin", name).strip())
+
+
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_transient)
+def transfer(repo: Path, command: str, stages: list[str]) -> None:
+    """`dvc push` or `dvc pull` of the stages' cached outputs, retried when the remote is unreachable."""
+    get_run_logger().info(dvc(repo, command, *stages).strip() or f"dvc {command}: nothing to transfer")
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -64,8 +88,10 @@ def experiment_on_pool(
     name: str | None = None,
     overrides: dict[str, Any] | None = None,
     stage_timeouts: dict[str, float] | None = None,
+    gpu_pool: str | None = None,
 ) -> dict[str, Any]:
-    """Clone `git_url` at `rev`, run the pipeline with `overrides`, push it as experiment `name`.
+    """Clone `git_url` at `rev`, run the pipeline with `overrides` (its GPU stages on `gpu_pool`
+    when given), push it as experiment `name`.
 
     A name the git remote already holds is not run again: a flow run Prefect starts twice, or a
     sweep rerun to retry its failed points, leaves each point's experiment exactly once.
@@ -82,7 +108,7 @@ def experiment_on_pool(
             return {"experiment": name, "skipped": True, "timings": timings}
         started = time.perf_counter()
         result = pipeline(repo_dir=str(repo), overrides=overrides, experiment=name, pull=True,
-                          stage_timeouts=stage_timeouts)
+                          stage_timeouts=stage_timeouts, gpu_pool=gpu_pool)
         timings["pipeline_s"] = time.perf_counter() - started
         experiment = result["experiment"]
         if experiment is None:
@@ -95,6 +121,97 @@ def experiment_on_pool(
         return {**result, "skipped": False, "timings": {k: round(v, 1) for k, v in timings.items()}}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@flow(name=STAGES_FLOW_NAME, log_prints=True)
+def stages_on_pool(
+    git_url: str,
+    rev: str,
+    stages: list[str],
+    inputs: list[str],
+    files: dict[str, str],
+    handoff: str,
+    stage_timeouts: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Run `stages` for another flow run: clone `git_url` at `rev`, write its `files` (params.yaml,
+    dvc.lock), pull the outputs of the `inputs` stages it pushed, run the stages, push their cached
+    outputs and the rest as experiment `handoff` on origin; returns each stage's seconds."""
+    logger = get_run_logger()
+    workdir = Path(tempfile.mkdtemp(prefix="cifar10-stages-"))
+    try:
+        repo = clone(git_url, rev, workdir / "repo")
+        if handoff in pushed_experiments(repo):  # Prefect started this flow run twice
+            logger.info(f"{handoff} is already on the git remote; not run again")
+            return {}
+        for path, text in files.items():
+            (repo / path).write_text(text)
+        transfer(repo, "pull", inputs)
+        outcomes = [stage_task(str(repo), stage, False, (stage_timeouts or {}).get(stage), True) for stage in stages]
+        transfer(repo, "push", stages)
+        # The caller has the inputs' outputs; only these stages' are committed and handed back.
+        save_experiment(repo, outcomes, None, handoff, stages=stages)
+        push_experiment(repo, handoff, cache=False)
+        return {o.stage: round(o.seconds, 1) for o in outcomes}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_stages_on_pool(repo: Path, stages: list[str], inputs: list[str], pool: str, handoff: str,
+                       timeouts: dict[str, float], log: Callable[[str], None]) -> list[StageOutcome]:
+    """Send `stages` to a flow run of `cifar10-stages/<pool>` and wait; then bring their results
+    into `repo` as if they had run here. The inputs' outputs go to the DVC remote first."""
+    from prefect.deployments import run_deployment
+
+    git_url, rev, _ = remote_revision(repo)
+    require_committed(repo)
+    transfer(repo, "push", inputs)
+    started = time.perf_counter()
+    log(f"sending {', '.join(stages)} to work pool '{pool}' as flow run {handoff}")
+    run = run_deployment(f"{STAGES_FLOW_NAME}/{pool}", flow_run_name=handoff, timeout=None, parameters={
+        "git_url": git_url, "rev": rev, "stages": stages, "inputs": inputs, "handoff": handoff,
+        "files": {path: (repo / path).read_text() for path in HANDED_OVER if (repo / path).is_file()},
+        "stage_timeouts": {s: t for s, t in timeouts.items() if s in stages}})
+    state = run.state
+    if state is None or not state.is_completed():
+        name, message = (state.name, state.message) if state else ("without a state", "")
+        raise StageFailed(stages[0], f"flow run {handoff} on work pool '{pool}' ended {name}: {message} "
+                                     "(its logs are in the Prefect UI)", None)
+    seconds = time.perf_counter() - started
+    take_back(repo, handoff, stages)
+    return [StageOutcome(stage, ran=True, seconds=seconds / len(stages), pool=pool) for stage in stages]
+
+
+def take_back(repo: Path, handoff: str, stages: list[str]) -> None:
+    """The hand-off experiment's dvc.lock and the stages' outputs into this workspace (exactly its
+    files: stale ones removed first); then the experiment is removed here and from origin."""
+    dvc(repo, "exp", "pull", "--no-cache", "origin", handoff)
+    ref = next((r for r in (git(repo, "for-each-ref", "--format=%(refname)", "refs/exps") or "").split()
+                if r.rsplit("/", 1)[-1] == handoff), None)
+    if ref is None:
+        raise CommandFailed(f"experiment {handoff} is not on origin after its flow run completed; rerun")
+    tracked = git_tracked_outputs(repo, stages)
+    for path in tracked:
+        if (repo / path).is_dir():
+            shutil.rmtree(repo / path)
+        else:
+            (repo / path).unlink(missing_ok=True)
+    if git(repo, "restore", f"--source={ref}", "--worktree", "--", *HANDED_OVER[1:], *tracked) is None:
+        raise CommandFailed(f"could not restore {', '.join(tracked)} from experiment {handoff}; rerun")
+    transfer(repo, "pull", stages)
+    dvc(repo, "exp", "remove", "--git-remote", "origin", handoff)
+    dvc(repo, "exp", "remove", handoff)
+
+
+def require_committed(repo: Path) -> None:
+    """The GPU pool's workers clone the commit: an uncommitted change (code, dvc.yaml) would not
+    reach them. params.yaml and dvc.lock travel with the flow run; outputs are the run's own."""
+    travels = {*HANDED_OVER, *git_tracked_outputs(repo)}
+    changed = (git(repo, "diff", "--name-only", "HEAD") or "").splitlines()
+    left = [path for path in changed if path not in travels and not path.endswith(".gitignore")
+            and not any(path.startswith(f"{out}/") for out in travels)]
+    if left:
+        raise ConfigError(f"uncommitted changes to {', '.join(left)} would not reach the GPU pool's workers "
+                          "(they clone origin); commit and push them")
 
 
 # A worker machine that dies takes its flow run's process with it, and nobody reports the run's
@@ -142,15 +259,18 @@ def deployment_name(pool: str) -> str:
 
 
 def deploy(pool: str, git_url: str, branch: str, concurrency_limit: int | None = None) -> str:
-    """Create (or update) the deployment `cifar10-experiment/<pool>`: its code comes from the git
-    remote, cloned by the worker for each flow run; returns its full name."""
+    """Create (or update) the pool's deployments, `cifar10-experiment/<pool>` (whole runs) and
+    `cifar10-stages/<pool>` (another run's GPU stages): their code comes from the git remote,
+    cloned by the worker for each flow run; returns the first's full name."""
     from prefect.runner.storage import GitRepository
 
     source = GitRepository(url=git_url, branch=branch)
-    remote_flow = experiment_on_pool.from_source(source=source, entrypoint=ENTRYPOINT)
-    remote_flow.deploy(name=pool, work_pool_name=pool, parameters={"git_url": git_url},
-                       job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}},
-                       concurrency_limit=concurrency_limit, print_next_steps=False, build=False, push=False)
+    for remote_flow, entrypoint, parameters in ((experiment_on_pool, ENTRYPOINT, {"git_url": git_url}),
+                                                (stages_on_pool, STAGES_ENTRYPOINT, {})):
+        remote_flow.from_source(source=source, entrypoint=entrypoint).deploy(
+            name=pool, work_pool_name=pool, parameters=parameters,
+            job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}},
+            concurrency_limit=concurrency_limit, print_next_steps=False, build=False, push=False)
     ensure_crash_detection()
     return deployment_name(pool)
 
@@ -186,12 +306,15 @@ def deploy_head(repo: Path, pool: str, concurrency_limit: int | None = None) -> 
     return git_url, rev, deploy(pool, git_url, branch, concurrency_limit)
 
 
-def submit(pool: str, git_url: str, rev: str, points: dict[str, dict[str, Any]], tags: list[str]) -> dict[str, Any]:
-    """One flow run of the pool's deployment per point ({experiment name: overrides}), not waited for."""
+def submit(pool: str, git_url: str, rev: str, points: dict[str, dict[str, Any]], tags: list[str],
+           gpu_pool: str | None = None) -> dict[str, Any]:
+    """One flow run of the pool's deployment per point ({experiment name: overrides}), not waited
+    for; with `gpu_pool`, each sends its GPU stages there."""
     from prefect.deployments import run_deployment
 
     return {name: run_deployment(deployment_name(pool), timeout=0, flow_run_name=name, tags=tags,
-                                 parameters={"git_url": git_url, "rev": rev, "name": name, "overrides": overrides})
+                                 parameters={"git_url": git_url, "rev": rev, "name": name, "overrides": overrides,
+                                             **({"gpu_pool": gpu_pool} if gpu_pool else {})})
             for name, overrides in points.items()}
 
 

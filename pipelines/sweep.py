@@ -163,7 +163,7 @@ def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, pr
 
 
 def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger, *,
-                pool: str, git_url: str, rev: str, sweep_name: str) -> None:
+                pool: str, git_url: str, rev: str, sweep_name: str, gpu_pool: str | None = None) -> None:
     """The batch's points as flow runs of the pool's deployment, taken by however many workers
     serve the pool (`jobs` does not apply); each finished point's experiment is pulled from origin.
     A point origin already holds (this sweep ran before) is pulled, not run again: rerunning a
@@ -178,7 +178,7 @@ def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, 
     if again:
         progress.ended(set(again))
     todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in on_origin}
-    runs = remote.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"])
+    runs = remote.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"], gpu_pool=gpu_pool)
     for exp, run in runs.items():
         logger.info(f"submitted {exp} to work pool '{pool}' (flow run {run.id}): {todo[exp]}")
 
@@ -203,9 +203,10 @@ def sweep(
     name: str | None = None,
     sort_by: str = "accuracy",
     pool: str | None = None,
+    gpu_pool: str | None = None,
 ) -> dict[str, Any]:
     """Queue one DVC experiment per point, run them (`jobs` at a time, or as flow runs on the
-    work pool `pool`), then rank them."""
+    work pool `pool`, each sending its GPU stages to `gpu_pool` when given), then rank them."""
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
     if kind == "tpe":
@@ -220,9 +221,11 @@ def sweep(
     if pool:
         from pipelines import remote
 
-        git_url, rev, deployment = remote.deploy_head(repo, pool)  # before anything is submitted
-        logger.info(f"deployment {deployment}: workers clone {git_url} at {rev[:7]}")
-        runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev, sweep_name=name)
+        for target in filter(None, (pool, gpu_pool)):  # before anything is submitted
+            git_url, rev, deployment = remote.deploy_head(repo, target)
+            logger.info(f"deployment {deployment}: workers clone {git_url} at {rev[:7]}")
+        runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev, sweep_name=name,
+                                   gpu_pool=gpu_pool)
     total = n if kind == "tpe" else len(points)
     progress = Progress(repo, total, sort_by, logger)
     started = time.perf_counter()

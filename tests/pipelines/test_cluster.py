@@ -170,6 +170,13 @@ def team_prefect_api(tmp_path_factory):
         print(f"MEASURE Prefect server database: {'PostgreSQL' if database_url else 'SQLite (no postgresql package)'}")
         with prefect_server(tmp_path_factory.mktemp("team_prefect_home"), database_url) as url:
             yield url
+        if database_url:  # the runs are in PostgreSQL, not in a SQLite file beside it
+            port = database_url.rsplit(":", 1)[1].split("/")[0]
+            psql = subprocess.run(as_postgres(str(POSTGRES_BIN[-1].parent / "psql"), "-h", "127.0.0.1", "-p", port,
+                                              "-U", "prefect", "-tAc", "select count(*) from flow_run", "prefect"),
+                                  capture_output=True, text=True, check=True)
+            print(f"MEASURE flow runs in PostgreSQL: {psql.stdout.strip()}")
+            assert int(psql.stdout) > 0
 
 
 def create_pool(name: str, env: dict) -> None:
@@ -283,6 +290,51 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     assert dvc(third, "status", "--cloud", env=env).stdout.strip().lower().startswith(("cache and remote", "data and pipelines"))
 
 
+def test_gpu_stages_run_on_the_gpu_pool_and_come_back(cluster):
+    """`--gpu-pool`: train and evaluate run on the GPU pool's worker (a clone of origin that shares
+    only the remotes), the other stages here; the results land in this workspace as if run here."""
+    dev, origin, env = cluster["dev"], cluster["origin"], cluster["env"]
+    create_pool("gpu", env)
+    home = cluster["tmp"] / "gpu-worker"
+    cluster["workers"].append(start_worker(home, {**env, "CUDA_VISIBLE_DEVICES": "0"}, pool="gpu"))
+
+    (dev / "stages" / "train.py").write_text((dev / "stages" / "train.py").read_text() + "\n# not committed\n")
+    refused = run_in(dev, env, "run", "--gpu-pool", "gpu")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: uncommitted changes to stages/train.py would not reach the GPU pool's workers (they clone origin); "
+        "commit and push them"), refused.stderr
+    git(dev, "checkout", "--", "stages/train.py")
+
+    started_s = time.monotonic()
+    done = run_in(dev, env, "run", "--gpu-pool", "gpu", "-S", "train.learning_rate=0.002")
+    print(f"MEASURE run with train and evaluate on the GPU pool: {time.monotonic() - started_s:.0f} s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for stage in ("train", "evaluate"):
+        assert any(line.startswith(f"{stage}: ran") and line.endswith("on work pool 'gpu'") for line in lines), lines
+    for stage in ("download", "prepare", "validate", "export", "report"):
+        assert any(line.startswith(f"{stage}: ran") and "work pool" not in line for line in lines), lines
+    worker_log = (home / "worker.log").read_text()
+    assert "Running stage 'train'" in worker_log and "Running stage 'evaluate'" in worker_log, worker_log[-3000:]
+    assert "Running stage 'prepare'" not in worker_log
+    # The workspace holds the whole run (model, metrics, report), consistent; no hand-off is left.
+    assert dvc(dev, "status", env=env).stdout.strip() == "Data and pipelines are up to date."
+    metrics = yaml.safe_load((dev / "results" / "evaluate" / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert remote_experiments(origin) == set()
+    assert "train-evaluate" not in dvc(dev, "exp", "list", "--name-only", env=env).stdout
+
+    # The same from a run on the CPU pool: its worker sends the GPU stages on, then pushes the whole.
+    done = run_in(dev, env, "run", "--pool", POOL, "--gpu-pool", "gpu", "-S", "train.learning_rate=0.003")
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = done.stdout.split("experiment: ")[1].split()[0]
+    assert remote_experiments(origin) == {name}
+    assert (home / "worker.log").read_text().count("Running stage 'train'") == 2
+    cpu_logs = "".join((cluster["tmp"] / f"worker{i}" / "worker.log").read_text() for i in (1, 2))
+    assert "Running stage 'prepare'" in cpu_logs and "Running stage 'train'" not in cpu_logs
+
+
 def test_gpu_work_pool_templates_pass_prefects_own_checks(prefect_api, prefect_env):
     """No cluster or Docker daemon runs here: the Kubernetes base job template is checked by a real
     Prefect server (placeholders against variables), the Docker deployment for its GPU request."""
@@ -297,8 +349,11 @@ def test_gpu_work_pool_templates_pass_prefects_own_checks(prefect_api, prefect_e
     assert pool["base_job_template"]["variables"]["properties"]["gpus"]["default"] == 1
 
     docker = yaml.safe_load((templates / "docker-gpu.yaml").read_text())
-    (deployment,) = docker["deployments"]
-    assert deployment["entrypoint"] == "pipelines/remote.py:experiment_on_pool"
-    assert (REPO / deployment["entrypoint"].split(":")[0]).is_file()
-    request = deployment["work_pool"]["job_variables"]["container_create_kwargs"]["device_requests"][0]
-    assert request["capabilities"] == [["gpu"]] and request["count"] == -1
+    entrypoints = {d["entrypoint"] for d in docker["deployments"]}
+    assert entrypoints == {"pipelines/remote.py:experiment_on_pool", "pipelines/remote.py:stages_on_pool"}
+    for deployment in docker["deployments"]:
+        module, name = deployment["entrypoint"].split(":")
+        assert f"def {name}(" in (REPO / module).read_text()
+        assert deployment["name"] == deployment["work_pool"]["name"]  # the flow finds cifar10-stages/<pool>
+        request = deployment["work_pool"]["job_variables"]["container_create_kwargs"]["device_requests"][0]
+        assert request["capabilities"] == [["gpu"]] and request["count"] == -1

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, _reasons, plan
+from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, _reasons, inspect_repo, plan
 from pipelines.flow import check_overrides
 from stages.common.errors import ConfigError
 from stages.common.params import update_params_file
+from tests.helpers import git_dvc_project
 
 GRAPH = StageGraph(order=["a", "b", "c", "d"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": []})
 
@@ -148,3 +149,8 @@ def test_stages_get_sigint_at_its_default_even_when_the_flow_ignores_it(tmp_path
     finally:
         signal.signal(signal.SIGINT, inherited)
     assert "default_int_handler" in (repo / "out.txt").read_text()
+
+
+def test_the_gpu_stages_are_those_dvc_yaml_marks(tmp_path):
+    graph, _ = inspect_repo(git_dvc_project(tmp_path / "project"))
+    assert graph.gpu == {"train", "evaluate"}

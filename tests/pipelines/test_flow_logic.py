@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from pipelines import flow
+from pipelines import flow, remote
 from pipelines.dvcrepo import StageGraph, StageOutcome
 from stages.common.errors import StageFailed
 from tests.helpers import REPO
@@ -89,3 +89,30 @@ def test_params_are_restored_unless_a_stage_changed_an_output(project, monkeypat
     with pytest.raises(StageFailed):
         flow.pipeline(repo_dir=str(project), overrides={"prepare.seed": 3})
     assert "seed: 3" in params.read_text()  # download ran with it: the params must say so
+
+
+GPU_GRAPH = StageGraph(order=["prepare", "train", "evaluate", "report"],
+                       upstream={"prepare": [], "train": ["prepare"], "evaluate": ["prepare", "train"],
+                                 "report": ["evaluate"]},
+                       gpu=frozenset({"train", "evaluate"}))
+
+
+@pytest.mark.parametrize("stale", [{"prepare"}, set()])
+def test_gpu_stages_go_to_the_gpu_pool_together_and_the_rest_run_here(project, monkeypatch, stale):
+    fake = FakeDvc(changes={"prepare", "report"})
+    monkeypatch.setattr(flow, "run_stage", fake.run_stage)
+    monkeypatch.setattr(flow, "inspect_repo", lambda repo: (GPU_GRAPH, {s: ["changed"] for s in stale}))
+    sent = []
+
+    def on_pool(repo, stages, inputs, pool, handoff, timeouts, log):
+        sent.append((stages, inputs, pool))
+        return [StageOutcome(stage, ran=True, seconds=1.0, pool=pool) for stage in stages]
+
+    monkeypatch.setattr(remote, "run_stages_on_pool", on_pool)
+    result = flow.pipeline(repo_dir=str(project), gpu_pool="gpu")
+    if stale:
+        assert sent == [(["train", "evaluate"], ["prepare"], "gpu")]  # one flow run for both
+        assert fake.calls == ["prepare", "report"]
+        assert result["stages"]["evaluate"]["outcome"] == "evaluate: ran 1 s on work pool 'gpu'"
+    else:  # up to date: nothing is sent anywhere
+        assert sent == [] and fake.calls == []
