@@ -176,9 +176,20 @@ def run_stages_on_pool(repo: Path, stages: list[str], inputs: list[str], pool: s
         name, message = (state.name, state.message) if state else ("without a state", "")
         raise StageFailed(stages[0], f"flow run {handoff} on work pool '{pool}' ended {name}: {message} "
                                      "(its logs are in the Prefect UI)", None)
-    seconds = time.perf_counter() - started
+    log(f"{handoff} completed in {time.perf_counter() - started:.0f} s (waiting, cloning and pushing included)")
     take_back(repo, handoff, stages)
-    return [StageOutcome(stage, ran=True, seconds=seconds / len(stages), pool=pool) for stage in stages]
+    seconds = stage_seconds(run.id)
+    return [StageOutcome(stage, ran=True, seconds=seconds.get(stage, 0.0), pool=pool) for stage in stages]
+
+
+def stage_seconds(flow_run_id) -> dict[str, float]:
+    """Each stage task's run time in that flow run, as Prefect's server recorded it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+    return {run.name: run.total_run_time.total_seconds() for run in runs}
 
 
 def take_back(repo: Path, handoff: str, stages: list[str]) -> None:

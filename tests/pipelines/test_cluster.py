@@ -311,8 +311,9 @@ def test_gpu_stages_run_on_the_gpu_pool_and_come_back(cluster):
     print(f"MEASURE run with train and evaluate on the GPU pool: {time.monotonic() - started_s:.0f} s")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    for stage in ("train", "evaluate"):
-        assert any(line.startswith(f"{stage}: ran") and line.endswith("on work pool 'gpu'") for line in lines), lines
+    for stage in ("train", "evaluate"):  # with the seconds its task ran there, from Prefect's record
+        (line,) = [line for line in lines if line.startswith(f"{stage}: ran")]
+        assert line.endswith(" s on work pool 'gpu'") and int(line.split()[2]) > 0, lines
     for stage in ("download", "prepare", "validate", "export", "report"):
         assert any(line.startswith(f"{stage}: ran") and "work pool" not in line for line in lines), lines
     worker_log = (home / "worker.log").read_text()
