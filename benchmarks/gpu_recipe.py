@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,10 @@ import keras
 
 from pipelines.presets import resolve
 from stages.common import dataio
+from stages.common.models import predict_probabilities
 from stages.common.params import load_yaml, parse_section, set_dotted
-from stages.common.recipe import EpochClock, compile_model, recipe_callbacks
-from stages.common.schemas import PrepareParams, TrainParams
+from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
+from stages.common.schemas import EvaluateParams, PrepareParams, TrainParams
 from stages.prepare import decode_image, fit_normalization, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +51,7 @@ def load_archive(archive: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
     return {s: (np.stack(images[s]), np.asarray([index[c] for c in names[s]])) for s in images}, classes
 
 
-def recipe(preset: str, sets: list[str]) -> tuple[TrainParams, PrepareParams, bool]:
+def recipe(preset: str, sets: list[str]) -> tuple[TrainParams, PrepareParams, EvaluateParams]:
     """params.yaml with the preset and --set overrides on top, checked by the stages' schemas."""
     params = load_yaml((REPO / "params.yaml").read_text())
     for section, values in resolve(preset).items():
@@ -58,7 +60,8 @@ def recipe(preset: str, sets: list[str]) -> tuple[TrainParams, PrepareParams, bo
         key, _, value = pair.partition("=")
         set_dotted(params, key, load_yaml(value))
     return (parse_section(params["train"], TrainParams, "train"),
-            parse_section(params["prepare"], PrepareParams, "prepare"), params["evaluate"]["tta_flip"])
+            parse_section(params["prepare"], PrepareParams, "prepare"),
+            parse_section(params["evaluate"], EvaluateParams, "evaluate"))
 
 
 class Record(keras.callbacks.Callback):
@@ -90,6 +93,60 @@ def first_reaching(epochs: list[dict], target: float) -> tuple[int, float] | Non
     return None
 
 
+@dataclass
+class Data:
+    """The archive split and normalised as prepare does it, held in memory for any number of fits."""
+
+    x: np.ndarray
+    y: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    normalization: dict
+    test: tuple[np.ndarray, np.ndarray]
+    classes: list[str]
+    load_seconds: float
+
+
+def load_data(archive: Path, prepare_params: PrepareParams) -> Data:
+    started = time.perf_counter()
+    source, classes = load_archive(archive)
+    train_idx, val_idx = stratified_split(source["train"][1], prepare_params.val_fraction,
+                                          prepare_params.train_limit_per_class, prepare_params.seed)
+    x, y = source["train"]
+    norm = fit_normalization(x[train_idx], prepare_params.normalization)
+    return Data(x, y, train_idx, val_idx, norm, source["test"], classes, round(time.perf_counter() - started, 1))
+
+
+def set_policy(train_params: TrainParams) -> tuple[str, list[str]]:
+    """The dtype policy `train.mixed_precision` picks on this device, set; and Keras' devices."""
+    devices = [str(d) for d in keras.distribution.list_devices()]
+    gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in devices)
+    policy = precision_policy(train_params.mixed_precision, gpu, cpu_info()["isa"])
+    keras.mixed_precision.set_global_policy(policy)
+    return policy, devices
+
+
+def fit_recipe(train_params: TrainParams, data: Data, record: Record, jit_compile: bool | str) -> tuple[keras.Model, float]:
+    """The recipe's model, fitted on the training split and watched on the validation split;
+    returns it and the seconds `fit` took."""
+    k = len(data.classes)
+    train_x = data.x[data.train_idx]
+    steps = -(-len(train_x) // train_params.batch_size)
+    model = compile_model(train_params, k, data.normalization, steps, jit_compile=jit_compile, train_images=train_x)
+    onehot = np.eye(k, dtype=np.float32)
+    started = time.perf_counter()
+    model.fit(train_x.astype(np.float32), onehot[data.y[data.train_idx]], batch_size=train_params.batch_size,
+              epochs=train_params.epochs, shuffle=True, verbose=2,
+              validation_data=(data.x[data.val_idx].astype(np.float32), onehot[data.y[data.val_idx]]),
+              callbacks=[EpochClock(), *recipe_callbacks(train_params, "val_loss", steps), record])
+    return model, time.perf_counter() - started
+
+
+def accuracy_on_test(model: keras.Model, data: Data, tta_flip: bool, tta_translate: int) -> float:
+    probabilities = predict_probabilities(model, data.test[0], 1024, tta_flip, tta_translate)
+    return round(float((probabilities.argmax(axis=1) == data.test[1]).mean()), 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, required=True, help="class-folder archive (the offline mirror)")
@@ -99,43 +156,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gpu_recipe.json"))
     args = parser.parse_args()
 
-    train_params, prepare_params, tta = recipe(args.preset, args.sets)
-    started = time.perf_counter()
-    source, classes = load_archive(args.archive)
-    train_idx, val_idx = stratified_split(source["train"][1], prepare_params.val_fraction,
-                                          prepare_params.train_limit_per_class, prepare_params.seed)
-    x, y = source["train"]
-    norm = fit_normalization(x[train_idx], prepare_params.normalization)
-    load_s = time.perf_counter() - started
-    devices = [str(d) for d in keras.distribution.list_devices()]
-    gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in devices)
-    policy = ("mixed_float16" if gpu else "mixed_bfloat16") if train_params.mixed_precision else "float32"
-    keras.mixed_precision.set_global_policy(policy)
+    train_params, prepare_params, evaluate_params = recipe(args.preset, args.sets)
+    data = load_data(args.archive, prepare_params)
+    policy, devices = set_policy(train_params)
     header = {"preset": args.preset, "sets": args.sets, "backend": keras.backend.backend(), "devices": devices,
-              "policy": policy, "keras": keras.__version__, "train_images": len(train_idx),
-              "val_images": len(val_idx), "load_seconds": round(load_s, 1)}
+              "policy": policy, "keras": keras.__version__, "train_images": len(data.train_idx),
+              "val_images": len(data.val_idx), "load_seconds": data.load_seconds}
     print(json.dumps(header), flush=True)
 
-    k = len(classes)
-    steps = -(-len(train_idx) // train_params.batch_size)
-    model = compile_model(train_params, k, norm, steps, jit_compile=True)
     record = Record(args.out, header)
-    onehot = np.eye(k, dtype=np.float32)
-    fit_started = time.perf_counter()
-    model.fit(x[train_idx].astype(np.float32), onehot[y[train_idx]], batch_size=train_params.batch_size,
-              epochs=train_params.epochs, shuffle=True, verbose=2,
-              validation_data=(x[val_idx].astype(np.float32), onehot[y[val_idx]]),
-              callbacks=[EpochClock(), *recipe_callbacks(train_params, "val_loss"), record])
-    fit_s = time.perf_counter() - fit_started
-    test_x, test_y = source["test"][0].astype(np.float32), source["test"][1]
-    probabilities = model.predict(test_x, batch_size=1024, verbose=0)
-    if tta:
-        probabilities = (probabilities + model.predict(test_x[:, :, ::-1], batch_size=1024, verbose=0)) / 2
-    accuracy = float((np.asarray(probabilities).argmax(axis=1) == test_y).mean())
+    model, fit_s = fit_recipe(train_params, data, record, jit_compile=True)
+    tta = {"tta_flip": evaluate_params.tta_flip, "tta_translate": evaluate_params.tta_translate}
+    accuracy = accuracy_on_test(model, data, **tta)
     reached = {str(t): first_reaching(record.epochs, t) for t in args.targets}
-    record.write(test_accuracy=round(accuracy, 4), tta_flip=tta, fit_seconds=round(fit_s, 1),
+    record.write(test_accuracy=accuracy, **tta, fit_seconds=round(fit_s, 1),
                  epoch_seconds_total=round(sum(e["seconds"] for e in record.epochs), 2), reached=reached)
-    print(f"{args.preset}: test accuracy {accuracy:.4f} (flip TTA {tta}) after {len(record.epochs)} epochs, "
+    print(f"{args.preset}: test accuracy {accuracy:.4f} (TTA {tta}) after {len(record.epochs)} epochs, "
           f"{fit_s:.1f} s in fit on {devices[0]}; first epoch (with compilation) {record.epochs[0]['seconds']} s")
     for target, hit in reached.items():
         print(f"  val {target}: " + (f"epoch {hit[0]}, {hit[1]} s" if hit else "not reached"))

@@ -61,16 +61,6 @@ def data_hash(images: np.ndarray, labels: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size: int, tta_flip: bool) -> np.ndarray:
-    """Class probabilities; with `tta_flip`, the mean over each image and its mirror image."""
-    pixels = images.astype(np.float32)
-    probabilities = np.asarray(model.predict(pixels, batch_size=batch_size, verbose=0), dtype=np.float64)
-    if tta_flip:
-        mirrored = np.asarray(model.predict(pixels[:, :, ::-1], batch_size=batch_size, verbose=0), dtype=np.float64)
-        probabilities = (probabilities + mirrored) / 2
-    return probabilities
-
-
 def main() -> None:
     paths = stage_paths("evaluate", "prepared", "model", "out")
     prepared, model_path, out = paths["prepared"], paths["model"], paths["out"]
@@ -79,9 +69,10 @@ def main() -> None:
     images, labels = dataio.load_split(prepared / f"{params.split}.npz")
     # Keras (and TensorFlow's native logging) only once params and data are known good: an error
     # before this point stays one line on stderr.
-    from stages.common.models import load_trained
+    from stages.common.models import load_trained, predict_probabilities
 
-    probabilities = predict_probabilities(load_trained(model_path), images, params.batch_size, params.tta_flip)
+    probabilities = predict_probabilities(load_trained(model_path), images, params.batch_size, params.tta_flip,
+                                          params.tta_translate)
     if not np.all(np.isfinite(probabilities)):
         raise DataError(f"{model_path} produced non-finite probabilities; retrain it (dvc repro -f train)")
     result = evaluate(probabilities, labels, classes)

@@ -90,12 +90,20 @@ def samples_per_class(labels: np.ndarray, classes: list[str], per_class: int) ->
 # --- page ----------------------------------------------------------------------------------
 
 
+def _machine(run_info: dict) -> str:
+    """", AMD EPYC (avx2), float32": a training time means little without the CPU and the precision."""
+    cpu, precision = run_info.get("cpu"), run_info.get("precision")
+    if not cpu:  # a model trained before run_info named them
+        return ""
+    return f", {cpu['model']} ({', '.join(cpu['isa']) or 'no AVX2'}), {precision}"
+
+
 def render_markdown(metrics: dict, report: dict, run_info: dict, figures: dict[str, str]) -> str:
     headline = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
     lines = [
         "# CIFAR-10 pipeline report",
         "",
-        (f"Model `{run_info.get('model', '?')}` trained on {run_info.get('device', '?')} "
+        (f"Model `{run_info.get('model', '?')}` trained on {run_info.get('device', '?')}{_machine(run_info)} "
         f"in {run_info.get('seconds', '?')} s ({run_info.get('parameters', '?'):,} parameters)."),
         "",
         f"## Metrics on the {run_info.get('split', 'test')} split",

@@ -37,7 +37,7 @@ from stages.common.errors import ConfigError, TrainingDiverged, run_main
 from stages.common.models import check_arch
 from stages.common.params import load_section
 from stages.common.paths import CLASSES, RUN_INFO, stage_paths
-from stages.common.recipe import EpochClock, compile_model, recipe_callbacks
+from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
 from stages.common.schemas import TrainParams
 
 BACKUP_ROOT = Path(".dvc/tmp/train-backup")
@@ -77,11 +77,13 @@ def distribution_strategy(kind: str) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
-def set_precision(mixed: bool) -> None:
-    """float16 pays off on GPUs only; on a CPU the mixed type is bfloat16, which only helps where the
-    CPU has AVX-512 BF16 or AMX (measure with benchmarks/throughput.py --set mixed_precision=true)."""
+def set_precision(setting: bool | str) -> str:
+    """Set Keras' dtype policy for `train.mixed_precision` on this machine; returns its name
+    (measure a CPU with benchmarks/throughput.py --set mixed_precision=true)."""
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    keras.mixed_precision.set_global_policy(("mixed_float16" if gpu else "mixed_bfloat16") if mixed else "float32")
+    policy = precision_policy(setting, gpu, cpu_info()["isa"])
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
 
 
 class StopOnInterrupt(keras.callbacks.Callback):
@@ -166,10 +168,12 @@ def backup_key(params: TrainParams, prepared_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def compiled_model(params: TrainParams, num_classes: int, normalization: dict, steps_per_epoch: int) -> keras.Model:
+def compiled_model(params: TrainParams, num_classes: int, normalization: dict, steps_per_epoch: int,
+                   train_images: np.ndarray | None = None) -> keras.Model:
     """The model as training fits it: seeded, at the configured precision, compiled."""
     set_precision(params.mixed_precision)
-    return compile_model(params, num_classes, normalization, steps_per_epoch, jit_compile=params.xla)
+    return compile_model(params, num_classes, normalization, steps_per_epoch, jit_compile=params.xla,
+                         train_images=train_images)
 
 
 def train(
@@ -185,7 +189,7 @@ def train(
     steps = -(-len(splits["train"][1]) // params.batch_size)
     # Variables made in the scope are mirrored; fit splits each (global) batch across the replicas.
     with distribution_strategy(params.distribute).scope():
-        model = compiled_model(params, len(classes), normalization, steps)
+        model = compiled_model(params, len(classes), normalization, steps, splits["train"][0])
     k = len(classes)
     train_ds = make_dataset(*splits["train"], params.batch_size, shuffle_seed=params.seed, num_classes=k)
     has_val = len(splits["val"][1]) > 0
@@ -193,7 +197,7 @@ def train(
     nan_guard = NanGuard()
     # The clock comes first: the callbacks after it see the epoch's time in the same logs.
     guards: list[keras.callbacks.Callback] = [EpochClock(), nan_guard]
-    guards += recipe_callbacks(params, monitor="val_loss" if has_val else "loss")
+    guards += recipe_callbacks(params, monitor="val_loss" if has_val else "loss", steps_per_epoch=steps)
     previous: list[dict[str, float]] = []
     if backup_dir is not None:
         backup_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +251,9 @@ def main() -> None:
     backup_dir = BACKUP_ROOT / backup_key(params, prepared)
     previous = resume_history(backup_dir)
     resumed = f", resuming after epoch {len(previous)}" if previous else ""
-    print(f"train: {params.model} on {device}, {len(splits['train'][1]):,} images, {params.epochs} epochs{resumed}")
+    cpu = cpu_info()
+    precision = precision_policy(params.mixed_precision, device != "CPU", cpu["isa"])
+    print(f"train: {params.model} on {device} ({precision}), {len(splits['train'][1]):,} images, {params.epochs} epochs{resumed}")
     if params.distribute == "mirrored" and device == "CPU":
         print("warning: train.distribute is mirrored but TensorFlow sees no GPU: one replica on the CPU")
 
@@ -267,6 +273,8 @@ def main() -> None:
         model.save(tmp)
     info: dict[str, Any] = {
         "device": device,
+        "cpu": cpu,
+        "precision": precision,
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / max(params.epochs - len(previous), 1), 1),
         "resumed_after_epoch": len(previous),

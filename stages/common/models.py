@@ -130,22 +130,76 @@ def resnet(x, num_classes: int, widths: tuple[int, ...] = (16, 32, 64), blocks_p
     return layers.Dense(num_classes)(x)
 
 
-def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropout: float = 0.0):
-    """The CPU-fast default: airbench-style blocks (conv-pool-BN-GELU-conv-BN-GELU), a stem, GAP head."""
-    x = layers.Conv2D(widths[0] // 2, 2, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.Activation("gelu")(x)
+@keras.saving.register_keras_serializable(package="cifar10_pipeline")
+class PartialIdentity(keras.initializers.Initializer):
+    """Keras' default conv kernel (Glorot uniform), except that the first min(in, out) filters pass
+    their own input channel through unchanged: airbench's identity ("dirac") initialisation, which
+    starts each block close to the identity."""
+
+    def __call__(self, shape, dtype=None):
+        height, width, channels_in, channels_out = shape
+        passed = min(channels_in, channels_out)
+        mask = np.zeros(shape, bool)
+        mask[..., :passed] = True
+        identity = np.zeros(shape, np.float32)
+        identity[height // 2, width // 2, np.arange(passed), np.arange(passed)] = 1.0
+        base = keras.initializers.GlorotUniform()(shape, dtype)
+        return keras.ops.where(mask, keras.ops.cast(identity, base.dtype), base)
+
+
+WHITEN_LAYER = "whiten"
+WHITEN_PATCH = 2  # pixels a side
+
+
+def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropout: float = 0.0,
+             whiten: bool = False, identity_init: bool = False, bn_scale: bool = True, bn_momentum: float = 0.99):
+    """The CPU-fast default: airbench-style blocks (conv-pool-BN-GELU-conv-BN-GELU), a stem, GAP head.
+
+    airbench's ingredients as options: `whiten` makes the stem a frozen 2x2 patch-whitening
+    convolution (its kernel fitted to the training images by `fit_whitening`); `identity_init`
+    starts the block convolutions as identities (PartialIdentity); `bn_scale: false` and a short
+    `bn_momentum` (Keras' convention: the running statistics' weight; airbench's PyTorch 0.6 is 0.4).
+    """
+    def norm(y):
+        return layers.BatchNormalization(momentum=bn_momentum, scale=bn_scale)(y)
+
+    kernels = {"kernel_initializer": PartialIdentity()} if identity_init else {}
+    if whiten:
+        patch_values = WHITEN_PATCH * WHITEN_PATCH * INPUT_SHAPE[-1]  # a filter per eigenvector, and its negative
+        x = layers.Conv2D(2 * patch_values, WHITEN_PATCH, use_bias=False, trainable=False, name=WHITEN_LAYER)(x)
+    else:
+        x = layers.Conv2D(widths[0] // 2, 2, padding="same", use_bias=False)(x)
+    x = layers.Activation("gelu")(norm(x))
     for width in widths:
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, **kernels)(x)
         x = layers.MaxPooling2D(2)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("gelu")(x)
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.Activation("gelu")(x)
+        x = layers.Activation("gelu")(norm(x))
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, **kernels)(x)
+        x = layers.Activation("gelu")(norm(x))
         x = layers.Dropout(dropout)(x) if dropout else x
     x = layers.GlobalMaxPooling2D()(x)
     return layers.Dense(num_classes, use_bias=False)(x)
+
+
+def fit_whitening(model: keras.Model, images: np.ndarray, mean: list[float], std: list[float],
+                  sample: int = 5000, eps: float = 5e-4) -> bool:
+    """Set the frozen whitening layer's kernel (if the model has one) from the covariance of the 2x2
+    patches of up to `sample` normalised training images: each eigenvector, scaled by 1/sqrt of its
+    eigenvalue, and its negative (airbench). Returns whether there was a layer to fit."""
+    try:
+        layer = model.get_layer(WHITEN_LAYER)
+    except ValueError:
+        return False
+    channels = images.shape[-1]
+    pixels = ((images[:sample] - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(pixels, (WHITEN_PATCH, WHITEN_PATCH), axis=(1, 2))
+    # N, 31, 31, channel, row, col -> one row per patch in the kernel's (row, col, channel) order
+    patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, WHITEN_PATCH * WHITEN_PATCH * channels)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    filters = eigenvectors / np.sqrt(eigenvalues + eps)  # one whitening filter per column
+    kernel = np.concatenate([filters, -filters], axis=1).reshape(WHITEN_PATCH, WHITEN_PATCH, channels, -1)
+    layer.kernel.assign(kernel.astype(np.float32))
+    return True
 
 
 TRANSFER_BASES = {
@@ -252,6 +306,28 @@ def build_model(name: str, num_classes: int, mean: list[float], std: list[float]
     logits = body(name, x, num_classes, options or {})
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=name)
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int, tta_flip: bool,
+                          tta_translate: int = 0) -> np.ndarray:
+    """Class probabilities, optionally averaged over test-time views (airbench's multi-crop TTA):
+    with `tta_flip`, each image and its mirror image; with `tta_translate` t, half the weight on
+    those and half on the same views shifted by t pixels diagonally both ways (edges reflected)."""
+    pixels = images.astype(np.float32)
+
+    def views(batch: np.ndarray) -> np.ndarray:
+        out = np.asarray(model.predict(batch, batch_size=batch_size, verbose=0), dtype=np.float64)
+        if tta_flip:
+            out = (out + np.asarray(model.predict(batch[:, :, ::-1], batch_size=batch_size, verbose=0))) / 2
+        return out
+
+    probabilities = views(pixels)
+    if tta_translate:
+        t = tta_translate
+        padded = np.pad(pixels, ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
+        shifted = [padded[:, :32, :32], padded[:, 2 * t:2 * t + 32, 2 * t:2 * t + 32]]
+        probabilities = (probabilities + sum(views(np.ascontiguousarray(v)) for v in shifted) / 2) / 2
+    return probabilities
 
 
 def load_trained(path: Path) -> keras.Model:

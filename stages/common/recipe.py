@@ -6,11 +6,12 @@ TensorFlow in the train stage and under JAX on a GPU machine (benchmarks/gpu_rec
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 
-from stages.common.models import augmentation, build_model
+from stages.common.models import augmentation, build_model, fit_whitening
 from stages.common.schemas import TrainParams
 
 
@@ -29,6 +30,31 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self) -> dict:
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+# The CPU features whose presence changes what training should do: bfloat16 pays off only where
+# the CPU computes it natively (AVX512_BF16 or AMX); elsewhere TensorFlow emulates it, slower.
+BF16_NATIVE = ("avx512_bf16", "amx_bf16")
+ISA_FLAGS = ("avx2", "avx512f", *BF16_NATIVE)
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """The CPU's model name and which of ISA_FLAGS it has (Linux; unknown elsewhere)."""
+    if not cpuinfo.is_file():
+        return {"model": "unknown", "isa": []}
+    first_cpu = cpuinfo.read_text().split("\n\n", 1)[0]
+    fields = {key.strip(): value.strip() for key, _, value in
+              (line.partition(":") for line in first_cpu.splitlines())}
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name", "unknown"), "isa": [flag for flag in ISA_FLAGS if flag in flags]}
+
+
+def precision_policy(setting: bool | str, gpu: bool, isa: list[str]) -> str:
+    """The Keras dtype policy `train.mixed_precision` asks for on this device."""
+    mixed = "mixed_float16" if gpu else "mixed_bfloat16"
+    if setting == "auto":
+        return mixed if gpu or any(flag in isa for flag in BF16_NATIVE) else "float32"
+    return mixed if setting else "float32"
 
 
 def make_schedule(params: TrainParams, steps_per_epoch: int):
@@ -73,8 +99,9 @@ class EpochClock(keras.callbacks.Callback):
 
 
 def compile_model(params: TrainParams, num_classes: int, normalization: dict, steps_per_epoch: int,
-                  jit_compile: bool | str = "auto") -> keras.Model:
-    """The model as training fits it: seeded, built and compiled (the caller sets the precision)."""
+                  jit_compile: bool | str = "auto", train_images: np.ndarray | None = None) -> keras.Model:
+    """The model as training fits it: seeded, built and compiled (the caller sets the precision).
+    `train_images` fit a whitening layer (fast_vgg's `whiten`); only timing runs may leave it out."""
     keras.utils.set_random_seed(params.seed)
     a = params.augment
     fill = float(np.mean(normalization["mean"]))
@@ -87,6 +114,8 @@ def compile_model(params: TrainParams, num_classes: int, normalization: dict, st
             layer.supports_jit = True
     model = build_model(params.model, num_classes, normalization["mean"], normalization["std"], params.options,
                         augment)
+    if train_images is not None:
+        fit_whitening(model, train_images, normalization["mean"], normalization["std"])
     model.compile(
         optimizer=make_optimizer(params, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
@@ -96,9 +125,42 @@ def compile_model(params: TrainParams, num_classes: int, normalization: dict, st
     return model
 
 
-def recipe_callbacks(params: TrainParams, monitor: str) -> list[keras.callbacks.Callback]:
-    """The callbacks the params ask for: plateau schedule, early stopping with best weights."""
+class Lookahead(keras.callbacks.Callback):
+    """airbench's lookahead: every `every` optimizer steps the weights (BatchNorm's statistics
+    included) and a slow copy of them meet at their weighted mean, the slow copy's weight rising
+    from 0 to `base` with the cube of the run's progress; training ends on the slow copy. Steps are
+    the optimizer's own count, so a resumed run continues the ramp where it stopped."""
+
+    def __init__(self, total_steps: int, every: int = 5, base: float = 0.95**5):
+        super().__init__()
+        self.total_steps, self.every, self.base = max(total_steps, 1), every, base
+
+    def _floats(self) -> list:
+        return [v for v in self.model.weights if "float" in str(v.dtype)]
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.slow = [keras.ops.convert_to_numpy(v.value).copy() for v in self._floats()]
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step % self.every:
+            return
+        weight = self.base * min(step / self.total_steps, 1.0) ** 3
+        for i, variable in enumerate(self._floats()):
+            self.slow[i] = weight * self.slow[i] + (1 - weight) * keras.ops.convert_to_numpy(variable.value)
+            variable.assign(self.slow[i])
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        for variable, slow in zip(self._floats(), self.slow):
+            variable.assign(slow)
+
+
+def recipe_callbacks(params: TrainParams, monitor: str, steps_per_epoch: int) -> list[keras.callbacks.Callback]:
+    """The callbacks the params ask for: plateau schedule, early stopping with best weights,
+    lookahead."""
     out: list[keras.callbacks.Callback] = []
+    if params.lookahead:
+        out.append(Lookahead(params.epochs * steps_per_epoch))
     if params.schedule == "plateau":
         out.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=params.step_factor,
                                                      patience=params.step_every, min_lr=1e-6))

@@ -99,7 +99,10 @@ class TrainParams:
     augment: Augment
     early_stopping: int | None = knob(min=1)  # patience on val_loss, best weights restored
     ema: bool  # keep an exponential moving average of the weights and evaluate with it
-    mixed_precision: bool  # bfloat16 on CPU, float16 on GPU
+    lookahead: bool  # airbench's lookahead: every 5 steps, pull the weights toward a slow copy
+    # auto: float16 on a GPU, bfloat16 on a CPU that computes it natively (AVX512_BF16 or AMX),
+    # float32 elsewhere (emulated bfloat16 is slower); true forces the mixed type, false float32.
+    mixed_precision: bool | str = knob(choices=(False, True, "auto"))
     xla: bool
     # mirrored: tf.distribute.MirroredStrategy over this machine's GPUs (batch_size is the global batch)
     distribute: str = knob(choices=DISTRIBUTE)
@@ -138,6 +141,7 @@ class EvaluateParams:
     split: str = knob(choices=("test", "val"))
     batch_size: int = knob(min=1, max=65_536)
     tta_flip: bool
+    tta_translate: int = knob(min=0, max=4)  # pixels; 0: no translated views
 
 
 EXPORT_FORMATS = ("saved_model", "onnx")

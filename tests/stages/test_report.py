@@ -35,6 +35,11 @@ def test_page_has_metrics_per_class_table_and_figures():
                          {"Confusion matrix": "confusion_matrix.png"})
     assert "| accuracy | 0.75 |" in md and "| a | 0.5000 | 0.2500 | 0.3333 | 4 |" in md
     assert "![Confusion matrix](confusion_matrix.png)" in md and "1,234 parameters" in md
+    assert "trained on CPU in 3 s" in md  # a model trained before run_info named the CPU
+    named = render_markdown({"accuracy": 0.75}, report, {"model": "m", "device": "CPU", "seconds": 3, "parameters": 1,
+                                                         "cpu": {"model": "AMD EPYC", "isa": ["avx2"]},
+                                                         "precision": "float32"}, {})
+    assert "trained on CPU, AMD EPYC (avx2), float32 in 3 s" in named
     html = render_html(md)
     assert "<table>" in html and '<img alt="Confusion matrix" src="confusion_matrix.png"' in html
 

@@ -24,7 +24,7 @@ def params(**changes) -> TrainParams:
     base = {"model": "tutorial_cnn", "arch": {}, "epochs": 1, "batch_size": 8, "optimizer": "adam",
             "learning_rate": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "schedule": "constant",
             "warmup_epochs": 0.0, "step_every": 10, "step_factor": 0.5, "label_smoothing": 0.0, "augment": NO_AUGMENT,
-            "early_stopping": None, "ema": False, "mixed_precision": False, "xla": False, "distribute": "none", "seed": 5,
+            "early_stopping": None, "ema": False, "lookahead": False, "mixed_precision": False, "xla": False, "distribute": "none", "seed": 5,
             "require_gpu": False}
     return TrainParams(**{**base, **changes})
 
@@ -121,7 +121,7 @@ def test_unknown_arch_option_is_a_config_error():
 
 @pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "plateau"])
 def test_schedules_augmentation_and_training_switches_run(schedule):
-    p = params(epochs=2, schedule=schedule, warmup_epochs=0.5, step_every=1, label_smoothing=0.1, ema=True,
+    p = params(epochs=2, schedule=schedule, warmup_epochs=0.5, step_every=1, label_smoothing=0.1, ema=True, lookahead=True,
                weight_decay=1e-4, optimizer="sgd", learning_rate=0.01, early_stopping=5,
                augment=Augment(True, 4, 0.05, 0.1, 0.1, 0.1), mixed_precision=schedule == "onecycle")
     _model, history = train(p, splits(), CLASSES, NORM)
@@ -135,7 +135,7 @@ def test_schedules_augmentation_and_training_switches_run(schedule):
 def test_flip_tta_changes_predictions_only_as_intended():
     import keras
 
-    from stages.evaluate import predict_probabilities
+    from stages.common.models import predict_probabilities
 
     images = synthetic.make_images(2, CLASSES)[0]
     # 1x1 convolutions and global pooling: the model cannot tell an image from its mirror image.
@@ -150,6 +150,28 @@ def test_flip_tta_changes_predictions_only_as_intended():
     mirrored = predict_probabilities(model, images[:, :, ::-1], 8, tta_flip=False)
     averaged = predict_probabilities(model, images, 8, tta_flip=True)
     assert np.allclose(averaged, (plain + mirrored) / 2, atol=1e-6) and not np.allclose(averaged, plain)
+
+
+def test_translated_tta_views_are_the_image_shifted_diagonally_with_half_the_weight():
+    import keras
+
+    from stages.common.models import predict_probabilities
+
+    images = synthetic.make_images(2, CLASSES)[0].astype(np.float32)
+    # A model that sees one pixel, (10, 10): a view shifted by one pixel shows it (9, 9) or (11, 11).
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Flatten()(keras.layers.Cropping2D(((10, 21), (10, 21)))(inputs / 255.0))
+    one_pixel = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+    def seeing(row_col):
+        moved = images.copy()
+        moved[:, 10, 10] = images[:, row_col, row_col]
+        return predict_probabilities(one_pixel, moved, 8, tta_flip=False)
+
+    expected = 0.5 * seeing(10) + 0.25 * seeing(9) + 0.25 * seeing(11)
+    assert np.allclose(predict_probabilities(one_pixel, images, 8, tta_flip=False, tta_translate=1), expected,
+                       atol=1e-6)
+    assert not np.allclose(expected, seeing(10))
 
 
 def test_an_interrupt_swallowed_inside_training_still_stops_it():
@@ -241,3 +263,100 @@ def test_mirrored_training_splits_each_batch_across_two_devices_and_saves_a_plai
         assert result[kind]["reload_diff"] < 1e-5
     assert result["mirrored"]["val_accuracy"] > 0.8
     assert abs(result["mirrored"]["val_accuracy"] - result["none"]["val_accuracy"]) <= 0.1
+
+
+def test_the_whitening_stem_whitens_the_training_patches_and_stays_frozen(tmp_path):
+    import keras
+
+    from stages.common.models import WHITEN_LAYER, fit_whitening, load_trained
+
+    images = splits()["train"][0]
+    p = params(model="fast_vgg", arch={"fast_vgg": {"widths": [8, 16], "whiten": True, "identity_init": True,
+                                                  "bn_scale": False, "bn_momentum": 0.4}}, batch_size=6)
+    model, _history = train(p, splits(), CLASSES, NORM)
+    whiten = model.get_layer(WHITEN_LAYER)
+    fitted = keras.ops.convert_to_numpy(whiten.kernel).copy()
+    assert not whiten.trainable and fitted.shape == (2, 2, 3, 24)
+    # Training left the kernel as fitted: refitting on the same images gives the same one.
+    assert fit_whitening(model, images, NORM["mean"], NORM["std"])
+    assert np.allclose(keras.ops.convert_to_numpy(whiten.kernel), fitted, atol=1e-5)
+
+    fit_whitening(model, images, NORM["mean"], NORM["std"], eps=1e-12)
+    normalized = keras.Model(model.input, model.get_layer("normalize").output).predict(images.astype(np.float32), verbose=0)
+    out = keras.ops.convert_to_numpy(whiten(normalized)).reshape(-1, 24)
+    assert np.allclose(np.cov(out[:, :12], rowvar=False), np.eye(12), atol=1e-3)  # whitened
+    assert np.allclose(out[:, 12:], -out[:, :12], atol=1e-4)
+
+    model.save(tmp_path / "model.keras")
+    again = load_trained(tmp_path / "model.keras")
+    pixels = images[:4].astype(np.float32)
+    assert np.allclose(again.predict(pixels, verbose=0), model.predict(pixels, verbose=0), atol=1e-6)
+
+
+def test_identity_init_passes_each_input_channel_through_its_own_filter():
+    import keras
+
+    from stages.common.models import PartialIdentity
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())
+    out = keras.ops.convert_to_numpy(conv(x))
+    assert np.allclose(out[..., :4], x, atol=1e-6) and not np.allclose(out[..., 4:], 0)
+    narrowing = keras.layers.Conv2D(2, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())
+    assert np.allclose(keras.ops.convert_to_numpy(narrowing(x)), x[..., :2], atol=1e-6)
+
+
+@pytest.mark.parametrize(("setting", "gpu", "isa", "policy"), [
+    ("auto", False, ["avx2"], "float32"),
+    ("auto", False, ["avx2", "avx512f"], "float32"),
+    ("auto", False, ["avx2", "avx512f", "avx512_bf16"], "mixed_bfloat16"),
+    ("auto", False, ["avx2", "amx_bf16"], "mixed_bfloat16"),
+    ("auto", True, [], "mixed_float16"),
+    (True, False, ["avx2"], "mixed_bfloat16"),
+    (False, True, ["avx512_bf16"], "float32"),
+])
+def test_mixed_precision_auto_uses_bfloat16_only_where_the_cpu_computes_it(setting, gpu, isa, policy):
+    from stages.common.recipe import precision_policy
+
+    assert precision_policy(setting, gpu, isa) == policy
+
+
+def test_cpu_info_reads_the_model_and_the_isa_flags_that_matter(tmp_path):
+    from stages.common.recipe import cpu_info
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_info(cpuinfo) == {"model": "AMD EPYC 9R14", "isa": ["avx2", "avx512f", "avx512_bf16"]}
+    assert cpu_info(tmp_path / "absent") == {"model": "unknown", "isa": []}
+
+
+def test_mixed_precision_takes_auto_and_refuses_other_words():
+    from stages.common.params import parse_section
+
+    raw = {**{k: v for k, v in vars(params()).items() if k != "augment"}, "augment": vars(NO_AUGMENT)}
+    assert parse_section({**raw, "mixed_precision": "auto"}, TrainParams, "train").mixed_precision == "auto"
+    with pytest.raises(ConfigError, match="'train.mixed_precision' is 'bf16'; allowed values: False, True, auto"):
+        parse_section({**raw, "mixed_precision": "bf16"}, TrainParams, "train")
+
+
+def test_lookahead_pulls_the_weights_toward_a_slow_copy_on_airbench_s_ramp():
+    import keras
+
+    from stages.common.recipe import Lookahead
+
+    # One weight, a constant gradient: plain SGD moves it by lr each step, so the lookahead's
+    # effect can be followed by hand.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=lambda y, p: keras.ops.mean(p))
+    x, y = np.ones((20, 1), np.float32), np.zeros((20, 1), np.float32)
+    model.fit(x, y, batch_size=1, epochs=1, shuffle=False, verbose=0, callbacks=[Lookahead(total_steps=20)])
+
+    slow = 1.0
+    for step in (5, 10, 15, 20):
+        fast = slow - 5 * 0.1
+        weight = 0.95**5 * (step / 20) ** 3
+        slow = weight * slow + (1 - weight) * fast
+    assert float(model.get_weights()[0][0, 0]) == pytest.approx(slow, abs=1e-5)
+    assert slow > 1.0 - 20 * 0.1 + 0.1  # it held the weight back, as plain SGD would not
