@@ -1,0 +1,88 @@
+"""Ablation: what each of the fast trainers' ingredients buys, at a fixed short budget.
+
+Trains the preset (the default unless --preset says otherwise) once as it is and once with each
+ingredient switched on alone (and with all of them), every run for the same --epochs on the same
+split of the archive, and scores each trained model on the test split under every test-time
+augmentation setting (no TTA, flip, flip + 1 px and 2 px translations: evaluation only, no extra
+training). Rows are appended to --out as each run finishes (a cut-short ablation keeps its rows);
+the Markdown table is printed at the end, or from --out alone with --table.
+
+    python benchmarks/ablation.py --archive ../shared/data/cifar10-jpeg.tar.gz --epochs 4
+    python benchmarks/ablation.py --archive ... --epochs 8 --only base whiten
+    python benchmarks/ablation.py --table --out ablation.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # here on the CPU; gpu_recipe's default is JAX
+
+from gpu_recipe import Data, Record, accuracy_on_test, fit_recipe, load_data, recipe, set_policy
+
+# Each ingredient as the train.* keys that switch it on (README, "Training recipe").
+INGREDIENTS: dict[str, list[str]] = {
+    "base": [],
+    "whiten": ["train.arch.fast_vgg.whiten=true"],
+    "identity_init": ["train.arch.fast_vgg.identity_init=true"],
+    "bn_no_scale_short_momentum": ["train.arch.fast_vgg.bn_scale=false", "train.arch.fast_vgg.bn_momentum=0.4"],
+    "lookahead": ["train.lookahead=true"],
+}
+INGREDIENTS["all"] = [key for name, keys in INGREDIENTS.items() for key in keys]
+TTA = {"none": (False, 0), "flip": (True, 0), "flip+translate1": (True, 1), "flip+translate2": (True, 2)}
+
+
+def run(name: str, args: argparse.Namespace, data: Data) -> dict:
+    train_params, _prepare, _evaluate = recipe(args.preset, [*INGREDIENTS[name], f"train.epochs={args.epochs}"])
+    policy, devices = set_policy(train_params)
+    record = Record(args.out.with_suffix(f".{name}.{args.epochs}.json"), {"variant": name})
+    model, fit_seconds = fit_recipe(train_params, data, record, jit_compile=train_params.xla)
+    return {"variant": name, "preset": args.preset, "epochs": args.epochs, "sets": INGREDIENTS[name],
+            "fit_seconds": round(fit_seconds, 1), "val_accuracy": record.epochs[-1]["val_accuracy"],
+            "test_accuracy": {tta: accuracy_on_test(model, data, *setting) for tta, setting in TTA.items()},
+            "policy": policy, "device": devices[0], "train_images": len(data.train_idx)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"| ingredient | epochs | {' | '.join(f'test, {tta}' for tta in TTA)} | fit seconds |",
+             "|---|---:|" + "---:|" * len(TTA) + "---:|"]
+    base = {row["epochs"]: row for row in rows if row["variant"] == "base"}
+    for row in rows:
+        cells = []
+        for tta, accuracy in row["test_accuracy"].items():
+            reference = base.get(row["epochs"])
+            delta = f" ({accuracy - reference['test_accuracy'][tta]:+.4f})" if reference and reference is not row else ""
+            cells.append(f"{accuracy:.4f}{delta}")
+        lines.append(f"| {row['variant']} | {row['epochs']} | {' | '.join(cells)} | {row['fit_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, help="class-folder archive (the offline mirror)")
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--only", nargs="+", choices=list(INGREDIENTS), default=list(INGREDIENTS))
+    parser.add_argument("--out", type=Path, default=Path("ablation.jsonl"))
+    parser.add_argument("--table", action="store_true", help="only print the table of the rows in --out")
+    args = parser.parse_args()
+    if not args.table:
+        if args.archive is None:
+            parser.error("--archive is required to train (or pass --table to print the rows in --out)")
+        data = load_data(args.archive, recipe(args.preset, [])[1])  # the ingredients are train.* keys only
+        for name in args.only:
+            row = run(name, args, data)
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The ablation and the default-against-first race run their recipes end to end on a tiny archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import synthetic
+from tests.helpers import REPO
+
+ENV = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+
+
+def run_script(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], env=ENV, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_ablation_scores_each_ingredient_under_each_tta_and_tabulates_against_the_base(tmp_path):
+    archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
+    out = tmp_path / "ablation.jsonl"
+    done = run_script("ablation.py", "--archive", str(archive), "--epochs", "1", "--only", "base", "whiten",
+                      "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["variant"] for row in rows] == ["base", "whiten"] and all(row["epochs"] == 1 for row in rows)
+    assert rows[1]["sets"] == ["train.arch.fast_vgg.whiten=true"] and rows[0]["train_images"] == 180
+    assert set(rows[0]["test_accuracy"]) == {"none", "flip", "flip+translate1", "flip+translate2"}
+    delta = rows[1]["test_accuracy"]["flip"] - rows[0]["test_accuracy"]["flip"]
+    assert f"| whiten | 1 | {rows[1]['test_accuracy']['none']:.4f}" in done.stdout and f"({delta:+.4f})" in done.stdout
+    table = run_script("ablation.py", "--table", "--out", str(out))
+    assert table.returncode == 0 and table.stdout.strip().splitlines() == done.stdout.strip().splitlines()[-4:]
+
+
+def test_the_race_times_each_preset_against_the_last(tmp_path):
+    archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
+    done = run_script("default_vs_first.py", "--archive", str(archive), "--presets", "default", "first-default",
+                      "--epochs", "2", "--targets", "0.0", "1.01", "--out-dir", str(tmp_path / "race"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = (tmp_path / "race" / "summary.md").read_text()
+    assert summary.startswith("CPU: ") and "| first-default | float32 | 2 |" in summary and "| 1.00 |" in summary
+    assert "| default |" in summary and "s (epoch 1) | not reached |" in summary
+    assert json.loads((tmp_path / "race" / "default.json").read_text())["epochs"][1]["epoch"] == 2
+
+
+def test_the_race_refuses_an_unknown_preset_and_presets_that_prepare_differently(tmp_path, monkeypatch):
+    done = run_script("default_vs_first.py", "--archive", str(tmp_path / "absent.tar.gz"), "--presets", "nope")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: no preset 'nope'")
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import default_vs_first
+    from stages.common.errors import ConfigError
+
+    real = default_vs_first.recipe
+    monkeypatch.setattr(default_vs_first, "recipe", lambda preset, sets: real(
+        "default", [*sets, "prepare.val_fraction=0.2"] if preset == "first-default" else sets))
+    with pytest.raises(ConfigError, match="preset first-default prepares the data differently from default"):
+        default_vs_first.race(tmp_path / "absent.tar.gz", ["default", "first-default"], [0.9], tmp_path, None)
