@@ -35,6 +35,7 @@ def race(archive: Path, presets: list[str], targets: list[float], out_dir: Path,
             raise ConfigError(f"preset {preset} prepares the data differently from {presets[0]}; "
                               "compare presets with the same prepare section")
     data = load_data(archive, shared)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the presets and the archive are known good
     rows = []
     for preset in presets:
         train_params, _prepare, evaluate_params = recipe(preset, [f"train.epochs={epochs}"] if epochs else [])
@@ -73,7 +74,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="train every preset this long instead (a quick check of the set-up)")
     parser.add_argument("--out-dir", type=Path, default=Path("default_vs_first"))
     args = parser.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     rows = race(args.archive, args.presets, args.targets, args.out_dir, args.epochs)
     text = render(rows, args.targets, cpu_info())
     (args.out_dir / "summary.md").write_text(text + "\n")

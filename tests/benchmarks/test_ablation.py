@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -48,12 +49,15 @@ def test_the_race_times_each_preset_against_the_last(tmp_path):
 
 
 def test_the_race_refuses_an_unknown_preset_and_presets_that_prepare_differently(tmp_path, monkeypatch):
-    done = run_script("default_vs_first.py", "--archive", str(tmp_path / "absent.tar.gz"), "--presets", "nope")
+    done = run_script("default_vs_first.py", "--archive", str(tmp_path / "absent.tar.gz"), "--presets", "nope",
+                      cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: no preset 'nope'")
+    assert list(tmp_path.iterdir()) == []  # no output folder left behind
+
+    from stages.common.errors import ConfigError
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    import default_vs_first
-    from stages.common.errors import ConfigError
+    default_vs_first = importlib.import_module("default_vs_first")
 
     real = default_vs_first.recipe
     monkeypatch.setattr(default_vs_first, "recipe", lambda preset, sets: real(
