@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # here on the CPU; gpu_recipe's default is JAX
 
-from gpu_recipe import Record, accuracy_on_test, first_reaching, fit_recipe, load_data, recipe, set_policy
+from gpu_recipe import Record, accuracy_on_test, first_reaching, fit_recipe, load_data, pick_policy, recipe
 
 from stages.common.errors import ConfigError, run_main
 from stages.common.recipe import cpu_info
@@ -39,9 +39,10 @@ def race(archive: Path, presets: list[str], targets: list[float], out_dir: Path,
     rows = []
     for preset in presets:
         train_params, _prepare, evaluate_params = recipe(preset, [f"train.epochs={epochs}"] if epochs else [])
-        policy, devices = set_policy(train_params)
+        policy, devices = pick_policy(train_params)
         record = Record(out_dir / f"{preset}.json", {"preset": preset, "policy": policy, "device": devices[0]})
-        model, fit_seconds = fit_recipe(train_params, data, record, jit_compile=train_params.xla)
+        model, fit_seconds = fit_recipe(train_params, data, record, jit_compile=train_params.xla,
+                                         precision=policy)
         accuracy = accuracy_on_test(model, data, evaluate_params.tta_flip, evaluate_params.tta_translate)
         reached = {str(t): first_reaching(record.epochs, t) for t in targets}
         record.write(test_accuracy=accuracy, fit_seconds=round(fit_seconds, 1), reached=reached)

@@ -117,22 +117,22 @@ def load_data(archive: Path, prepare_params: PrepareParams) -> Data:
     return Data(x, y, train_idx, val_idx, norm, source["test"], classes, round(time.perf_counter() - started, 1))
 
 
-def set_policy(train_params: TrainParams) -> tuple[str, list[str]]:
-    """The dtype policy `train.mixed_precision` picks on this device, set; and Keras' devices."""
+def pick_policy(train_params: TrainParams) -> tuple[str, list[str]]:
+    """The dtype policy `train.mixed_precision` picks on this device, and Keras' devices."""
     devices = [str(d) for d in keras.distribution.list_devices()]
     gpu = any("gpu" in d.lower() or "cuda" in d.lower() for d in devices)
-    policy = precision_policy(train_params.mixed_precision, gpu, cpu_info()["isa"])
-    keras.mixed_precision.set_global_policy(policy)
-    return policy, devices
+    return precision_policy(train_params.mixed_precision, gpu, cpu_info()["isa"]), devices
 
 
-def fit_recipe(train_params: TrainParams, data: Data, record: Record, jit_compile: bool | str) -> tuple[keras.Model, float]:
+def fit_recipe(train_params: TrainParams, data: Data, record: Record, jit_compile: bool | str,
+               precision: str) -> tuple[keras.Model, float]:
     """The recipe's model, fitted on the training split and watched on the validation split;
     returns it and the seconds `fit` took."""
     k = len(data.classes)
     train_x = data.x[data.train_idx]
     steps = -(-len(train_x) // train_params.batch_size)
-    model = compile_model(train_params, k, data.normalization, steps, jit_compile=jit_compile, train_images=train_x)
+    model = compile_model(train_params, k, data.normalization, steps, jit_compile=jit_compile, train_images=train_x,
+                          precision=precision)
     onehot = np.eye(k, dtype=np.float32)
     started = time.perf_counter()
     model.fit(train_x.astype(np.float32), onehot[data.y[data.train_idx]], batch_size=train_params.batch_size,
@@ -158,14 +158,14 @@ def main() -> None:
 
     train_params, prepare_params, evaluate_params = recipe(args.preset, args.sets)
     data = load_data(args.archive, prepare_params)
-    policy, devices = set_policy(train_params)
+    policy, devices = pick_policy(train_params)
     header = {"preset": args.preset, "sets": args.sets, "backend": keras.backend.backend(), "devices": devices,
               "policy": policy, "keras": keras.__version__, "train_images": len(data.train_idx),
               "val_images": len(data.val_idx), "load_seconds": data.load_seconds}
     print(json.dumps(header), flush=True)
 
     record = Record(args.out, header)
-    model, fit_s = fit_recipe(train_params, data, record, jit_compile=True)
+    model, fit_s = fit_recipe(train_params, data, record, jit_compile=True, precision=policy)
     tta = {"tta_flip": evaluate_params.tta_flip, "tta_translate": evaluate_params.tta_translate}
     accuracy = accuracy_on_test(model, data, **tta)
     reached = {str(t): first_reaching(record.epochs, t) for t in args.targets}

@@ -77,13 +77,11 @@ def distribution_strategy(kind: str) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
-def set_precision(setting: bool | str) -> str:
-    """Set Keras' dtype policy for `train.mixed_precision` on this machine; returns its name
-    (measure a CPU with benchmarks/throughput.py --set mixed_precision=true)."""
+def training_precision(setting: bool | str) -> str:
+    """The dtype policy `train.mixed_precision` picks on this machine (measure a CPU with
+    benchmarks/throughput.py --set mixed_precision=true)."""
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    policy = precision_policy(setting, gpu, cpu_info()["isa"])
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
+    return precision_policy(setting, gpu, cpu_info()["isa"])
 
 
 class StopOnInterrupt(keras.callbacks.Callback):
@@ -171,9 +169,8 @@ def backup_key(params: TrainParams, prepared_dir: Path) -> str:
 def compiled_model(params: TrainParams, num_classes: int, normalization: dict, steps_per_epoch: int,
                    train_images: np.ndarray | None = None) -> keras.Model:
     """The model as training fits it: seeded, at the configured precision, compiled."""
-    set_precision(params.mixed_precision)
     return compile_model(params, num_classes, normalization, steps_per_epoch, jit_compile=params.xla,
-                         train_images=train_images)
+                         train_images=train_images, precision=training_precision(params.mixed_precision))
 
 
 def train(

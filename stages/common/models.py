@@ -330,13 +330,34 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
     return probabilities
 
 
+def all_layers(model: keras.Model):
+    """Every layer of the model, those of nested models (a transfer backbone) included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
 def load_trained(path: Path) -> keras.Model:
-    """The trained model, for inference (evaluate, predict): compile=False skips the optimizer and
+    """The trained model, for inference (evaluate, export): compile=False skips the optimizer and
     its custom learning-rate schedule, which predictions never need."""
     if not path.is_file():
         raise DataError(f"{path} not found; train first (`cifar10-pipeline run` or `dvc repro train`)")
     try:
-        return keras.models.load_model(path, compile=False)
+        return in_float32(keras.models.load_model(path, compile=False))
     except (ValueError, OSError, TypeError) as err:
         raise DataError(f"{path} is not a loadable Keras model ({str(err).splitlines()[0]}); "
                         "retrain it (`dvc repro -f train`)") from None
+
+
+def in_float32(model: keras.Model) -> keras.Model:
+    """The model with every layer computing in float32. Mixed precision is a way to train faster;
+    its weights are float32, and evaluation, exports (ONNX Runtime has no bfloat16 convolution
+    on the CPU) and serving all compute in float32, so they agree with each other."""
+    if all(layer.dtype_policy.name == "float32" for layer in all_layers(model)):
+        return model
+    copy = keras.models.clone_model(
+        model, recursive=True,
+        clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"}))
+    copy.set_weights(model.get_weights())
+    return copy

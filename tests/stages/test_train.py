@@ -321,6 +321,31 @@ def test_mixed_precision_auto_uses_bfloat16_only_where_the_cpu_computes_it(setti
     assert precision_policy(setting, gpu, isa) == policy
 
 
+def test_cpu_bfloat16_computes_in_the_matmul_layers_only_and_loads_back_in_float32(tmp_path):
+    import keras
+
+    from stages.common.models import all_layers, load_trained
+    from stages.common.recipe import compile_model
+
+    p = params(model="fast_vgg", arch={"fast_vgg": {"widths": [8, 16]}}, batch_size=6)
+    model = compile_model(p, len(CLASSES), NORM, 1, precision="mixed_bfloat16")
+    policies = {(type(layer).__name__, layer.dtype_policy.name) for layer in all_layers(model)}
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert {kind for kind, policy in policies if policy == "mixed_bfloat16"} == {"Conv2D", "Dense"}
+    assert ("BatchNormalization", "float32") in policies and ("Activation", "float32") in policies
+    images, labels = splits()["train"]
+    pixels = images.astype(np.float32)
+    model.fit(pixels, np.eye(len(CLASSES))[labels], epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+
+    served = load_trained(tmp_path / "model.keras")
+    assert {layer.dtype_policy.name for layer in all_layers(served)} == {"float32"}
+    assert all(np.array_equal(a, b) for a, b in zip(served.get_weights(), model.get_weights()))
+    # The same weights; the outputs differ by bfloat16's rounding (an 8-bit mantissa) alone.
+    difference = np.abs(served.predict(pixels, verbose=0) - model.predict(pixels, verbose=0)).max()
+    assert 0 < difference < 0.02
+
+
 def test_cpu_info_reads_the_model_and_the_isa_flags_that_matter(tmp_path):
     from stages.common.recipe import cpu_info
 
