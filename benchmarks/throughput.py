@@ -50,7 +50,7 @@ def train_params(preset: str | None, overrides: list[str]) -> TrainParams:
     for override in overrides:
         key, equals, value = override.partition("=")
         if not equals:
-            raise ConfigError(f"--set {override}: expected KEY=VALUE, e.g. --set mixed_precision=true")
+            raise ConfigError(f"--set/--versus {override}: expected KEY=VALUE, e.g. mixed_precision=true")
         section[key] = yaml.safe_load(value)
     return parse_section(section, TrainParams, "train")
 
@@ -91,8 +91,9 @@ def main() -> None:
     model = compiled_model(params, 10, NORMALIZATION, steps)
     ds = make_dataset(images, labels, params.batch_size, shuffle_seed=0, num_classes=10)
     if other:
-        versus = compiled_model(other, 10, NORMALIZATION, steps)
-        second = ("versus", lambda: versus.fit(ds, epochs=1, verbose=0, shuffle=False))
+        versus = compiled_model(other, 10, NORMALIZATION, -(-args.images // other.batch_size))
+        other_ds = make_dataset(images, labels, other.batch_size, shuffle_seed=0, num_classes=10)
+        second = ("versus", lambda: versus.fit(other_ds, epochs=1, verbose=0, shuffle=False))
     else:
         bare = compiled_model(params, 10, NORMALIZATION, steps)
         x, y = images.astype(np.float32), np.eye(10, dtype=np.float32)[labels]

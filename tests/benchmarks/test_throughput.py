@@ -1,0 +1,23 @@
+"""throughput.py times the train stage's pipeline against a bare fit, or against another setting."""
+
+from __future__ import annotations
+
+import json
+
+from tests.benchmarks.test_ablation import run_script
+from tests.helpers import REPO
+
+
+def test_versus_times_two_settings_in_turns_and_reports_their_ratio():
+    done = run_script("throughput.py", "--preset", "seed003", "--images", "64", "--repeats", "2",
+                      "--versus", "batch_size=16", cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["versus"] == ["batch_size=16"] and "pipeline_over_bare" not in result
+    assert result["pipeline_images_per_s"] > 0 and result["versus_images_per_s"] > 0
+    assert result["pipeline_over_versus_median"] > 0
+
+
+def test_a_malformed_override_is_one_line_and_exit_2():
+    done = run_script("throughput.py", "--versus", "batch_size", cwd=REPO)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --set/--versus batch_size: expected KEY=VALUE")
