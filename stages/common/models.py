@@ -356,8 +356,13 @@ def in_float32(model: keras.Model) -> keras.Model:
     on the CPU) and serving all compute in float32, so they agree with each other."""
     if all(layer.dtype_policy.name == "float32" for layer in all_layers(model)):
         return model
-    copy = keras.models.clone_model(
-        model, recursive=True,
-        clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(), "dtype": "float32"}))
+
+    def float32_layer(layer):
+        policy = getattr(layer, "dtype_policy", None)  # a functional graph's operations have none
+        if policy is None or policy.name == "float32":
+            return layer  # shared with the loaded model, which is not used again
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, recursive=True, clone_function=float32_layer)
     copy.set_weights(model.get_weights())
     return copy

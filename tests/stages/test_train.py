@@ -321,13 +321,14 @@ def test_mixed_precision_auto_uses_bfloat16_only_where_the_cpu_computes_it(setti
     assert precision_policy(setting, gpu, isa) == policy
 
 
-def test_cpu_bfloat16_computes_in_the_matmul_layers_only_and_loads_back_in_float32(tmp_path):
+@pytest.mark.parametrize(("model", "options"), [("fast_vgg", {"widths": [8, 16]}), ("transfer", SMALL_TRANSFER)])
+def test_cpu_bfloat16_computes_in_the_matmul_layers_only_and_loads_back_in_float32(tmp_path, model, options):
     import keras
 
     from stages.common.models import all_layers, load_trained
     from stages.common.recipe import compile_model
 
-    p = params(model="fast_vgg", arch={"fast_vgg": {"widths": [8, 16]}}, batch_size=6)
+    p = params(model=model, arch={model: options}, batch_size=6)
     model = compile_model(p, len(CLASSES), NORM, 1, precision="mixed_bfloat16")
     policies = {(type(layer).__name__, layer.dtype_policy.name) for layer in all_layers(model)}
     assert keras.mixed_precision.global_policy().name == "float32"
