@@ -60,7 +60,7 @@ def precision_policy(setting: bool | str, gpu: bool, isa: list[str]) -> str:
 
 # On the CPU, bfloat16 pays in the layers that multiply matrices and nowhere else: on a 2-core Xeon
 # with AMX, a convolution's training step took 2.9x less time in bfloat16, but BatchNorm's took
-# 1.2x and GELU's 2.4x more (elementwise bfloat16 is not vectorised there). The default trained
+# 1.2x and GELU's 2.4x more (TensorFlow's elementwise kernels). The default trained
 # at 689 images/s in float32, 813 in mixed_bfloat16 everywhere and 1056 with these layers alone.
 MATMUL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
                  keras.layers.Dense)
