@@ -249,7 +249,7 @@ def main() -> None:
     previous = resume_history(backup_dir)
     resumed = f", resuming after epoch {len(previous)}" if previous else ""
     cpu = cpu_info()
-    precision = precision_policy(params.mixed_precision, device != "CPU", cpu["isa"])
+    precision = training_precision(params.mixed_precision)
     print(f"train: {params.model} on {device} ({precision}), {len(splits['train'][1]):,} images, {params.epochs} epochs{resumed}")
     if params.distribute == "mirrored" and device == "CPU":
         print("warning: train.distribute is mirrored but TensorFlow sees no GPU: one replica on the CPU")
