@@ -33,8 +33,8 @@ from stages.common.schemas import Augment, TrainParams
 from tests import synthetic
 
 params = TrainParams(model="tutorial_cnn", arch={}, epochs=2, batch_size=32, optimizer="sgd", learning_rate=0.02,
-                     momentum=0.9, nesterov=True, weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
-                     step_every=10, step_factor=0.5, label_smoothing=0.0, augment=Augment(False, 0, 0.0, 0.0, 0.0, 0.0),
+                     momentum=0.9, nesterov=True, weight_decay=0.0, bias_lr_scale=1.0, schedule="constant", warmup_epochs=0.0,
+                     step_every=10, step_factor=0.5, label_smoothing=0.0, augment=Augment(False, 0, 0.0, 0.0, 0.0, 0.0, "bilinear"),
                      early_stopping=None, ema=False, lookahead=False, mixed_precision=False, xla=False, distribute="none", seed=1,
                      require_gpu=False)
 classes = ["a", "b", "c"]

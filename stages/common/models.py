@@ -152,13 +152,16 @@ WHITEN_PATCH = 2  # pixels a side
 
 
 def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropout: float = 0.0,
-             whiten: bool = False, identity_init: bool = False, bn_scale: bool = True, bn_momentum: float = 0.99):
+             whiten: bool = False, identity_init: bool = False, bn_scale: bool = True, bn_momentum: float = 0.99,
+             logit_scale: float = 1.0):
     """The CPU-fast default: airbench-style blocks (conv-pool-BN-GELU-conv-BN-GELU), a stem, GAP head.
 
     airbench's ingredients as options: `whiten` makes the stem a frozen 2x2 patch-whitening
     convolution (its kernel fitted to the training images by `fit_whitening`); `identity_init`
     starts the block convolutions as identities (PartialIdentity); `bn_scale: false` and a short
-    `bn_momentum` (Keras' convention: the running statistics' weight; airbench's PyTorch 0.6 is 0.4).
+    `bn_momentum` (Keras' convention, the old statistics' weight: airbench's 0.6, which it hands
+    PyTorch as 1 - 0.6); `logit_scale` multiplies the logits by a constant (airbench: 1/9), which
+    slows the head's learning against the label-smoothed targets.
     """
     def norm(y):
         return layers.BatchNormalization(momentum=bn_momentum, scale=bn_scale)(y)
@@ -178,7 +181,8 @@ def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropo
         x = layers.Activation("gelu")(norm(x))
         x = layers.Dropout(dropout)(x) if dropout else x
     x = layers.GlobalMaxPooling2D()(x)
-    return layers.Dense(num_classes, use_bias=False)(x)
+    x = layers.Dense(num_classes, use_bias=False)(x)
+    return layers.Rescaling(logit_scale)(x) if logit_scale != 1 else x
 
 
 def fit_whitening(model: keras.Model, images: np.ndarray, mean: list[float], std: list[float],
@@ -235,7 +239,7 @@ def arch_options(name: str) -> list[str]:
 
 
 def augmentation(flip: bool, crop_pad: int, rotation: float, zoom: float, contrast: float, shear: float,
-                 seed: int, fill_value: float = 0.0) -> list[layers.Layer]:
+                 seed: int, fill_value: float = 0.0, crop_interpolation: str = "bilinear") -> list[layers.Layer]:
     """Training-only augmentation layers on raw pixels (Keras disables them at inference).
 
     `fill_value` fills what shifts, rotations, zooms and shears uncover; the mean pixel keeps the
@@ -246,7 +250,7 @@ def augmentation(flip: bool, crop_pad: int, rotation: float, zoom: float, contra
     if flip:
         out.append(layers.RandomFlip("horizontal", seed=seed))
     if crop_pad:
-        out.append(layers.RandomTranslation(crop_pad / 32, crop_pad / 32, **fill))
+        out.append(layers.RandomTranslation(crop_pad / 32, crop_pad / 32, interpolation=crop_interpolation, **fill))
     if rotation:
         out.append(layers.RandomRotation(rotation, **fill))
     if zoom:

@@ -91,11 +91,36 @@ def make_schedule(params: TrainParams, steps_per_epoch: int):
     return lr  # constant, and plateau (ReduceLROnPlateau lowers it)
 
 
+@keras.saving.register_keras_serializable(package="cifar10_pipeline")
+class BiasScaledSGD(keras.optimizers.SGD):
+    """SGD whose BatchNorm offsets (`beta`) take steps `bias_lr_scale` times the learning rate
+    (airbench: 64). Weight decay stays the same for every variable: Keras applies it apart from
+    the step, as airbench's decoupled parametrisation does."""
+
+    def __init__(self, bias_lr_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.bias_lr_scale = bias_lr_scale
+
+    def build(self, variables: list) -> None:
+        super().build(variables)
+        self._scaled = {i for i, v in enumerate(variables) if v.path.rsplit("/", 1)[-1] == "beta"}
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._get_variable_index(variable) in self._scaled:
+            learning_rate = learning_rate * self.bias_lr_scale
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
+
+
 def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     lr = make_schedule(params, steps_per_epoch)
     common = {"learning_rate": lr, "weight_decay": params.weight_decay or None, "use_ema": params.ema}
     if params.optimizer == "adamw":  # AdamW takes the decay as a number, 0 included
         return keras.optimizers.AdamW(**{**common, "weight_decay": params.weight_decay})
+    if params.optimizer == "sgd" and params.bias_lr_scale != 1:
+        return BiasScaledSGD(params.bias_lr_scale, momentum=params.momentum, nesterov=params.nesterov, **common)
     if params.optimizer == "sgd":
         return keras.optimizers.SGD(momentum=params.momentum, nesterov=params.nesterov, **common)
     if params.optimizer == "rmsprop":
@@ -126,7 +151,8 @@ def compile_model(params: TrainParams, num_classes: int, normalization: dict, st
     keras.mixed_precision.set_global_policy("float32" if precision == "mixed_bfloat16" else precision)
     a = params.augment
     fill = float(np.mean(normalization["mean"]))
-    augment = augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed, fill)
+    augment = augmentation(a.flip, a.crop_pad, a.rotation, a.zoom, a.contrast, a.shear, params.seed, fill,
+                           a.crop_interpolation)
     if keras.backend.backend() == "jax":
         # Keras marks its shift/rotate/zoom/shear layers jit-incompatible on every backend, which
         # TensorFlow's image-transform op earns; their JAX versions are plain jax.numpy, which

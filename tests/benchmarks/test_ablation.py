@@ -21,15 +21,16 @@ def run_script(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_the_ablation_scores_each_ingredient_under_each_tta_and_tabulates_against_the_base(tmp_path):
+def test_the_ablation_scores_the_recipe_without_each_ingredient_under_each_tta_against_the_full_one(tmp_path):
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
     out = tmp_path / "ablation.jsonl"
-    done = run_script("ablation.py", "--archive", str(archive), "--epochs", "1", "--only", "base", "whiten",
-                      "--out", str(out))
+    done = run_script("ablation.py", "--archive", str(archive), "--epochs", "1", "--only", "full", "whiten",
+                      "--set", "train.batch_size=64", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["variant"] for row in rows] == ["base", "whiten"] and all(row["epochs"] == 1 for row in rows)
-    assert rows[1]["sets"] == ["train.arch.fast_vgg.whiten=true"] and rows[0]["train_images"] == 180
+    assert [row["variant"] for row in rows] == ["full", "whiten"] and all(row["epochs"] == 1 for row in rows)
+    assert rows[1]["sets"] == ["train.batch_size=64", "train.arch.fast_vgg.whiten=false"]
+    assert rows[0]["train_images"] == 180
     assert set(rows[0]["test_accuracy"]) == {"none", "flip", "flip+translate1", "flip+translate2"}
     delta = rows[1]["test_accuracy"]["flip"] - rows[0]["test_accuracy"]["flip"]
     assert f"| whiten | 1 | {rows[1]['test_accuracy']['none']:.4f}" in done.stdout and f"({delta:+.4f})" in done.stdout
@@ -46,6 +47,11 @@ def test_the_race_times_each_preset_against_the_last(tmp_path):
     assert summary.startswith("CPU: ") and "| first-default | float32 | 2 |" in summary and "| 1.00 |" in summary
     assert "| default |" in summary and "s (epoch 1) | not reached |" in summary
     assert json.loads((tmp_path / "race" / "default.json").read_text())["epochs"][1]["epoch"] == 2
+    # Run again: the finished records are reused, not retrained, and give the same table.
+    again = run_script("default_vs_first.py", "--archive", str(archive), "--presets", "default", "first-default",
+                       "--epochs", "2", "--targets", "0.0", "1.01", "--out-dir", str(tmp_path / "race"))
+    assert again.returncode == 0 and again.stdout.count("reusing the finished record") == 2
+    assert (tmp_path / "race" / "summary.md").read_text() == summary
 
 
 def test_the_race_refuses_an_unknown_preset_and_presets_that_prepare_differently(tmp_path, monkeypatch):

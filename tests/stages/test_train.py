@@ -17,12 +17,12 @@ def splits():
 
 
 NORM = {"mean": [120.0, 110.0, 100.0], "std": [60.0, 60.0, 60.0]}
-NO_AUGMENT = Augment(False, 0, 0.0, 0.0, 0.0, 0.0)
+NO_AUGMENT = Augment(False, 0, 0.0, 0.0, 0.0, 0.0, "bilinear")
 
 
 def params(**changes) -> TrainParams:
     base = {"model": "tutorial_cnn", "arch": {}, "epochs": 1, "batch_size": 8, "optimizer": "adam",
-            "learning_rate": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "schedule": "constant",
+            "learning_rate": 0.001, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "bias_lr_scale": 1.0, "schedule": "constant",
             "warmup_epochs": 0.0, "step_every": 10, "step_factor": 0.5, "label_smoothing": 0.0, "augment": NO_AUGMENT,
             "early_stopping": None, "ema": False, "lookahead": False, "mixed_precision": False, "xla": False, "distribute": "none", "seed": 5,
             "require_gpu": False}
@@ -123,7 +123,7 @@ def test_unknown_arch_option_is_a_config_error():
 def test_schedules_augmentation_and_training_switches_run(schedule):
     p = params(epochs=2, schedule=schedule, warmup_epochs=0.5, step_every=1, label_smoothing=0.1, ema=True, lookahead=True,
                weight_decay=1e-4, optimizer="sgd", learning_rate=0.01, early_stopping=5,
-               augment=Augment(True, 4, 0.05, 0.1, 0.1, 0.1), mixed_precision=schedule == "onecycle")
+               augment=Augment(True, 4, 0.05, 0.1, 0.1, 0.1, "nearest"), mixed_precision=schedule == "onecycle")
     _model, history = train(p, splits(), CLASSES, NORM)
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
     assert len(history["epoch_seconds"]) == 2 and all(s > 0 for s in history["epoch_seconds"])
@@ -386,3 +386,50 @@ def test_lookahead_pulls_the_weights_toward_a_slow_copy_on_airbench_s_ramp():
         slow = weight * slow + (1 - weight) * fast
     assert float(model.get_weights()[0][0, 0]) == pytest.approx(slow, abs=1e-5)
     assert slow > 1.0 - 20 * 0.1 + 0.1  # it held the weight back, as plain SGD would not
+
+
+def test_bias_lr_scale_multiplies_the_step_of_batchnorm_offsets_only():
+    import keras
+
+    # A constant gradient of 1 for every variable: plain SGD moves each by lr, the offsets by lr x 8;
+    # decoupled weight decay shrinks all alike. The optimizer's config keeps its scale.
+    p = params(optimizer="sgd", momentum=0.0, learning_rate=0.1, weight_decay=0.5, bias_lr_scale=8.0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, use_bias=False, kernel_initializer="ones"),
+                              keras.layers.BatchNormalization(scale=False, beta_initializer="ones")])
+    model.compile(optimizer=make_optimizer(p, 1), loss=lambda y, out: keras.ops.sum(model.trainable_variables[0])
+                  + keras.ops.sum(model.trainable_variables[1]) + 0.0 * keras.ops.sum(out))
+    model.fit(np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32), batch_size=1, epochs=1, verbose=0)
+    kernel, beta = (np.asarray(v.value) for v in model.trainable_variables)
+    decay = 1 - 0.5 * 0.1
+    assert np.allclose(kernel, decay * 1.0 - 0.1) and np.allclose(beta, decay * 1.0 - 0.8)
+    saved = keras.saving.serialize_keras_object(model.optimizer)
+    assert keras.saving.deserialize_keras_object(saved).bias_lr_scale == 8.0
+    assert type(make_optimizer(params(optimizer="sgd"), 1)).__name__ == "SGD"  # 1: Keras' own
+
+
+def test_bias_lr_scale_with_another_optimizer_warns_that_it_is_ignored():
+    assert params(optimizer="adam", bias_lr_scale=64.0).warnings() == [
+        "train.bias_lr_scale 64 applies to sgd only; adam ignores it (set it to 1 to silence this)"]
+    assert params(optimizer="sgd", bias_lr_scale=64.0).warnings() == []
+
+
+def test_logit_scale_divides_the_logits_before_softmax():
+    import keras
+
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    plain, scaled = (build_model("fast_vgg", 3, NORM["mean"], NORM["std"], {"widths": [8, 8, 8], "logit_scale": s})
+                     for s in (1.0, 1 / 9))
+    scaled.set_weights(plain.get_weights())
+    logits = keras.Model(plain.input, plain.get_layer("probabilities").input)(x)
+    expected = np.asarray(keras.ops.softmax(np.asarray(logits) / 9))
+    assert np.allclose(scaled.predict(x, verbose=0), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_nearest_crops_shift_by_whole_pixels_and_bilinear_ones_blend_them(interpolation):
+    image = np.random.default_rng(1).permutation(32 * 32 * 3).reshape(1, 32, 32, 3).astype(np.float32)
+    layers = augmentation(False, 2, 0.0, 0.0, 0.0, 0.0, seed=3, fill_value=-1.0, crop_interpolation=interpolation)
+    shifted = [np.asarray(layers[0](image, training=True)) for _ in range(8)]
+    whole = [set(np.unique(s)) <= set(np.unique(image)) | {-1.0} for s in shifted]
+    assert all(whole) if interpolation == "nearest" else not any(whole)
+    assert any(not np.array_equal(s, image) for s in shifted)
