@@ -345,4 +345,5 @@ def test_overrides_are_checked_in_full_before_anything_runs(flow_project, prefec
     # 1e-3 is a number (YAML 1.2, as DVC reads it), not the string '1e-3'.
     planned = cli(prefect_env, "run", "--repo", str(flow_project), "--dry-run", "--set", "train.learning_rate=1e-3")
     assert planned.returncode == 0, planned.stderr
-    assert stage_lines(planned.stdout)["train"] == "will run: param train: train.learning_rate 0.2 -> 0.001"
+    learning_rate = yaml.safe_load((flow_project / "params.yaml").read_text())["train"]["learning_rate"]
+    assert stage_lines(planned.stdout)["train"] == f"will run: param train: train.learning_rate {learning_rate} -> 0.001"
