@@ -10,9 +10,11 @@ params.yaml (or a preset), so the numbers describe what `dvc repro` would train.
     python benchmarks/throughput.py --preset seed001 --images 10000
     python benchmarks/throughput.py --set mixed_precision=true --set xla=true
     python benchmarks/throughput.py --versus mixed_precision=false   # the pipeline against itself in float32
+    python benchmarks/throughput.py --preset first-default --versus-preset default --images 10240
 
 With --versus, the bare side is replaced by the same pipeline with those keys changed, so two
 settings are timed in turns in one process (on a machine whose speed drifts, the fair comparison).
+With --versus-preset, the other side is that preset's train section (under the same --set).
 """
 
 from __future__ import annotations
@@ -80,9 +82,13 @@ def main() -> None:
                         help="override a train.* key, e.g. mixed_precision=true")
     parser.add_argument("--versus", action="append", default=[], metavar="KEY=VALUE",
                         help="time the pipeline against itself with this train.* key changed, instead of a bare fit")
+    parser.add_argument("--versus-preset", metavar="NAME",
+                        help="time the pipeline against this preset's training, instead of a bare fit")
     args = parser.parse_args()
     params = train_params(args.preset, args.set)
-    other = train_params(args.preset, [*args.set, *args.versus]) if args.versus else None
+    other = None
+    if args.versus or args.versus_preset:
+        other = train_params(args.versus_preset or args.preset, [*args.set, *args.versus])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(args.images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=args.images)
@@ -113,7 +119,9 @@ def main() -> None:
            for name, v in seconds.items()},
     }
     if other:
-        result["versus"] = args.versus
+        result["versus"] = args.versus_preset or args.versus
+        result["versus_model"] = {"model": other.model, "arch": other.arch, "batch_size": other.batch_size,
+                                  "mixed_precision": other.mixed_precision, "parameters": versus.count_params()}
         result["pipeline_over_versus_median"] = round(
             statistics.median(seconds["versus"]) / statistics.median(seconds["pipeline"]), 3)
     else:

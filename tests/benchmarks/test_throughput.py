@@ -21,3 +21,19 @@ def test_versus_times_two_settings_in_turns_and_reports_their_ratio():
 def test_a_malformed_override_is_one_line_and_exit_2():
     done = run_script("throughput.py", "--versus", "batch_size", cwd=REPO)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --set/--versus batch_size: expected KEY=VALUE")
+
+
+def test_versus_preset_times_another_presets_model():
+    done = run_script("throughput.py", "--preset", "seed003", "--images", "64", "--repeats", "1",
+                      "--versus-preset", "seed002", cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["model"] == "tutorial_cnn" and result["versus"] == "seed002"
+    assert result["versus_model"]["model"] == "bn_cnn" and result["versus_model"]["batch_size"] == 64
+    assert result["parameters"] != result["versus_model"]["parameters"]
+
+
+def test_an_unknown_versus_preset_is_one_line_and_exit_2():
+    done = run_script("throughput.py", "--versus-preset", "nosuch", cwd=REPO)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no preset 'nosuch'; available: ")
