@@ -15,6 +15,7 @@ params.yaml (or a preset), so the numbers describe what `dvc repro` would train.
 With --versus, the bare side is replaced by the same pipeline with those keys changed, so two
 settings are timed in turns in one process (on a machine whose speed drifts, the fair comparison).
 With --versus-preset, the other side is that preset's train section (under the same --set).
+With --alone, only the pipeline is timed (comparisons across processes: benchmarks/threads.py).
 """
 
 from __future__ import annotations
@@ -84,7 +85,11 @@ def main() -> None:
                         help="time the pipeline against itself with this train.* key changed, instead of a bare fit")
     parser.add_argument("--versus-preset", metavar="NAME",
                         help="time the pipeline against this preset's training, instead of a bare fit")
+    parser.add_argument("--alone", action="store_true",
+                        help="time only the pipeline, no second side (for comparisons across processes)")
     args = parser.parse_args()
+    if args.alone and (args.versus or args.versus_preset):
+        raise ConfigError("--alone times one side only; drop --versus/--versus-preset, or --alone")
     params = train_params(args.preset, args.set)
     other = None
     if args.versus or args.versus_preset:
@@ -96,16 +101,16 @@ def main() -> None:
 
     model = compiled_model(params, 10, NORMALIZATION, steps)
     ds = make_dataset(images, labels, params.batch_size, shuffle_seed=0, num_classes=10)
+    fits: dict[str, Callable[[], object]] = {"pipeline": lambda: model.fit(ds, epochs=1, verbose=0, shuffle=False)}
     if other:
         versus = compiled_model(other, 10, NORMALIZATION, -(-args.images // other.batch_size))
         other_ds = make_dataset(images, labels, other.batch_size, shuffle_seed=0, num_classes=10)
-        second = ("versus", lambda: versus.fit(other_ds, epochs=1, verbose=0, shuffle=False))
-    else:
+        fits["versus"] = lambda: versus.fit(other_ds, epochs=1, verbose=0, shuffle=False)
+    elif not args.alone:
         bare = compiled_model(params, 10, NORMALIZATION, steps)
         x, y = images.astype(np.float32), np.eye(10, dtype=np.float32)[labels]
-        second = ("bare_fit", lambda: bare.fit(x, y, batch_size=params.batch_size, epochs=1, verbose=0))
-    seconds = timed_epochs({"pipeline": lambda: model.fit(ds, epochs=1, verbose=0, shuffle=False),
-                            second[0]: second[1]}, args.repeats)
+        fits["bare_fit"] = lambda: bare.fit(x, y, batch_size=params.batch_size, epochs=1, verbose=0)
+    seconds = timed_epochs(fits, args.repeats)
     # The fastest epoch is the one least disturbed by the rest of a shared machine (as timeit
     # takes the minimum); medians and ranges show how disturbed the others were.
     best = {name: min(values) for name, values in seconds.items()}
@@ -124,7 +129,7 @@ def main() -> None:
                                   "mixed_precision": other.mixed_precision, "parameters": versus.count_params()}
         result["pipeline_over_versus_median"] = round(
             statistics.median(seconds["versus"]) / statistics.median(seconds["pipeline"]), 3)
-    else:
+    elif not args.alone:
         result["pipeline_over_bare"] = round(best["bare_fit"] / best["pipeline"], 3)
     print(json.dumps(result))
 
