@@ -2,11 +2,11 @@
 
 TensorFlow sizes its intra-op pool (the threads one op splits over) and its inter-op pool (ops run
 side by side) once, when it starts, from TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS (0 or
-unset: its own choice, one per logical CPU). So each setting gets a fresh process running
+unset: its own choice). So each setting gets a fresh process running
 `benchmarks/throughput.py --alone` (the train stage's pipeline and model, random images); the
 settings take turns for --rounds rounds, so a slow spell of a shared machine hits all of them.
 Each setting's figure is the median over rounds of its processes' fastest epoch, with its ratio to
-TensorFlow's own choice. Rows go to --out as processes finish.
+the first setting's (by default TensorFlow's own choice). Rows go to --out as processes finish.
 
     python benchmarks/threads.py --images 2048 --rounds 2
     python benchmarks/threads.py --threads 0,0 1,0 --preset first-default
@@ -26,7 +26,6 @@ from stages.common.errors import ConfigError, StageFailed, run_main
 from stages.common.recipe import cpu_info
 
 THROUGHPUT = Path(__file__).resolve().parent / "throughput.py"
-TF_DEFAULT = 0  # TensorFlow's own choice (one thread per logical CPU for each pool)
 
 
 def parse_setting(text: str) -> tuple[int, int]:
