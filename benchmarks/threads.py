@@ -56,12 +56,10 @@ def time_setting(setting: tuple[int, int], throughput_args: list[str]) -> dict:
 
 def summarise(rows: list[dict], settings: list[tuple[int, int]]) -> list[dict]:
     """Per setting: the median over rounds of each process's fastest epoch, and its ratio to the first setting's."""
-    medians = {s: statistics.median(r["pipeline_images_per_s"] for r in rows if tuple(r["threads"]) == s)
-               for s in settings}
-    reference = medians[settings[0]]
-    return [{"threads": label(s), "images_per_s": round(medians[s], 1),
-             "per_round": [r["pipeline_images_per_s"] for r in rows if tuple(r["threads"]) == s],
-             f"over {label(settings[0])}": round(medians[s] / reference, 3)} for s in settings]
+    per_round = {s: [r["pipeline_images_per_s"] for r in rows if tuple(r["threads"]) == s] for s in settings}
+    medians = {s: statistics.median(values) for s, values in per_round.items()}
+    return [{"threads": label(s), "images_per_s": round(medians[s], 1), "per_round": per_round[s],
+             f"over {label(settings[0])}": round(medians[s] / medians[settings[0]], 3)} for s in settings]
 
 
 def main() -> None:

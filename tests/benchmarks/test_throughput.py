@@ -37,3 +37,10 @@ def test_an_unknown_versus_preset_is_one_line_and_exit_2():
     done = run_script("throughput.py", "--versus-preset", "nosuch", cwd=REPO)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: no preset 'nosuch'; available: ")
+
+
+def test_alone_with_a_second_side_is_one_line_and_exit_2():
+    done = run_script("throughput.py", "--alone", "--versus", "batch_size=16", cwd=REPO)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == \
+        "error: --alone times one side only; drop --versus/--versus-preset, or --alone"
