@@ -238,16 +238,51 @@ def arch_options(name: str) -> list[str]:
     return [p for p in inspect.signature(MODELS[name]).parameters if p not in ("x", "num_classes")]
 
 
-def augmentation(flip: bool, crop_pad: int, rotation: float, zoom: float, contrast: float, shear: float,
+@keras.saving.register_keras_serializable(package="cifar10_pipeline")
+class AlternatingFlip(layers.Layer):
+    """airbench's deterministic flips: in training, each image is mirrored in every other epoch,
+    so any two epochs running show it both ways (independent random flips show a quarter of the
+    images the same way round twice running). Which epochs mirror an image rests on one bit of the
+    image itself, the parity of the sum of a seeded half of its pixels, where airbench draws a random
+    bit per image in the first epoch: the layer sees batches, not which image is which. `epoch` is
+    set as each epoch begins (recipe.FlipEpochs); inference passes images through untouched."""
+
+    def __init__(self, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        # int32, not float: lookahead averages the float weights, and a half epoch has no parity.
+        self.epoch = self.add_weight(shape=(), initializer="zeros", dtype="int32", trainable=False, name="epoch")
+        self.pixel_mask = np.random.default_rng(seed).integers(0, 2, INPUT_SHAPE).astype(np.int32)
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        ops = keras.ops
+        # Integer arithmetic: exact in any dtype policy (a float16 sum of 3,072 pixels overflows).
+        parity = ops.sum(ops.cast(inputs, "int32") * self.pixel_mask, axis=(1, 2, 3)) % 2
+        mirrored = ops.equal((parity + self.epoch) % 2, 1)
+        return ops.where(ops.reshape(mirrored, (-1, 1, 1, 1)), ops.flip(inputs, axis=2), inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "seed": self.seed}
+
+
+def augmentation(flip: bool | str, crop_pad: int, rotation: float, zoom: float, contrast: float, shear: float,
                  seed: int, fill_value: float = 0.0, crop_interpolation: str = "bilinear") -> list[layers.Layer]:
     """Training-only augmentation layers on raw pixels (Keras disables them at inference).
 
+    `flip`: true mirrors each image at random, "alternating" in every other epoch (AlternatingFlip).
     `fill_value` fills what shifts, rotations, zooms and shears uncover; the mean pixel keeps the
     fill close to 0 after standardisation, as it was when these layers ran after it.
     """
     fill = {"fill_mode": "constant", "fill_value": fill_value, "seed": seed}
     out: list[layers.Layer] = []
-    if flip:
+    if flip == "alternating":
+        out.append(AlternatingFlip(seed))
+    elif flip:
         out.append(layers.RandomFlip("horizontal", seed=seed))
     if crop_pad:
         out.append(layers.RandomTranslation(crop_pad / 32, crop_pad / 32, interpolation=crop_interpolation, **fill))

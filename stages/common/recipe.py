@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from stages.common.models import all_layers, augmentation, build_model, fit_whitening
+from stages.common.models import AlternatingFlip, all_layers, augmentation, build_model, fit_whitening
 from stages.common.schemas import TrainParams
 
 
@@ -203,10 +203,22 @@ class Lookahead(keras.callbacks.Callback):
             variable.assign(slow)
 
 
+class FlipEpochs(keras.callbacks.Callback):
+    """Tells the model's AlternatingFlip layers which epoch begins (a resumed run's count goes on
+    from where it stopped, so its images keep alternating)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        for layer in all_layers(self.model):
+            if isinstance(layer, AlternatingFlip):
+                layer.epoch.assign(epoch)
+
+
 def recipe_callbacks(params: TrainParams, monitor: str, steps_per_epoch: int) -> list[keras.callbacks.Callback]:
-    """The callbacks the params ask for: plateau schedule, early stopping with best weights,
-    lookahead."""
+    """The callbacks the params ask for: alternating flips' epoch, plateau schedule, early stopping
+    with best weights, lookahead."""
     out: list[keras.callbacks.Callback] = []
+    if params.augment.flip == "alternating":
+        out.append(FlipEpochs())
     if params.lookahead:
         out.append(Lookahead(params.epochs * steps_per_epoch))
     if params.schedule == "plateau":

@@ -70,7 +70,8 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class Augment:
-    flip: bool
+    # true: each image mirrored at random; alternating: in every other epoch (airbench's)
+    flip: bool | str = knob(choices=(False, True, "alternating"))
     crop_pad: int = knob(min=0, max=16)  # random translation by up to this many pixels, zero-padded
     rotation: float = knob(min=0.0, max=0.5)  # fraction of a full turn
     zoom: float = knob(min=0.0, max=0.5)

@@ -22,8 +22,9 @@ def trained_model():
     few steps of training so BatchNorm's moving statistics differ from its batch statistics."""
     from stages.common import models
 
-    model = models.build_model("fast_vgg", 4, [120.0, 110.0, 100.0], [60.0, 55.0, 50.0], {"widths": [8, 16]},
-                               models.augmentation(True, 4, 0.05, 0.0, 0.1, 0.0, seed=1))
+    # Both flips: the random one and (a custom layer with a variable) the alternating one.
+    augment = [models.AlternatingFlip(seed=1), *models.augmentation(True, 4, 0.05, 0.0, 0.1, 0.0, seed=1)]
+    model = models.build_model("fast_vgg", 4, [120.0, 110.0, 100.0], [60.0, 55.0, 50.0], {"widths": [8, 16]}, augment)
     model.compile("adam", "sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
     model.fit(rng.integers(0, 256, (64, 32, 32, 3)).astype(np.float32), rng.integers(0, 4, 64), epochs=1, verbose=0)

@@ -55,7 +55,7 @@ def _body_input(model):
     """What the builder's first layer sees: the output of augmentation and normalisation."""
     import keras
 
-    preprocessing = ("normalize", "random_flip", "random_translation", "random_rotation", "random_zoom",
+    preprocessing = ("normalize", "random_flip", "alternating_flip", "random_translation", "random_rotation", "random_zoom",
                      "random_contrast", "random_shear")
     first = next(layer for layer in model.layers[1:] if not layer.name.startswith(preprocessing))
     return keras.Model(model.input, first.input)
@@ -433,3 +433,46 @@ def test_nearest_crops_shift_by_whole_pixels_and_bilinear_ones_blend_them(interp
     whole = [set(np.unique(s)) <= set(np.unique(image)) | {-1.0} for s in shifted]
     assert all(whole) if interpolation == "nearest" else not any(whole)
     assert any(not np.array_equal(s, image) for s in shifted)
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_none_at_inference():
+    from stages.common.models import AlternatingFlip
+
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
+
+    def mirrored(layer, epoch):
+        layer.epoch.assign(epoch)
+        seen = np.asarray(layer(images, training=True))
+        flags = np.array([np.array_equal(s, i[:, ::-1]) for s, i in zip(seen, images)])
+        assert all(np.array_equal(s, i) for s, i, f in zip(seen, images, flags) if not f)  # the rest untouched
+        return flags
+
+    layer = AlternatingFlip(seed=3)
+    first, second, third = (mirrored(layer, epoch) for epoch in (0, 1, 2))
+    assert 16 < first.sum() < 48  # about half of the images start mirrored
+    assert np.array_equal(second, ~first) and np.array_equal(third, first)
+    assert not np.array_equal(mirrored(AlternatingFlip(seed=4), 0), first)  # the seed picks which half
+    assert np.array_equal(np.asarray(layer(images, training=False)), images)
+
+
+def test_training_with_alternating_flips_counts_its_epochs_and_loads_back(tmp_path):
+    from stages.common.models import AlternatingFlip, all_layers, load_trained
+
+    p = params(epochs=3, augment=Augment("alternating", 2, 0.0, 0.0, 0.0, 0.0, "nearest"))
+    model, history = train(p, splits(), CLASSES, NORM)
+    flips = [layer for layer in all_layers(model) if isinstance(layer, AlternatingFlip)]
+    assert len(flips) == 1 and int(flips[0].epoch.numpy()) == 2 and len(history["loss"]) == 3
+    model.save(tmp_path / "model.keras")
+    pixels = splits()["val"][0].astype(np.float32)
+    again = load_trained(tmp_path / "model.keras")
+    assert np.allclose(again.predict(pixels, verbose=0), model.predict(pixels, verbose=0), atol=1e-6)
+
+
+def test_flip_takes_true_false_or_alternating_and_refuses_other_words():
+    from stages.common.params import parse_section
+
+    raw = {**{k: v for k, v in vars(params()).items() if k != "augment"}, "augment": vars(NO_AUGMENT)}
+    for flip in (True, False, "alternating"):
+        assert parse_section({**raw, "augment": {**raw["augment"], "flip": flip}}, TrainParams, "train").augment.flip == flip
+    with pytest.raises(ConfigError, match="'train.augment.flip' is 'sometimes'; allowed values: False, True, alternating"):
+        parse_section({**raw, "augment": {**raw["augment"], "flip": "sometimes"}}, TrainParams, "train")
