@@ -31,6 +31,9 @@ WITHOUT: dict[str, list[str]] = {
     "whiten": ["train.arch.fast_vgg.whiten=false"],
     "identity_init": ["train.arch.fast_vgg.identity_init=false"],
     "bn_no_scale_short_momentum": ["train.arch.fast_vgg.bn_scale=true", "train.arch.fast_vgg.bn_momentum=0.99"],
+    # The pair's halves apart (Keras' BatchNorm defaults: a trained scale, momentum 0.99).
+    "bn_no_scale": ["train.arch.fast_vgg.bn_scale=true"],
+    "bn_short_momentum": ["train.arch.fast_vgg.bn_momentum=0.99"],
     "bias_lr_scale": ["train.bias_lr_scale=1"],
     "logit_scale": ["train.arch.fast_vgg.logit_scale=1"],
     "lookahead": ["train.lookahead=false"],
