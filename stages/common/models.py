@@ -241,8 +241,8 @@ def arch_options(name: str) -> list[str]:
 @keras.saving.register_keras_serializable(package="cifar10_pipeline")
 class AlternatingFlip(layers.Layer):
     """airbench's deterministic flips: in training, each image is mirrored in every other epoch,
-    so any two epochs running show it both ways (independent random flips show a quarter of the
-    images the same way round twice running). Which epochs mirror an image rests on one bit of the
+    so any two epochs running show it both ways (independent random flips show half of the images
+    the same way round twice running). Which epochs mirror an image rests on one bit of the
     image itself, the parity of the sum of a seeded half of its pixels, where airbench draws a random
     bit per image in the first epoch: the layer sees batches, not which image is which. `epoch` is
     set as each epoch begins (recipe.FlipEpochs); inference passes images through untouched."""
