@@ -19,7 +19,7 @@ import numpy as np
 from keras import layers, regularizers
 
 from stages.common.errors import ConfigError, DataError
-from stages.common.schemas import MODEL_NAMES
+from stages.common.schemas import ALTERNATING_FLIPS, MODEL_NAMES
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -280,7 +280,7 @@ def augmentation(flip: bool | str, crop_pad: int, rotation: float, zoom: float, 
     """
     fill = {"fill_mode": "constant", "fill_value": fill_value, "seed": seed}
     out: list[layers.Layer] = []
-    if flip == "alternating":
+    if flip == ALTERNATING_FLIPS:
         out.append(AlternatingFlip(seed))
     elif flip:
         out.append(layers.RandomFlip("horizontal", seed=seed))

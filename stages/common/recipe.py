@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from stages.common.models import AlternatingFlip, all_layers, augmentation, build_model, fit_whitening
-from stages.common.schemas import TrainParams
+from stages.common.schemas import ALTERNATING_FLIPS, TrainParams
 
 
 @keras.saving.register_keras_serializable(package="cifar10_pipeline")
@@ -217,7 +217,7 @@ def recipe_callbacks(params: TrainParams, monitor: str, steps_per_epoch: int) ->
     """The callbacks the params ask for: alternating flips' epoch, plateau schedule, early stopping
     with best weights, lookahead."""
     out: list[keras.callbacks.Callback] = []
-    if params.augment.flip == "alternating":
+    if params.augment.flip == ALTERNATING_FLIPS:
         out.append(FlipEpochs())
     if params.lookahead:
         out.append(Lookahead(params.epochs * steps_per_epoch))

@@ -68,10 +68,14 @@ class ValidateParams:
     min_channel_std: float = knob(min=0.0, min_exclusive=True)
 
 
+# train.augment.flip's word for airbench's flips (models.AlternatingFlip, recipe.FlipEpochs).
+ALTERNATING_FLIPS = "alternating"
+
+
 @dataclass(frozen=True)
 class Augment:
     # true: each image mirrored at random; alternating: in every other epoch (airbench's)
-    flip: bool | str = knob(choices=(False, True, "alternating"))
+    flip: bool | str = knob(choices=(False, True, ALTERNATING_FLIPS))
     crop_pad: int = knob(min=0, max=16)  # random translation by up to this many pixels, zero-padded
     rotation: float = knob(min=0.0, max=0.5)  # fraction of a full turn
     zoom: float = knob(min=0.0, max=0.5)
