@@ -2,9 +2,10 @@
 device Keras has (JAX on a GPU machine without TensorFlow), and report time-to-accuracy.
 
 The recipe is the train stage's own (stages/common/recipe.py: params, model, schedule, optimizer,
-callbacks); the split and normalisation are prepare's (stages/prepare.py). Only the input path
-differs: NumPy arrays into `model.fit`, since tf.data is not there. Each epoch's record is written
-to --out as it finishes, so a run cut short still reports what it reached.
+callbacks); the split and normalisation are prepare's (stages/prepare.py). On TensorFlow the input
+path is the train stage's too (stages.train.make_dataset); elsewhere NumPy arrays go into
+`model.fit`, since tf.data is not there. Each epoch's record is written to --out as it finishes, so
+a run cut short still reports what it reached.
 
     KERAS_BACKEND=jax python benchmarks/gpu_recipe.py --archive cifar10-jpeg.tar.gz --preset gpu-fast
 """
@@ -124,6 +125,21 @@ def pick_policy(train_params: TrainParams) -> tuple[str, list[str]]:
     return precision_policy(train_params.mixed_precision, gpu, cpu_info()["isa"]), devices
 
 
+def fit_inputs(data: Data, batch_size: int, seed: int) -> dict:
+    """`model.fit`'s inputs: where TensorFlow is, the train stage's tf.data pipeline (Keras' own for
+    arrays waits on the autotuner each epoch: stages.train.UNTUNED); elsewhere the arrays."""
+    k = len(data.classes)
+    if keras.backend.backend() == "tensorflow":
+        from stages.train import make_dataset
+
+        return {"x": make_dataset(data.x[data.train_idx], data.y[data.train_idx], batch_size, seed, k),
+                "validation_data": make_dataset(data.x[data.val_idx], data.y[data.val_idx], batch_size, None, k)}
+    onehot = np.eye(k, dtype=np.float32)
+    return {"x": data.x[data.train_idx].astype(np.float32), "y": onehot[data.y[data.train_idx]],
+            "batch_size": batch_size, "shuffle": True,
+            "validation_data": (data.x[data.val_idx].astype(np.float32), onehot[data.y[data.val_idx]])}
+
+
 def fit_recipe(train_params: TrainParams, data: Data, record: Record, jit_compile: bool | str,
                precision: str) -> tuple[keras.Model, float]:
     """The recipe's model, fitted on the training split and watched on the validation split;
@@ -133,11 +149,9 @@ def fit_recipe(train_params: TrainParams, data: Data, record: Record, jit_compil
     steps = -(-len(train_x) // train_params.batch_size)
     model = compile_model(train_params, k, data.normalization, steps, jit_compile=jit_compile, train_images=train_x,
                           precision=precision)
-    onehot = np.eye(k, dtype=np.float32)
+    inputs = fit_inputs(data, train_params.batch_size, train_params.seed)
     started = time.perf_counter()
-    model.fit(train_x.astype(np.float32), onehot[data.y[data.train_idx]], batch_size=train_params.batch_size,
-              epochs=train_params.epochs, shuffle=True, verbose=2,
-              validation_data=(data.x[data.val_idx].astype(np.float32), onehot[data.y[data.val_idx]]),
+    model.fit(**inputs, epochs=train_params.epochs, verbose=2,
               callbacks=[EpochClock(), *recipe_callbacks(train_params, "val_loss", steps), record])
     return model, time.perf_counter() - started
 

@@ -120,8 +120,10 @@ def model_version(model_path: Path) -> dict[str, str]:
 def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dict[str, dict[str, float]]:
     """Write each format of `params.formats` into `folder` and return its agreement with `model`
     on `pixels` (raw 0..255); raises IntegrityError when one drifts beyond the limits."""
+    from stages.common.models import predictions
+
     pixels = pixels.astype(np.float32)
-    reference = np.asarray(model.predict(pixels, batch_size=params.batch_size, verbose=0))
+    reference = predictions(model, pixels, params.batch_size)
     served = inference_copy(model)
     figures = {}
     if "saved_model" in params.formats:

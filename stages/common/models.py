@@ -347,6 +347,15 @@ def build_model(name: str, num_classes: int, mean: list[float], std: list[float]
     return keras.Model(inputs, outputs, name=name)
 
 
+def predictions(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's outputs, batch by batch. Not `model.predict`: on TensorFlow its tf.data
+    pipeline held each call until the autotuner's next wake-up (stages.train.UNTUNED), seconds for
+    every TTA view."""
+    batches = [np.asarray(model.predict_on_batch(pixels[start:start + batch_size]), dtype=np.float64)
+               for start in range(0, len(pixels), batch_size)]
+    return np.concatenate(batches) if batches else np.zeros((0, model.output_shape[-1]))
+
+
 def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int, tta_flip: bool,
                           tta_translate: int = 0) -> np.ndarray:
     """Class probabilities, optionally averaged over test-time views (airbench's multi-crop TTA):
@@ -355,9 +364,9 @@ def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: in
     pixels = images.astype(np.float32)
 
     def views(batch: np.ndarray) -> np.ndarray:
-        out = np.asarray(model.predict(batch, batch_size=batch_size, verbose=0), dtype=np.float64)
+        out = predictions(model, batch, batch_size)
         if tta_flip:
-            out = (out + np.asarray(model.predict(batch[:, :, ::-1], batch_size=batch_size, verbose=0))) / 2
+            out = (out + predictions(model, batch[:, :, ::-1], batch_size)) / 2
         return out
 
     probabilities = views(pixels)

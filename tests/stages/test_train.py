@@ -152,6 +152,27 @@ def test_flip_tta_changes_predictions_only_as_intended():
     assert np.allclose(averaged, (plain + mirrored) / 2, atol=1e-6) and not np.allclose(averaged, plain)
 
 
+def test_predictions_go_batch_by_batch_and_match_keras_predict_on_a_partial_batch_and_on_none():
+    from stages.common.models import predictions
+
+    images = synthetic.make_images(7, CLASSES)[0].astype(np.float32)
+    model = build_model("tutorial_cnn", 3, NORM["mean"], NORM["std"])
+    assert np.allclose(predictions(model, images, 5), model.predict(images, batch_size=5, verbose=0), atol=1e-6)
+    assert predictions(model, images[:0], 5).shape == (0, 3)
+
+
+def test_the_training_input_runs_without_tf_data_autotuning():
+    # Dropping an autotuned iterator waits for the tuner's next wake-up, up to a minute per epoch
+    # (stages.train.UNTUNED); the pipeline's batches are the same without it.
+    from stages.train import make_dataset
+
+    images, labels = splits()["train"]
+    ds = make_dataset(images, labels, 4, shuffle_seed=None, num_classes=3)
+    assert ds.options().autotune.enabled is False
+    x, y = next(iter(ds))
+    assert x.dtype.name == "float32" and np.array_equal(x.numpy(), images[:4]) and y.numpy().argmax(1).tolist() == labels[:4].tolist()
+
+
 def test_translated_tta_views_are_the_image_shifted_diagonally_with_half_the_weight():
     import keras
 
