@@ -1,7 +1,7 @@
 """The default against the first default, trained one after the other on the same machine.
 
-Both presets train on the same split of the archive (the train stage's recipe, NumPy arrays into
-`model.fit`, as benchmarks/gpu_recipe.py does), then each prints its test accuracy (with its own
+Both presets train on the same split of the archive (the train stage's recipe and input pipeline,
+through benchmarks/gpu_recipe.py), then each prints its test accuracy (with its own
 preset's test-time augmentation), its training seconds and their ratio to the reference's, and the
 training seconds at which validation accuracy first reached each target. Per-epoch records go to
 --out-dir as they happen; a preset whose finished record is already there is not trained again

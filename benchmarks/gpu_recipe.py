@@ -133,6 +133,7 @@ def fit_inputs(data: Data, batch_size: int, seed: int) -> dict:
         from stages.train import make_dataset
 
         return {"x": make_dataset(data.x[data.train_idx], data.y[data.train_idx], batch_size, seed, k),
+                "shuffle": False,  # the pipeline shuffles, seeded
                 "validation_data": make_dataset(data.x[data.val_idx], data.y[data.val_idx], batch_size, None, k)}
     onehot = np.eye(k, dtype=np.float32)
     return {"x": data.x[data.train_idx].astype(np.float32), "y": onehot[data.y[data.train_idx]],
