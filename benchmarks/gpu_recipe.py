@@ -125,18 +125,19 @@ def pick_policy(train_params: TrainParams) -> tuple[str, list[str]]:
     return precision_policy(train_params.mixed_precision, gpu, cpu_info()["isa"]), devices
 
 
-def fit_inputs(data: Data, batch_size: int, seed: int) -> dict:
-    """`model.fit`'s inputs: where TensorFlow is, the train stage's tf.data pipeline (Keras' own for
-    arrays waits on the autotuner each epoch: stages.train.UNTUNED); elsewhere the arrays."""
+def fit_inputs(data: Data, train_x: np.ndarray, batch_size: int, seed: int) -> dict:
+    """`model.fit`'s inputs (`train_x`: the training images, already gathered): where TensorFlow
+    is, the train stage's tf.data pipeline (Keras' own for arrays waits on the autotuner each epoch:
+    stages.train.UNTUNED); elsewhere the arrays."""
     k = len(data.classes)
     if keras.backend.backend() == "tensorflow":
         from stages.train import make_dataset
 
-        return {"x": make_dataset(data.x[data.train_idx], data.y[data.train_idx], batch_size, seed, k),
+        return {"x": make_dataset(train_x, data.y[data.train_idx], batch_size, seed, k),
                 "shuffle": False,  # the pipeline shuffles, seeded
                 "validation_data": make_dataset(data.x[data.val_idx], data.y[data.val_idx], batch_size, None, k)}
     onehot = np.eye(k, dtype=np.float32)
-    return {"x": data.x[data.train_idx].astype(np.float32), "y": onehot[data.y[data.train_idx]],
+    return {"x": train_x.astype(np.float32), "y": onehot[data.y[data.train_idx]],
             "batch_size": batch_size, "shuffle": True,
             "validation_data": (data.x[data.val_idx].astype(np.float32), onehot[data.y[data.val_idx]])}
 
@@ -150,7 +151,7 @@ def fit_recipe(train_params: TrainParams, data: Data, record: Record, jit_compil
     steps = -(-len(train_x) // train_params.batch_size)
     model = compile_model(train_params, k, data.normalization, steps, jit_compile=jit_compile, train_images=train_x,
                           precision=precision)
-    inputs = fit_inputs(data, train_params.batch_size, train_params.seed)
+    inputs = fit_inputs(data, train_x, train_params.batch_size, train_params.seed)
     started = time.perf_counter()
     model.fit(**inputs, epochs=train_params.epochs, verbose=2,
               callbacks=[EpochClock(), *recipe_callbacks(train_params, "val_loss", steps), record])

@@ -162,7 +162,7 @@ def test_predictions_go_batch_by_batch_and_match_keras_predict_on_a_partial_batc
 
 
 def test_the_training_input_runs_without_tf_data_autotuning():
-    # Dropping an autotuned iterator waits for the tuner's next wake-up, up to a minute per epoch
+    # Dropping an autotuned iterator waits for the tuner's next wake-up, 30 s of an 80 s epoch
     # (stages.train.UNTUNED); the pipeline's batches are the same without it.
     from stages.train import make_dataset
 
