@@ -42,17 +42,29 @@ def read_record(path: Path) -> dict:
     return record
 
 
-def label(record: dict, path: Path) -> str:
-    name = record.get("preset") or record.get("variant") or path.stem
-    test = record.get("test_accuracy")
-    return f"{name} (test {test:.4f})" if isinstance(test, float) else name
+def run_name(record: dict, path: Path) -> str:
+    return record.get("preset") or record.get("variant") or path.stem
+
+
+def labels(records: dict[Path, dict]) -> dict[Path, str]:
+    """One legend entry per record. Records do not carry their widths or --set overrides, so two runs
+    of one preset (say the default at two widths) would read alike: those are told apart by file name."""
+    names = {path: run_name(record, path) for path, record in records.items()}
+    repeated = {name for name in names.values() if list(names.values()).count(name) > 1}
+    entries = {}
+    for path, name in names.items():
+        shown = f"{name}, {path.stem}" if name in repeated and path.stem != name else name
+        test = records[path].get("test_accuracy")
+        entries[path] = f"{shown} (test {test:.4f})" if isinstance(test, float) else shown
+    return entries
 
 
 def plot(records: dict[Path, dict], title: str, out: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for path, record in records.items():
+    for path, entry in labels(records).items():
+        record = records[path]
         seconds = list(accumulate(row["seconds"] for row in record["epochs"]))
-        axes.plot(seconds, [row["val_accuracy"] for row in record["epochs"]], marker=".", label=label(record, path))
+        axes.plot(seconds, [row["val_accuracy"] for row in record["epochs"]], marker=".", label=entry)
     axes.set(xlabel="training seconds", ylabel="validation accuracy (no TTA)", title=title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
 
 from tests.benchmarks.test_ablation import run_script
+from tests.helpers import REPO
 
 
 def record(path, preset, accuracies, test=None):
@@ -29,3 +32,13 @@ def test_a_file_that_is_not_a_record_is_one_line_exit_3_and_nothing_written(tmp_
     done = run_script("accuracy_vs_seconds.py", good, str(tmp_path / "bad.json"), "--title", "t", "--out", str(out))
     assert done.returncode == 3 and not out.exists()
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'bad.json'}: not a per-epoch record")
+
+
+def test_two_runs_of_one_preset_are_told_apart_by_file_name_and_others_keep_their_name(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    labels = importlib.import_module("accuracy_vs_seconds").labels
+    records = {Path("default-48-256-256.json"): {"preset": "default", "test_accuracy": 0.9039},
+               Path("default-64-256-256.json"): {"preset": "default"},
+               Path("first-default.json"): {"preset": "first-default", "test_accuracy": 0.8622}}
+    assert list(labels(records).values()) == ["default, default-48-256-256 (test 0.9039)",
+                                              "default, default-64-256-256", "first-default (test 0.8622)"]
