@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from itertools import accumulate
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def labels(records: dict[Path, dict]) -> dict[Path, str]:
     """One legend entry per record. Records do not carry their widths or --set overrides, so two runs
     of one preset (say the default at two widths) would read alike: those are told apart by file name."""
     names = {path: run_name(record, path) for path, record in records.items()}
-    repeated = {name for name in names.values() if list(names.values()).count(name) > 1}
+    repeated = {name for name, count in Counter(names.values()).items() if count > 1}
     entries = {}
     for path, name in names.items():
         shown = f"{name}, {path.stem}" if name in repeated and path.stem != name else name
