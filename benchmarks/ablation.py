@@ -38,6 +38,8 @@ WITHOUT: dict[str, list[str]] = {
     "logit_scale": ["train.arch.fast_vgg.logit_scale=1"],
     "lookahead": ["train.lookahead=false"],
     "whole_pixel_crops": ["train.augment.crop_interpolation=bilinear"],
+    # airbench's flips: each image mirrored in every other epoch; without them, at random.
+    "alternating_flips": ["train.augment.flip=true"],
     # Not an ingredient of accuracy: float32 where `mixed_precision: auto` picks bfloat16, to see
     # what the faster arithmetic costs.
     "bfloat16": ["train.mixed_precision=false"],

@@ -38,6 +38,15 @@ def test_the_ablation_scores_the_recipe_without_each_ingredient_under_each_tta_a
     assert table.returncode == 0 and table.stdout.strip().splitlines() == done.stdout.strip().splitlines()[-4:]
 
 
+def test_each_ablation_variant_changes_the_default_recipe_into_a_valid_one(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ablation = importlib.import_module("ablation")
+    full = ablation.recipe("default", [])[0]
+    for name, sets in ablation.WITHOUT.items():
+        # recipe() checks the keys against the schema; a variant equal to the full recipe ablates nothing.
+        assert (ablation.recipe("default", sets)[0] == full) == (name == "full"), name
+
+
 def test_the_race_times_each_preset_against_the_last(tmp_path):
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
     done = run_script("default_vs_first.py", "--archive", str(archive), "--presets", "default", "first-default",
