@@ -153,7 +153,7 @@ WHITEN_PATCH = 2  # pixels a side
 
 def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropout: float = 0.0,
              whiten: bool = False, identity_init: bool = False, bn_scale: bool = True, bn_momentum: float = 0.99,
-             logit_scale: float = 1.0):
+             logit_scale: float = 1.0, activation: str = "gelu"):
     """The CPU-fast default: airbench-style blocks (conv-pool-BN-GELU-conv-BN-GELU), a stem, GAP head.
 
     airbench's ingredients as options: `whiten` makes the stem a frozen 2x2 patch-whitening
@@ -161,7 +161,8 @@ def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropo
     starts the block convolutions as identities (PartialIdentity); `bn_scale: false` and a short
     `bn_momentum` (Keras' convention, the old statistics' weight: airbench's 0.6, which it hands
     PyTorch as 1 - 0.6); `logit_scale` multiplies the logits by a constant (airbench: 1/9), which
-    slows the head's learning against the label-smoothed targets.
+    slows the head's learning against the label-smoothed targets. `activation` is any Keras
+    activation's name (airbench: GELU).
     """
     def norm(y):
         return layers.BatchNormalization(momentum=bn_momentum, scale=bn_scale)(y)
@@ -172,13 +173,13 @@ def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropo
         x = layers.Conv2D(2 * patch_values, WHITEN_PATCH, use_bias=False, trainable=False, name=WHITEN_LAYER)(x)
     else:
         x = layers.Conv2D(widths[0] // 2, 2, padding="same", use_bias=False)(x)
-    x = layers.Activation("gelu")(norm(x))
+    x = layers.Activation(activation)(norm(x))
     for width in widths:
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, **kernels)(x)
         x = layers.MaxPooling2D(2)(x)
-        x = layers.Activation("gelu")(norm(x))
+        x = layers.Activation(activation)(norm(x))
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, **kernels)(x)
-        x = layers.Activation("gelu")(norm(x))
+        x = layers.Activation(activation)(norm(x))
         x = layers.Dropout(dropout)(x) if dropout else x
     x = layers.GlobalMaxPooling2D()(x)
     x = layers.Dense(num_classes, use_bias=False)(x)

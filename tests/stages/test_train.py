@@ -86,6 +86,7 @@ def test_arch_is_per_model_so_switching_models_carries_nothing_over():
 
 @pytest.mark.parametrize("model, options, fragment", [
     ("fast_vgg", {"widths": []}, "widths is empty"),
+    ("fast_vgg", {"activation": "gleu"}, "Could not interpret activation function identifier: gleu"),
     ("tutorial_cnn", {"widths": [32, 64, 64, 64]}, "does not build a tutorial_cnn"),
     ("leaky_bn_cnn", {"widths": [32, 64], "dropouts": [0.2, 0.3, 0.4]}, "widths has 2 blocks but dropouts 3"),
     ("transfer", {"base": "vgg99"}, "base 'vgg99' is not one of resnet50v2"),
@@ -444,6 +445,17 @@ def test_logit_scale_divides_the_logits_before_softmax():
     logits = keras.Model(plain.input, plain.get_layer("probabilities").input)(x)
     expected = np.asarray(keras.ops.softmax(np.asarray(logits) / 9))
     assert np.allclose(scaled.predict(x, verbose=0), expected, atol=1e-6)
+
+
+def test_fast_vgg_takes_its_activation_by_name():
+    import keras
+
+    def activations(options):
+        model = build_model("fast_vgg", 3, NORM["mean"], NORM["std"], {"widths": [8, 8], **options})
+        return {layer.activation.__name__ for layer in model.layers
+                if isinstance(layer, keras.layers.Activation) and layer.name != "probabilities"}
+
+    assert activations({}) == {"gelu"} and activations({"activation": "relu"}) == {"relu"}
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
