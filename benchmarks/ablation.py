@@ -80,14 +80,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--only", nargs="+", choices=list(WITHOUT), default=list(WITHOUT))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params key for every run, e.g. train.warmup_epochs=0.9 (before the ingredient's own)")
+                        help="a params key for every run, e.g. train.warmup_epochs=0.9 (before the ingredient's own); "
+                             "prepare.* keys change the one split all runs share")
     parser.add_argument("--out", type=Path, default=Path("ablation.jsonl"))
     parser.add_argument("--table", action="store_true", help="only print the table of the rows in --out")
     args = parser.parse_args()
     if not args.table:
         if args.archive is None:
             parser.error("--archive is required to train (or pass --table to print the rows in --out)")
-        data = load_data(args.archive, recipe(args.preset, [])[1])  # the ingredients are train.* keys only
+        # One split for every run: the ingredients are train.* keys; a --set prepare.* key applies to all.
+        data = load_data(args.archive, recipe(args.preset, args.set)[1])
         for name in args.only:
             row = run(name, args, data)
             with open(args.out, "a") as fh:

@@ -25,12 +25,12 @@ def test_the_ablation_scores_the_recipe_without_each_ingredient_under_each_tta_a
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
     out = tmp_path / "ablation.jsonl"
     done = run_script("ablation.py", "--archive", str(archive), "--epochs", "1", "--only", "full", "whiten",
-                      "--set", "train.batch_size=64", "--out", str(out))
+                      "--set", "train.batch_size=64", "--set", "prepare.val_fraction=0.2", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["variant"] for row in rows] == ["full", "whiten"] and all(row["epochs"] == 1 for row in rows)
-    assert rows[1]["sets"] == ["train.batch_size=64", "train.arch.fast_vgg.whiten=false"]
-    assert rows[0]["train_images"] == 180
+    assert rows[1]["sets"] == ["train.batch_size=64", "prepare.val_fraction=0.2", "train.arch.fast_vgg.whiten=false"]
+    assert rows[0]["train_images"] == rows[1]["train_images"] == 160  # the split --set asked for
     assert set(rows[0]["test_accuracy"]) == {"none", "flip", "flip+translate1", "flip+translate2"}
     delta = rows[1]["test_accuracy"]["flip"] - rows[0]["test_accuracy"]["flip"]
     assert f"| whiten | 1 | {rows[1]['test_accuracy']['none']:.4f}" in done.stdout and f"({delta:+.4f})" in done.stdout
