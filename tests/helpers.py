@@ -61,6 +61,14 @@ def stage_command(verb: str) -> list[str]:
     return re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(paths[m.group(1)]), cmd).split()
 
 
+def run_benchmark(name: str, *args: str, backend: str = "tensorflow", cwd: Path | None = None
+                  ) -> subprocess.CompletedProcess:
+    """A script in benchmarks/, run as a user runs it, on the given Keras backend."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
+                          env={**os.environ, "KERAS_BACKEND": backend}, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
 def run_stage(verb: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """The stage as DVC runs it (dvc.yaml's command, with python from this environment)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from tests import synthetic
-from tests.helpers import REPO
-
-ENV = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-
-
-def run_script(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], env=ENV, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+from tests.helpers import REPO, run_benchmark
 
 
 def test_the_ablation_scores_the_recipe_without_each_ingredient_under_each_tta_against_the_full_one(tmp_path):
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
     out = tmp_path / "ablation.jsonl"
-    done = run_script("ablation.py", "--archive", str(archive), "--epochs", "1", "--only", "full", "whiten",
-                      "--set", "train.batch_size=64", "--set", "prepare.val_fraction=0.2", "--out", str(out))
+    done = run_benchmark("ablation.py", "--archive", str(archive), "--epochs", "1", "--only", "full", "whiten",
+                         "--set", "train.batch_size=64", "--set", "prepare.val_fraction=0.2", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["variant"] for row in rows] == ["full", "whiten"] and all(row["epochs"] == 1 for row in rows)
@@ -34,7 +25,7 @@ def test_the_ablation_scores_the_recipe_without_each_ingredient_under_each_tta_a
     assert set(rows[0]["test_accuracy"]) == {"none", "flip", "flip+translate1", "flip+translate2"}
     delta = rows[1]["test_accuracy"]["flip"] - rows[0]["test_accuracy"]["flip"]
     assert f"| whiten | 1 | {rows[1]['test_accuracy']['none']:.4f}" in done.stdout and f"({delta:+.4f})" in done.stdout
-    table = run_script("ablation.py", "--table", "--out", str(out))
+    table = run_benchmark("ablation.py", "--table", "--out", str(out))
     assert table.returncode == 0 and table.stdout.strip().splitlines() == done.stdout.strip().splitlines()[-4:]
 
 
@@ -49,23 +40,23 @@ def test_each_ablation_variant_changes_the_default_recipe_into_a_valid_one(monke
 
 def test_the_race_times_each_preset_against_the_last(tmp_path):
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
-    done = run_script("default_vs_first.py", "--archive", str(archive), "--presets", "default", "first-default",
-                      "--epochs", "2", "--targets", "0.0", "1.01", "--out-dir", str(tmp_path / "race"))
+    done = run_benchmark("default_vs_first.py", "--archive", str(archive), "--presets", "default", "first-default",
+                         "--epochs", "2", "--targets", "0.0", "1.01", "--out-dir", str(tmp_path / "race"))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = (tmp_path / "race" / "summary.md").read_text()
     assert summary.startswith("CPU: ") and "| first-default | float32 | 2 |" in summary and "| 1.00 |" in summary
     assert "| default |" in summary and "s (epoch 1) | not reached |" in summary
     assert json.loads((tmp_path / "race" / "default.json").read_text())["epochs"][1]["epoch"] == 2
     # Run again: the finished records are reused, not retrained, and give the same table.
-    again = run_script("default_vs_first.py", "--archive", str(archive), "--presets", "default", "first-default",
-                       "--epochs", "2", "--targets", "0.0", "1.01", "--out-dir", str(tmp_path / "race"))
+    again = run_benchmark("default_vs_first.py", "--archive", str(archive), "--presets", "default", "first-default",
+                          "--epochs", "2", "--targets", "0.0", "1.01", "--out-dir", str(tmp_path / "race"))
     assert again.returncode == 0 and again.stdout.count("reusing the finished record") == 2
     assert (tmp_path / "race" / "summary.md").read_text() == summary
 
 
 def test_the_race_refuses_an_unknown_preset_and_presets_that_prepare_differently(tmp_path, monkeypatch):
-    done = run_script("default_vs_first.py", "--archive", str(tmp_path / "absent.tar.gz"), "--presets", "nope",
-                      cwd=tmp_path)
+    done = run_benchmark("default_vs_first.py", "--archive", str(tmp_path / "absent.tar.gz"), "--presets", "nope",
+                         cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: no preset 'nope'")
     assert list(tmp_path.iterdir()) == []  # no output folder left behind
 

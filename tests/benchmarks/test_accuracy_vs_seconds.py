@@ -6,8 +6,7 @@ import importlib
 import json
 from pathlib import Path
 
-from tests.benchmarks.test_ablation import run_script
-from tests.helpers import REPO
+from tests.helpers import REPO, run_benchmark
 
 
 def record(path, preset, accuracies, test=None):
@@ -20,7 +19,7 @@ def test_each_record_becomes_a_line_in_one_png(tmp_path):
     first = record(tmp_path / "a.json", "first-default", [0.5, 0.7, 0.8], test=0.81)
     second = record(tmp_path / "b.json", "airbench-cpu", [0.6, 0.8])
     out = tmp_path / "plots" / "curve.png"
-    done = run_script("accuracy_vs_seconds.py", first, second, "--title", "test machine", "--out", str(out))
+    done = run_benchmark("accuracy_vs_seconds.py", first, second, "--title", "test machine", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
 
@@ -29,7 +28,7 @@ def test_a_file_that_is_not_a_record_is_one_line_exit_3_and_nothing_written(tmp_
     good = record(tmp_path / "a.json", "default", [0.5])
     (tmp_path / "bad.json").write_text(json.dumps({"epochs": [{"seconds": 1}]}))
     out = tmp_path / "curve.png"
-    done = run_script("accuracy_vs_seconds.py", good, str(tmp_path / "bad.json"), "--title", "t", "--out", str(out))
+    done = run_benchmark("accuracy_vs_seconds.py", good, str(tmp_path / "bad.json"), "--title", "t", "--out", str(out))
     assert done.returncode == 3 and not out.exists()
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'bad.json'}: not a per-epoch record")
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 from tests import synthetic
-from tests.helpers import REPO
+from tests.helpers import REPO, run_benchmark
 
 SCRIPT = REPO / "benchmarks" / "gpu_recipe.py"
 
@@ -25,10 +23,8 @@ def test_first_reaching_counts_training_seconds_up_to_the_epoch():
 def test_a_preset_trains_and_records_every_epoch(tmp_path):
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
     out = tmp_path / "record.json"
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--archive", str(archive), "--preset", "seed003",
-                             "--set", "train.epochs=2", "--out", str(out)], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = run_benchmark(SCRIPT.name, "--archive", str(archive), "--preset", "seed003", "--set", "train.epochs=2",
+                           "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["preset"] == "seed003" and record["train_images"] == 180 and record["val_images"] == 20
@@ -43,9 +39,9 @@ def test_the_gpu_preset_trains_on_jax_as_a_lent_gpu_runs_it(tmp_path):
     # there, so here it runs on JAX's CPU backend with the preset's settings, small batches excepted.
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))
     out = tmp_path / "record.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--archive", str(archive), "--preset", "gpu-fast",
-                             "--set", "train.batch_size=30", "--set", "train.warmup_epochs=2", "--out", str(out)],
-                            env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True, timeout=600)
+    result = run_benchmark(SCRIPT.name, "--archive", str(archive), "--preset", "gpu-fast",
+                           "--set", "train.batch_size=30", "--set", "train.warmup_epochs=2", "--out", str(out),
+                           backend="jax")
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["backend"] == "jax" and record["policy"] == "mixed_bfloat16" and len(record["epochs"]) == 10

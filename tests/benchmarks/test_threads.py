@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-from tests.benchmarks.test_ablation import run_script
-from tests.helpers import REPO
+from tests.helpers import REPO, run_benchmark
 
 
 def test_each_setting_is_timed_in_its_own_process_and_compared_with_the_first(tmp_path):
     out = tmp_path / "threads.jsonl"
-    done = run_script("threads.py", "--preset", "seed003", "--images", "64", "--repeats", "1", "--rounds", "1",
-                      "--threads", "0,0", "1,1", "--out", str(out), cwd=REPO)
+    done = run_benchmark("threads.py", "--preset", "seed003", "--images", "64", "--repeats", "1", "--rounds", "1",
+                         "--threads", "0,0", "1,1", "--out", str(out), cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["threads"] for row in rows] == [[0, 0], [1, 1]]
@@ -22,7 +21,7 @@ def test_each_setting_is_timed_in_its_own_process_and_compared_with_the_first(tm
 
 
 def test_a_malformed_setting_is_one_line_and_exit_2(tmp_path):
-    done = run_script("threads.py", "--threads", "2", "--out", str(tmp_path / "t.jsonl"), cwd=REPO)
+    done = run_benchmark("threads.py", "--threads", "2", "--out", str(tmp_path / "t.jsonl"), cwd=REPO)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == \
         "error: --threads 2: expected INTRA,INTER thread counts (0: TensorFlow's choice), e.g. 1,0"
@@ -30,8 +29,8 @@ def test_a_malformed_setting_is_one_line_and_exit_2(tmp_path):
 
 
 def test_a_failing_run_ends_with_its_own_line_and_exit_code(tmp_path):
-    done = run_script("threads.py", "--preset", "nosuch", "--threads", "0,0", "--out", str(tmp_path / "t.jsonl"),
-                      cwd=REPO)
+    done = run_benchmark("threads.py", "--preset", "nosuch", "--threads", "0,0", "--out", str(tmp_path / "t.jsonl"),
+                         cwd=REPO)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(
         "error: throughput.py (intra auto, inter auto) failed: no preset 'nosuch'; available: ")

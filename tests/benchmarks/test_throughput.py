@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-from tests.benchmarks.test_ablation import run_script
-from tests.helpers import REPO
+from tests.helpers import REPO, run_benchmark
 
 
 def test_versus_times_two_settings_in_turns_and_reports_their_ratio():
-    done = run_script("throughput.py", "--preset", "seed003", "--images", "64", "--repeats", "2",
-                      "--versus", "batch_size=16", cwd=REPO)
+    done = run_benchmark("throughput.py", "--preset", "seed003", "--images", "64", "--repeats", "2",
+                         "--versus", "batch_size=16", cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["versus"] == ["batch_size=16"] and "pipeline_over_bare" not in result
@@ -19,13 +18,13 @@ def test_versus_times_two_settings_in_turns_and_reports_their_ratio():
 
 
 def test_a_malformed_override_is_one_line_and_exit_2():
-    done = run_script("throughput.py", "--versus", "batch_size", cwd=REPO)
+    done = run_benchmark("throughput.py", "--versus", "batch_size", cwd=REPO)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --set/--versus batch_size: expected KEY=VALUE")
 
 
 def test_versus_preset_times_another_presets_model():
-    done = run_script("throughput.py", "--preset", "seed003", "--images", "64", "--repeats", "1",
-                      "--versus-preset", "seed002", cwd=REPO)
+    done = run_benchmark("throughput.py", "--preset", "seed003", "--images", "64", "--repeats", "1",
+                         "--versus-preset", "seed002", cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["model"] == "tutorial_cnn" and result["versus"] == "seed002"
@@ -34,13 +33,13 @@ def test_versus_preset_times_another_presets_model():
 
 
 def test_an_unknown_versus_preset_is_one_line_and_exit_2():
-    done = run_script("throughput.py", "--versus-preset", "nosuch", cwd=REPO)
+    done = run_benchmark("throughput.py", "--versus-preset", "nosuch", cwd=REPO)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: no preset 'nosuch'; available: ")
 
 
 def test_alone_with_a_second_side_is_one_line_and_exit_2():
-    done = run_script("throughput.py", "--alone", "--versus", "batch_size=16", cwd=REPO)
+    done = run_benchmark("throughput.py", "--alone", "--versus", "batch_size=16", cwd=REPO)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == \
         "error: --alone times one side only; drop --versus/--versus-preset, or --alone"
