@@ -9,10 +9,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
-from stages.common.errors import ConfigError, PipelineError, TransientError
+from stages.common.errors import (
+    INTERRUPTED,
+    USAGE,
+    ConfigError,
+    PipelineError,
+    TransientError,
+    error_exit,
+    interrupt_on_sigterm,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect.")
@@ -163,7 +170,9 @@ def _api_reachable(url: str) -> bool:
 
 def _plain_repro(repo: Path, overrides: dict[str, Any], dry_run: bool) -> None:
     """The pipeline without Prefect: DVC's own experiment runner when there are overrides."""
-    raise typer.Exit(subprocess.call(fallback_command(overrides, dry_run), cwd=repo))
+    from pipelines.dvcrepo import dvc_environment
+
+    raise typer.Exit(subprocess.call(fallback_command(overrides, dry_run), cwd=repo, env=dvc_environment()))
 
 
 def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
@@ -481,28 +490,37 @@ def common(
     """Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect."""
 
 
+# Typer's own copy of Click's exception for a command line it cannot parse (typer 0.26 and later
+# bundle Click; earlier ones re-export Click's): taken from typer, so it is the class it raises.
+UsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
+def usage_error_line(err: Exception) -> str:
+    """Click's message, and where the command's help is, on one line."""
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "cifar10-pipeline"
+    return f"error: {err.format_message().rstrip('.')}; see '{command} --help'"  # type: ignore[attr-defined]
+
+
 def main() -> None:
     """Every command's errors end here: one line on stderr and the exit code of their cause."""
-    from stages.common.errors import report_unexpected
-
     # Prefect waits 20 s for its temporary API; a 2-core AVX2 machine under load took longer
     # (seen in this project's tests). Set before Prefect is imported, which reads it then; a
     # user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    interrupt_on_sigterm()
     try:
-        code = app(standalone_mode=False)
-    except PipelineError as err:
-        typer.echo(f"error: {err}", err=True)
-        code = err.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C while Click prompted or parsed
-        code = 130
-    except click.ClickException as err:  # usage errors: Click's own message, exit 2
-        err.show()
-        code = err.exit_code
-    except Exception as err:  # noqa: BLE001 - the last resort: one line, never a traceback
-        code = report_unexpected(err)
-    if code == 130:  # Typer turns Ctrl-C into a silent exit 130
-        typer.echo("error: interrupted", err=True)
+        code = app(standalone_mode=False, prog_name="cifar10-pipeline")
+    except UsageError as err:
+        typer.echo(usage_error_line(err), err=True)
+        code = USAGE
+    except typer.Abort:  # Ctrl-C while Click prompted or parsed
+        code = error_exit(KeyboardInterrupt())
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the one boundary: one line, never a traceback
+        code = error_exit(err)
+    else:
+        if code == INTERRUPTED:  # Typer turns Ctrl-C inside a command into a silent exit 130
+            error_exit(KeyboardInterrupt())
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -56,6 +56,14 @@ def dvc_executable() -> str:
     return str(candidate) if candidate.exists() else "dvc"
 
 
+def dvc_environment() -> dict[str, str]:
+    """The environment for a dvc command: this Python's folder first on PATH. dvc runs each stage's
+    `python -m stages.<verb>` with the first `python` on PATH, which must be the interpreter of the
+    installed CLI whether or not the user activated its virtual environment."""
+    folder = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([folder, os.environ.get("PATH", os.defpath)])}
+
+
 class RepoBusy(TransientError):
     pass
 
@@ -236,7 +244,8 @@ def run_stage(
     before = lock_entry(repo_dir, stage)
     proc = subprocess.Popen(
         with_default_sigint([dvc_executable(), "repro", *(["--pull"] if pull else []), "--single-item", stage]),
-        cwd=repo_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=repo_dir, env=dvc_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
     RUNNING[proc.pid] = proc
     lines: list[str] = []
@@ -294,7 +303,8 @@ _UNREACHABLE = re.compile(r"Could not connect|Connection refused|connection was 
 def dvc(repo_dir: Path, *args: str) -> str:
     """Run a dvc command, returning stdout; its error line becomes the exception message, a
     remote that cannot be reached a transient error (exit 75: rerun when it is back)."""
-    result = subprocess.run([dvc_executable(), *args], cwd=repo_dir, capture_output=True, text=True)
+    result = subprocess.run([dvc_executable(), *args], cwd=repo_dir, env=dvc_environment(), capture_output=True,
+                            text=True)
     if result.returncode != 0:
         errors = _DVC_ERROR.findall(result.stderr + result.stdout)
         line = errors[-1] if errors else result.stderr.strip()

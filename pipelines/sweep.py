@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.compare import experiments_table, safe_name
-from pipelines.dvcrepo import dvc, dvc_executable, set_arg
+from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
 from pipelines.flow import check_overrides
 from stages.common.errors import ConfigError
 
@@ -85,7 +85,8 @@ def queue_statuses(repo: Path) -> dict[str, str]:
     """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
     import subprocess
 
-    status = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, capture_output=True, text=True).stdout
+    status = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, env=dvc_environment(), capture_output=True,
+                            text=True).stdout
     rows = [line.split() for line in status.splitlines()[1:]]
     return {row[1]: row[-1] for row in rows if len(row) >= 4}
 
@@ -145,7 +146,7 @@ def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, pr
         logger.info(f"queued {exp}: {point}")
     pending = {exp for exp, _ in batch}
     runner = subprocess.Popen([dvc_executable(), "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=repo,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=dvc_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while pending:
             finished = runner.poll() is not None

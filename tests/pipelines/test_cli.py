@@ -55,3 +55,27 @@ def test_version_prints_the_installed_version(monkeypatch, capsys):
     with pytest.raises(SystemExit) as ended:
         cli.main()
     assert ended.value.code == 0 and capsys.readouterr().out == f"cifar10-pipeline {version('cifar10-pipeline')}\n"
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["run", "--bogus"], ["api", "--port", "abc"],
+                                  ["predict", "--top-k", "0", "cat.png"], ["run", "--dry-run", "true"]])
+def test_usage_errors_are_one_line_and_exit_2(monkeypatch, capsys, argv):
+    """typer 0.26+ raises its own copy of Click's UsageError: caught as Click's, it ended as
+    'unexpected UsageError', exit 1."""
+    monkeypatch.setattr("sys.argv", ["cifar10-pipeline", *argv])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    err = capsys.readouterr().err
+    assert ended.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "--help'" in err, err
+    assert "unexpected UsageError" not in err and "cifar10-pipeline " in err
+
+
+def test_help_shows_flags_as_flags(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["cifar10-pipeline", "run", "--help"])
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    out = capsys.readouterr().out
+    assert ended.value.code == 0 and "--dry-run" in out
+    assert "<bool>" not in out, out

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,19 @@ def test_stages_get_sigint_at_its_default_even_when_the_flow_ignores_it(tmp_path
 def test_the_gpu_stages_are_those_dvc_yaml_marks(tmp_path):
     graph, _ = inspect_repo(git_dvc_project(tmp_path / "project"))
     assert graph.gpu == {"train", "evaluate"}
+
+
+def test_stages_run_with_the_clis_interpreter_whatever_path_holds(tmp_path, monkeypatch):
+    """`.venv/bin/cifar10-pipeline run` without the venv activated ran the stages with the system
+    Python (ModuleNotFoundError deep in the log)."""
+    from pipelines.dvcrepo import run_stage
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "dvc.yaml").write_text("stages:\n  probe:\n    cmd: python -c \"import sys; open('out.txt', 'w')"
+                                   ".write(sys.executable)\"\n    outs: [out.txt]\n")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    run_stage(root, "probe", log=lambda line: None)
+    assert Path((root / "out.txt").read_text()).parent == Path(sys.executable).parent
