@@ -93,7 +93,7 @@ def training_precision(setting: bool | str) -> str:
 
 
 class StopOnInterrupt(keras.callbacks.Callback):
-    """Ctrl-C stops training at the next batch with a KeyboardInterrupt (the stage exits 130).
+    """Ctrl-C or SIGTERM stops training at the next batch with a KeyboardInterrupt (the stage exits 130).
 
     The signal handler only records the signal: a KeyboardInterrupt raised wherever Python happens
     to be could land in Keras/TensorFlow code that swallows it (they have bare `except:` clauses).
@@ -112,11 +112,13 @@ class StopOnInterrupt(keras.callbacks.Callback):
                 signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             yield
             return
-        previous = signal.signal(signal.SIGINT, self._record)
+        # SIGTERM (a service manager's or CI runner's stop) is handled as Ctrl-C is.
+        previous = {signum: signal.signal(signum, self._record) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         if self.interrupted:
             raise KeyboardInterrupt
 

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
+from types import FrameType
 
 # Set to 1 to see the traceback behind an unexpected error (it is one line otherwise).
 TRACEBACK_ENV = "CIFAR10_PIPELINE_TRACEBACK"
+# The shell's code for a process stopped by SIGINT (128 + 2), whichever signal stopped it here.
+INTERRUPTED = 130
+# A command line that cannot be parsed (an unknown option, a bad value): the code Click and
+# argparse use for it.
+USAGE = 2
 
 
 class PipelineError(Exception):
@@ -93,15 +100,44 @@ def report_unexpected(err: BaseException) -> int:
     return code
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: service managers, CI runners and container
+    runtimes stop a process with it, and it must clean up and end as an interrupted one does."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def exit_quietly_when_interrupted(message: str) -> None:
+    """Until `run_main` takes over: a stop (SIGINT, SIGTERM) while a stage still imports its
+    libraries ends it at once with its one line, not with a traceback from inside an import."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED)  # nothing is written yet; unwinding an import would only print noise
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
+def error_exit(err: BaseException, interrupted: str = "interrupted") -> int:
+    """The one boundary of every command and stage: one line on stderr for `err`, and its exit code."""
+    if isinstance(err, PipelineError):
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        print(f"error: {interrupted}", file=sys.stderr)
+        return INTERRUPTED
+    return report_unexpected(err)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(), mapping every error to one stderr line and its exit code."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt_on_sigterm()
     try:
         main()
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted; outputs of this stage were not written", file=sys.stderr)
-        sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - the last resort: one line, never a bare traceback
-        sys.exit(report_unexpected(err))
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the last resort: one line, never a traceback
+        sys.exit(error_exit(err, "interrupted; outputs of this stage were not written"))
