@@ -31,10 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
-import yaml
 
 from stages.common.errors import ConfigError, run_main
-from stages.common.params import parse_section, read_params
+from stages.common.params import load_yaml, parse_section, read_params
 from stages.common.recipe import EpochClock
 from stages.common.schemas import TrainParams
 from stages.train import compiled_model, make_dataset
@@ -55,7 +54,7 @@ def train_params(preset: str | None, overrides: list[str]) -> TrainParams:
         key, equals, value = override.partition("=")
         if not equals:
             raise ConfigError(f"--set/--versus {override}: expected KEY=VALUE, e.g. mixed_precision=true")
-        section[key] = yaml.safe_load(value)
+        section[key] = load_yaml(value)  # YAML 1.2, as `run --set` reads it
     return parse_section(section, TrainParams, "train")
 
 

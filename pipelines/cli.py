@@ -42,8 +42,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got '{pair}'")
         try:
             overrides[key.strip()] = load_yaml(value) if value.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {pair}: the value is not valid YAML; quote it (e.g. key='a: b')") from None
+        except (yaml.YAMLError, ValueError) as err:
+            problem = getattr(err, "problem", None) or "the value is not valid YAML"
+            raise ConfigError(f"--set {pair}: {problem}; quote it (e.g. key='a: b')") from None
     return overrides
 
 
@@ -129,7 +130,7 @@ def run(
     gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
-    from pipelines.flow import check_overrides
+    from stages.common.params import check_overrides
 
     repo = require_repo(repo)
     overrides = parse_overrides(set_ or [])
@@ -218,7 +219,8 @@ def serve(
     """Serve a scheduled deployment of the flow (needs a Prefect server: see `server`)."""
     from prefect.settings import PREFECT_API_URL
 
-    from pipelines.flow import check_overrides, pipeline
+    from pipelines.flow import pipeline
+    from stages.common.params import check_overrides
 
     repo = require_repo(repo)
     overrides = parse_overrides(set_ or [])
@@ -276,8 +278,11 @@ StageOption = Annotated[str | None, typer.Option("--stage", help="Also assign th
 def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
     """DVC's view of what is stale, stage by stage, and why."""
     from pipelines.dvcrepo import inspect_repo, plan
+    from stages.common.params import check_overrides
 
-    graph, reasons = inspect_repo(require_repo(repo))
+    repo = require_repo(repo)
+    check_overrides(repo / "params.yaml", {})  # DVC itself would hang on some broken files
+    graph, reasons = inspect_repo(repo)
     fates = plan(graph, reasons)
     if as_json:
         typer.echo(json.dumps({"stages": [{"stage": stage, "status": fate} for stage, fate in fates.items()]}, indent=2))

@@ -6,15 +6,17 @@ place it is written. Stages run through the `dvc` CLI, so DVC alone decides what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +217,83 @@ def lock_entry(repo_dir: Path, stage: str) -> object:
         return None
 
 
+# Where a stage's previous outputs wait while it runs (DVC deletes them before running it).
+OUTPUTS_BACKUP = Path(".dvc/tmp/cifar10-previous-outputs")
+
+
+def recorded_outputs(repo_dir: Path, stage: str) -> list[str]:
+    """The outputs dvc.lock records for the stage (none before its first run), repo-relative."""
+    entry = lock_entry(repo_dir, stage)
+    outs = entry.get("outs", []) if isinstance(entry, dict) else []
+    return sorted({out["path"] for out in outs if isinstance(out, dict) and isinstance(out.get("path"), str)})
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link costs no space or time; a copy where the file system refuses one."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _save(path: Path, into: Path) -> None:
+    into.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.copytree(path, into, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(path), str(into))
+
+
+def _put_back(saved: Path, path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(saved, path)
+
+
+def restore_hint(stage: str, outputs: list[str]) -> str:
+    return (f"restore its previous outputs with `dvc checkout {stage}` (cached ones) and "
+            f"`git checkout -- {' '.join(outputs)}` (git-tracked ones, if committed)")
+
+
+@contextlib.contextmanager
+def previous_outputs_kept(repo_dir: Path, stage: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """The stage's outputs as they were before it ran, put back if it fails or is stopped: DVC
+    deletes a stage's outputs before running it, and a failed run would leave none (and the
+    stages after it inconsistent with what is there). They are linked aside, not copied."""
+    outputs = [out for out in recorded_outputs(repo_dir, stage) if (repo_dir / out).exists()]
+    backup = repo_dir / OUTPUTS_BACKUP / stage
+    shutil.rmtree(backup, ignore_errors=True)
+    try:
+        for out in outputs:
+            _save(repo_dir / out, backup / out)
+    except OSError as err:
+        shutil.rmtree(backup, ignore_errors=True)
+        raise TransientError(f"could not set {stage}'s previous outputs aside before running it ({err}); "
+                             "free space and rerun") from None
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as err:
+        try:
+            for out in outputs:
+                _put_back(backup / out, repo_dir / out)
+        except OSError as restore_err:
+            log(f"{stage}: could not put its previous outputs back ({restore_err}); {restore_hint(stage, outputs)}")
+            if isinstance(err, StageFailed):
+                raise StageFailed(stage, f"{err.detail}; {restore_hint(stage, outputs)}", err.stage_exit_code) from None
+            raise
+        if outputs:
+            log(f"{stage}: its previous outputs were put back ({', '.join(outputs)})")
+            if isinstance(err, StageFailed):
+                raise StageFailed(stage, f"{err.detail}; its previous outputs were put back",
+                                  err.stage_exit_code) from None
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
 # A child started with SIGINT ignored (the flow run as a background job, say) would hand that on
 # to dvc and the stage, and Ctrl-C or a stop would never reach them: reset it, then exec.
 _SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
@@ -240,6 +319,12 @@ def run_stage(
     The command runs in its own process group: on timeout (or when the flow is stopped, see
     `stop_all_stages`) the whole group is ended, dvc and the stage's Python process alike.
     """
+    with previous_outputs_kept(repo_dir, stage, log):
+        return _run_stage(repo_dir, stage, log, timeout_s, pull)
+
+
+def _run_stage(repo_dir: Path, stage: str, log: Callable[[str], None], timeout_s: float | None,
+               pull: bool) -> StageOutcome:
     started = time.perf_counter()
     before = lock_entry(repo_dir, stage)
     proc = subprocess.Popen(

@@ -9,7 +9,6 @@ shows in `dvc exp show` next to the others.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
 import fcntl
 import json
@@ -33,8 +32,8 @@ from pipelines.dvcrepo import (
     stop_all_stages,
 )
 from stages.common import dataio
-from stages.common.errors import ConfigError, PipelineError, StageFailed, TransientError
-from stages.common.params import update_params_file
+from stages.common.errors import PipelineError, StageFailed, TransientError
+from stages.common.params import check_overrides, update_params_file
 from stages.common.paths import evaluation_files
 
 if TYPE_CHECKING:
@@ -120,8 +119,8 @@ def overrides_applied(params_file: Path, overrides: dict[str, Any] | None, chang
     nothing ran, so a run that failed before any stage changed an output, or a dry run (keep=False),
     leaves no trace."""
     original = params_file.read_bytes()
+    check_overrides(params_file, overrides or {})  # a scheduled run is checked as `run` checks
     if overrides:
-        check_overrides(params_file, overrides)
         update_params_file(params_file, overrides)
     restore = True
     try:
@@ -141,28 +140,13 @@ def assert_nothing_stale(repo: Path) -> None:
         raise StageFailed("pipeline", f"stages are still stale after the run ({stale}); rerun", None)
 
 
-def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
-    """Refuse an override whose key params.yaml lacks (suggesting the nearest one) and, with
-    `values`, one whose value its section's schema refuses: before anything is written or run."""
-    from stages.common.params import check_sections, flatten, read_params, set_dotted
+def check_stages_to_run(repo: Path, fate: dict[str, str], gpu_pool: str | None) -> None:
+    """What a stage that will run would refuse after the stages before it ran, refused first: a
+    model that does not build, a GPU that is not there."""
+    from stages.common.params import check_trainable, load_section
 
-    data = read_params(params_file)
-    # A key can be a leaf or a whole mapping (train.augment, train.arch.fast_vgg).
-    known = {".".join(leaf.split(".")[:i]) for leaf in flatten(data) for i in range(1, leaf.count(".") + 2)}
-    for dotted in overrides:
-        if dotted not in known:
-            hint = difflib.get_close_matches(dotted, sorted(known), n=1)
-            raise ConfigError(
-                f"override '{dotted}' names no key in params.yaml" + (f"; did you mean '{hint[0]}'?" if hint else "")
-            )
-    if not values:
-        return
-    for dotted, value in overrides.items():
-        set_dotted(data, dotted, value)
-    try:
-        check_sections(data, {dotted.split(".")[0] for dotted in overrides})
-    except ConfigError as err:
-        raise ConfigError(f"{err} (from --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())})") from None
+    if fate.get("train", "up to date") != "up to date":
+        check_trainable(load_section("train", repo / "params.yaml"), local=gpu_pool is None)
 
 
 def _transient_only(task, task_run, state) -> bool:
@@ -346,6 +330,7 @@ def pipeline(
         fate = log_plan(graph, reasons)
         if dry_run:
             return {"plan": fate}
+        check_stages_to_run(repo, fate, gpu_pool)
         run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes, pull, gpu_pool)
         if any(o.ran for o in outcomes):
             assert_nothing_stale(repo)

@@ -38,21 +38,20 @@ def resolve(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, A
         from stages.common.errors import ConfigError
 
         raise ConfigError(f"no preset '{name}'; available: {', '.join(available(presets_dir))}")
-    from stages.common.params import load_yaml
+    from stages.common.params import read_yaml_file
 
-    base = load_yaml((presets_dir / "_base.yaml").read_text())
-    preset = load_yaml(path.read_text()) or {}
+    base = read_yaml_file(presets_dir / "_base.yaml")
+    preset = read_yaml_file(path) or {}
     return {section: _merge(base.get(section, {}), preset.get(section, {})) if section in base else preset[section]
             for section in {**base, **preset}}
 
 
 def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
     """Write the preset into params_file (comments kept) after checking it against the schema."""
-    from stages.common.params import check_sections, load_yaml, update_params_file
+    from stages.common.params import check_sections, read_params, update_params_file
 
     values = resolve(name, presets_dir)
-    text = params_file.read_text()
-    plain = load_yaml(text)
+    plain = read_params(params_file)
     for section, keys in values.items():
         plain[section].update(keys)
     check_sections(plain, values)  # a bad preset never reaches params.yaml

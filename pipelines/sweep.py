@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipelines.compare import experiments_table, safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
-from pipelines.flow import check_overrides
 from stages.common.errors import ConfigError
+from stages.common.params import check_overrides
 
 OUT_DIR = Path("comparisons")
 
@@ -297,14 +296,11 @@ def tpe_search(repo: Path, space: dict[str, Any], n: int, seed: int, jobs: int, 
 
 
 def load_sweep_config(path: Path) -> dict[str, Any]:
-    from stages.common.params import load_yaml
+    from stages.common.params import read_yaml_file
 
     if not path.is_file():
         raise ConfigError(f"{path} not found; pass a search space file (see sweeps/seed002.yaml)")
-    try:
-        config = load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
-    if not isinstance(config.get("space"), dict) or not config["space"]:
+    config = read_yaml_file(path) or {}
+    if not isinstance(config, dict) or not isinstance(config.get("space"), dict) or not config["space"]:
         raise ConfigError(f"{path} needs a 'space:' mapping of param -> values (see sweeps/seed002.yaml)")
     return config

@@ -20,7 +20,7 @@ from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
 from stages.common.paths import CLASSES, stage_paths
-from stages.common.schemas import PrepareParams
+from stages.common.schemas import PrepareParams, smallest_class_size
 
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -69,6 +69,10 @@ def stratified_split(
         if limit_per_class is not None:
             idx = idx[:limit_per_class]
         n_val = round(len(idx) * val_fraction)
+        if not 1 <= n_val <= len(idx) - 1:
+            raise DataError(f"class {cls} has {len(idx)} training image(s), too few to split with prepare.val_fraction "
+                            f"{val_fraction:g}; it needs at least {smallest_class_size(val_fraction)} (or change "
+                            "prepare.val_fraction)")
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(val_idx))

@@ -33,9 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from stages.common import dataio
-from stages.common.errors import ConfigError, TrainingDiverged, run_main
-from stages.common.models import check_arch
-from stages.common.params import load_section
+from stages.common.errors import TrainingDiverged, run_main
+from stages.common.params import check_trainable, load_section
 from stages.common.paths import CLASSES, RUN_INFO, stage_paths
 from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
 from stages.common.schemas import TrainParams
@@ -243,15 +242,10 @@ def main() -> None:
     from dvclive.utils import standardize_metric_name
 
     params: TrainParams = load_section("train")
-    check_arch(params.arch, params.model)  # before any data is loaded
+    check_trainable(params)  # before any data is loaded
     for warning in params.warnings():
         print(f"warning: {warning}")
     device = train_device()
-    if params.require_gpu and device == "CPU":
-        raise ConfigError(
-            "train.require_gpu is true but TensorFlow sees no GPU; run on a GPU machine with "
-            "`pip install -e .[gpu]`, or set train.require_gpu: false"
-        )
     classes = dataio.read_json(prepared / CLASSES)
     normalization = dataio.read_json(prepared / "normalization.json")
     splits = {s: dataio.load_split(prepared / f"{s}.npz") for s in ("train", "val")}

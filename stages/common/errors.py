@@ -62,7 +62,7 @@ class StageFailed(PipelineError):
 
     def __init__(self, stage: str, message: str, stage_exit_code: int | None):
         super().__init__(f"{stage} failed: {message}")
-        self.stage, self.stage_exit_code = stage, stage_exit_code
+        self.stage, self.detail, self.stage_exit_code = stage, message, stage_exit_code
         self.exit_code = stage_exit_code if stage_exit_code and stage_exit_code > 0 else 1
 
     @property

@@ -307,6 +307,13 @@ def check_options(name: str, options: dict[str, Any]) -> None:
                               f"its options: {', '.join(allowed)}")
 
 
+def gpu_names() -> list[str]:
+    """The GPUs TensorFlow sees on this machine."""
+    import tensorflow as tf
+
+    return [device.name for device in tf.config.list_physical_devices("GPU")]
+
+
 def check_arch(arch: dict[str, dict[str, Any]], model: str) -> None:
     """Every `train.arch` entry names options its builder takes, and the trained model builds."""
     for name, options in arch.items():

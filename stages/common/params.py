@@ -38,18 +38,27 @@ def native_stderr_silenced() -> typing.Iterator[None]:
         os.close(null)
 
 
-def check_sections(params: dict[str, Any], names: typing.Iterable[str]) -> None:
-    """Check the named sections of a params mapping in full (types, ranges, choices; for train,
-    that the model builds), raising ConfigError with the first problem."""
+def check_sections(params: dict[str, Any], names: typing.Iterable[str], build: typing.Iterable[str] = ()) -> None:
+    """Check the named sections of a params mapping (types, ranges, choices), raising ConfigError
+    with the first problem; for train, when named in `build` too, also that its model builds."""
     for name in names:
         if name not in SECTIONS:
             continue
         checked = parse_section(params.get(name), SECTIONS[name], name)
-        if isinstance(checked, TrainParams):
-            with native_stderr_silenced():  # Keras on TensorFlow, only to build the model
-                from stages.common.models import check_arch
+        if isinstance(checked, TrainParams) and name in build:
+            check_trainable(checked, local=False)  # where it trains is the flow's to say
 
-                check_arch(checked.arch, checked.model)
+
+def check_trainable(params: TrainParams, local: bool = True) -> None:
+    """What train would refuse once its data is loaded, found now: the model builds and, with
+    `local` (training on this machine), a GPU is there when train.require_gpu asks for one."""
+    with native_stderr_silenced():  # Keras on TensorFlow, to build the model and list devices
+        from stages.common.models import check_arch, gpu_names
+
+        check_arch(params.arch, params.model)
+        if local and params.require_gpu and not gpu_names():
+            raise ConfigError("train.require_gpu is true but TensorFlow sees no GPU; run on a GPU machine with "
+                              "`pip install -e .[gpu]`, or set train.require_gpu: false")
 
 
 T = TypeVar("T")
@@ -69,20 +78,82 @@ Yaml12Loader.yaml_implicit_resolvers = {
 Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
+# Bounds on what a params file may be, so that reading one takes bounded time and memory
+# whatever a hand or a tool wrote into it: params files are a few KB, nested a few levels.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+
+
+class RefusedYaml(yaml.MarkedYAMLError):
+    """Valid YAML that a params file may not hold: an alias, a duplicate key, deep nesting."""
+
+
+class StrictYaml12Loader(Yaml12Loader):
+    """YAML 1.2 numbers, and none of the hazards of hand-edited YAML: an alias can expand a few KB
+    into gigabytes (and DVC, reading the same file, hangs on it), a duplicate key is read as the
+    last one here while DVC refuses the file, and deep nesting exhausts the stack."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RefusedYaml(None, None, f"alias '*{event.anchor}': aliases are not allowed in params files; "
+                              "write the value out", event.start_mark)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise RefusedYaml(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise RefusedYaml(None, None, f"duplicate key '{key}' (DVC refuses the file); keep one",
+                                  key_node.start_mark)
+            seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(text: str) -> Any:
-    """YAML text as DVC reads it (numbers per YAML 1.2): params.yaml, `-S` values, presets."""
-    return yaml.load(text, Loader=Yaml12Loader)
+    """YAML text as DVC reads it (numbers per YAML 1.2), refusing aliases, duplicate keys and deep
+    nesting: params.yaml, `-S` values, presets, sweep files."""
+    return yaml.load(text, Loader=StrictYaml12Loader)
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A params-like file (params.yaml, a preset, a sweep file): any problem is one ConfigError
+    naming the file and the line, in bounded time and memory."""
+    if not path.is_file():
+        raise ConfigError(f"{path} not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path} is {size} bytes, more than a params file's {MAX_YAML_BYTES}; check what wrote it")
+    try:
+        return load_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except RefusedYaml as err:
+        raise ConfigError(f"{path}, line {err.problem_mark.line + 1}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}{where}: {problem}; fix the YAML there") from None
+    except ValueError as err:  # a value no type holds, e.g. an integer of more digits than Python reads
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}; fix the value") from None
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the project root, where params.yaml lives")
-    try:
-        data = load_yaml(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax there") from None
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of stage sections (download:, prepare:, ...)")
     return data
@@ -213,3 +284,30 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(t) for t in typing.get_args(tp))
     return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
+    """params.yaml as it stands with the overrides on top, checked before anything is written or
+    run: an override whose key params.yaml lacks is refused (suggesting the nearest one) and, with
+    `values`, every section is checked against its schema (a key typed by hand included), the
+    overridden train section down to its model building."""
+    data = read_params(params_file)
+    # A key can be a leaf or a whole mapping (train.augment, train.arch.fast_vgg).
+    known = {".".join(leaf.split(".")[:i]) for leaf in flatten(data) for i in range(1, leaf.count(".") + 2)}
+    for dotted in overrides:
+        if dotted not in known:
+            hint = difflib.get_close_matches(dotted, sorted(known), n=1)
+            raise ConfigError(
+                f"override '{dotted}' names no key in params.yaml" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            )
+    if not values:
+        return
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value)
+    overridden = {dotted.split(".")[0] for dotted in overrides}
+    try:
+        check_sections(data, [name for name in SECTIONS if name in data], build=overridden)
+    except ConfigError as err:
+        if not overrides:
+            raise
+        raise ConfigError(f"{err} (with --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())})") from None

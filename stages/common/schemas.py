@@ -35,13 +35,37 @@ def knob(
     return dataclasses.field(metadata={"min": min, "max": max, "min_exclusive": min_exclusive, "choices": choices})
 
 
+# NumPy's and TensorFlow's seeds are unsigned 32-bit integers.
+MAX_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class DownloadParams:
     source: str
     md5: str | None
     sha256: str | None
     classes: list[str] | None
-    timeout_s: float = knob(min=1)
+    timeout_s: float = knob(min=1, max=86_400)
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise ConfigError("params.yaml: 'download.source' is empty; give a URL, an archive or a folder")
+        for name, length in (("md5", 32), ("sha256", 64)):
+            digest = getattr(self, name)
+            if digest is not None and (len(digest) != length or any(c not in "0123456789abcdefABCDEF" for c in digest)):
+                raise ConfigError(f"params.yaml: 'download.{name}' is {digest!r}; it must be {length} hex digits, or null")
+        classes = self.classes
+        if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)
+                                    or not all(c.strip() for c in classes)):
+            raise ConfigError(f"params.yaml: 'download.classes' is {self.classes!r}; list at least two distinct "
+                                  "class names, or null to take the source's")
+
+
+def smallest_class_size(val_fraction: float) -> int:
+    """The fewest images per class that split into at least one training and one validation image
+    (prepare rounds each class's validation share to the nearest integer)."""
+    start = max(2, int(0.5 / val_fraction) - 1)
+    return next(n for n in range(start, start + 100) if 1 <= round(n * val_fraction) <= n - 1)
 
 
 @dataclass(frozen=True)
@@ -51,7 +75,15 @@ class PrepareParams:
     normalization: str = knob(choices=("standardize", "scale"))
     train_limit_per_class: int | None = knob(min=1)
     convert_images: bool
-    seed: int = knob(min=0)
+    seed: int = knob(min=0, max=MAX_SEED)
+
+    def __post_init__(self) -> None:
+        limit = self.train_limit_per_class
+        if limit is not None and limit < smallest_class_size(self.val_fraction):
+            raise ConfigError(
+                f"params.yaml: 'prepare.train_limit_per_class' {limit} with 'prepare.val_fraction' {self.val_fraction:g} "
+                f"leaves a class without a training or a validation image; use at least "
+                f"{smallest_class_size(self.val_fraction)}")
 
 
 @dataclass(frozen=True)
@@ -64,8 +96,8 @@ class ExpectedPerClass:
 class ValidateParams:
     expected_per_class: ExpectedPerClass | None
     balance_tolerance: float = knob(min=0.0, max=1.0)
-    min_pixel_std: float = knob(min=0.0)
-    min_channel_std: float = knob(min=0.0, min_exclusive=True)
+    min_pixel_std: float = knob(min=0.0, max=255.0)  # pixel units
+    min_channel_std: float = knob(min=0.0, max=255.0, min_exclusive=True)
 
 
 # train.augment.flip's word for airbench's flips (models.AlternatingFlip, recipe.FlipEpochs).
@@ -101,12 +133,12 @@ class TrainParams:
     weight_decay: float = knob(min=0.0, max=1.0)  # decoupled, as the optimizer applies it
     bias_lr_scale: float = knob(min=0.0, max=1000.0, min_exclusive=True)  # sgd: BatchNorm offsets' step multiple
     schedule: str = knob(choices=SCHEDULES)
-    warmup_epochs: float = knob(min=0.0)
-    step_every: int = knob(min=1)  # step: epochs between drops; plateau: patience
+    warmup_epochs: float = knob(min=0.0, max=10_000)
+    step_every: int = knob(min=1, max=10_000)  # step: epochs between drops; plateau: patience
     step_factor: float = knob(min=0.0, max=1.0, min_exclusive=True)
     label_smoothing: float = knob(min=0.0, max=0.5)
     augment: Augment
-    early_stopping: int | None = knob(min=1)  # patience on val_loss, best weights restored
+    early_stopping: int | None = knob(min=1, max=10_000)  # patience on val_loss, best weights restored
     ema: bool  # keep an exponential moving average of the weights and evaluate with it
     lookahead: bool  # airbench's lookahead: every 5 steps, pull the weights toward a slow copy
     # auto: float16 on a GPU, bfloat16 on a CPU that computes it natively (AVX512_BF16 or AMX),
@@ -115,7 +147,7 @@ class TrainParams:
     xla: bool
     # mirrored: tf.distribute.MirroredStrategy over this machine's GPUs (batch_size is the global batch)
     distribute: str = knob(choices=DISTRIBUTE)
-    seed: int = knob(min=0)
+    seed: int = knob(min=0, max=MAX_SEED)
     require_gpu: bool
 
     def __post_init__(self) -> None:

@@ -72,7 +72,7 @@ def test_missing_key():
 def test_malformed_yaml_names_the_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("ex:\n  epochs: [1,\n  rate: 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML at line"):
+    with pytest.raises(ConfigError, match=r"params.yaml, line 4, column 1: expected .*; fix the YAML there"):
         load_section("ex", path)
 
 
@@ -140,3 +140,99 @@ def test_params_file_updates_keep_comments_and_replace_the_file_whole(tmp_path):
     update_params_file(path, {"train.epochs": 3, "train.augment": {"flip": False}})
     assert path.read_text() == "train:\n  epochs: 3    # how long\n  augment:\n    flip: false\n"
     assert path.stat().st_ino != inode  # written beside it, then moved into place
+
+
+def alias_bomb(levels: int) -> str:
+    """A few hundred bytes that expand to 9**levels strings (a 'billion laughs')."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(["train:", "  epochs: 1", "unused:", *(f"  {line}" for line in lines)]) + "\n"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (alias_bomb(9), "params.yaml, line 5: alias '*a0': aliases are not allowed in params files; write the value out"),
+    ("train:\n  epochs: 1\n  batch_size: 8\n  epochs: 2\n", "params.yaml, line 4: duplicate key 'epochs'"),
+    ("x: " + "[" * 10_000 + "]" * 10_000 + "\n", "params.yaml, line 1: nested deeper than 32 levels"),
+    ("train:\n  seed: " + "9" * 5000 + "\n", "params.yaml: Exceeds the limit"),
+    ("x: !!python/object/apply:os.system [ls]\n", "params.yaml, line 1, column 4: could not determine a constructor"),
+])
+def test_hazardous_yaml_is_refused_in_one_line_in_bounded_time_and_memory(tmp_path, text, message):
+    """An alias bomb under an unused key made `run` and `dvc status` hang past 1.7 GB; a duplicate
+    key was read silently (last one wins) while DVC refused the file."""
+    import time
+    import tracemalloc
+
+    from stages.common.params import check_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        check_overrides(path, {})
+    seconds, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert str(err.value).startswith(f"{path}{message[len('params.yaml'):]}"), err.value
+    assert "\n" not in str(err.value)
+    assert seconds < 5 and peak < 64 * 2**20, (seconds, peak)
+
+
+def test_oversized_and_binary_params_files_are_refused(tmp_path):
+    from stages.common.params import read_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  note: " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="bytes, more than a params file's"):
+        read_params(path)
+    path.write_bytes(b"train:\n  epochs: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        read_params(path)
+
+
+def test_a_hand_typed_key_is_refused_before_anything_runs(tmp_path):
+    """`batchsize: 32` typed into params.yaml by hand was found only by train, after the stages
+    before it ran (and DVC had deleted train's outputs)."""
+    from stages.common.params import check_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text().replace("  batch_size: 1024", "  batch_size: 1024\n  batchsize: 32"))
+    with pytest.raises(ConfigError, match=r"unknown key 'train.batchsize'; did you mean 'train.batch_size'\?"):
+        check_overrides(path, {})
+    with pytest.raises(ConfigError, match=r"with --set evaluate.split='val'"):
+        check_overrides(path, {"evaluate.split": "val"})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.seed": 2**32}, "'train.seed' is 4294967296; it must be >= 0 and <= 4294967295"),
+    ({"prepare.seed": -1}, "'prepare.seed' is -1; it must be >= 0"),
+    ({"prepare.train_limit_per_class": 5}, ("'prepare.train_limit_per_class' 5 with 'prepare.val_fraction' 0.1 "
+                                           "leaves a class without a training or a validation image; use at least 6")),
+    ({"prepare.train_limit_per_class": 1, "prepare.val_fraction": 0.5}, "use at least 2"),
+    ({"download.classes": []}, "'download.classes' is []; list at least two distinct class names"),
+    ({"download.classes": ["cat", "cat"]}, "list at least two distinct class names"),
+    ({"download.md5": "abc"}, "'download.md5' is 'abc'; it must be 32 hex digits, or null"),
+    ({"download.source": " "}, "'download.source' is empty"),
+    ({"download.timeout_s": 1e9}, "'download.timeout_s' is 1000000000.0; it must be >= 1 and <= 86400"),
+])
+def test_values_the_libraries_refuse_are_refused_up_front(tmp_path, overrides, message):
+    """train.seed=2**32 passed the checks, then train failed with 'unexpected ValueError' after the
+    stages before it ran; a 5-image limit ended prepare in 'cannot reshape array of size 0'."""
+    import shutil
+
+    from stages.common.params import check_overrides
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    with pytest.raises(ConfigError) as err:
+        check_overrides(tmp_path / "params.yaml", overrides)
+    assert message in str(err.value)
+
+
+def test_a_source_too_small_to_split_is_a_data_error_naming_the_params():
+    import numpy as np
+
+    from stages.common.errors import DataError
+    from stages.prepare import stratified_split
+
+    with pytest.raises(DataError, match=r"class 1 has 3 training image\(s\), too few to split with "
+                                        r"prepare.val_fraction 0.1; it needs at least 6"):
+        stratified_split(np.array([0] * 20 + [1] * 3), 0.1, None, seed=0)

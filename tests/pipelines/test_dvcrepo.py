@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -5,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, _reasons, inspect_repo, plan
-from pipelines.flow import check_overrides
 from stages.common.errors import ConfigError
-from stages.common.params import update_params_file
+from stages.common.params import check_overrides, update_params_file
 from tests.helpers import git_dvc_project
 
 GRAPH = StageGraph(order=["a", "b", "c", "d"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": []})
@@ -172,3 +172,46 @@ def test_stages_run_with_the_clis_interpreter_whatever_path_holds(tmp_path, monk
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     run_stage(root, "probe", log=lambda line: None)
     assert Path((root / "out.txt").read_text()).parent == Path(sys.executable).parent
+
+
+def failing_probe_repo(root: Path) -> Path:
+    """A stage with a cached folder and a git-tracked metric; param fail: 1 makes it fail (exit 3)
+    after DVC deleted its outputs, sleep: N makes it take N seconds."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "probe.py").write_text(
+        "import json, sys, time, yaml\n"
+        "p = yaml.safe_load(open('params.yaml'))['probe']\n"
+        "time.sleep(p['sleep'])\n"
+        "if p['fail']:\n    print('error: probe refused', file=sys.stderr); sys.exit(3)\n"
+        "import pathlib; pathlib.Path('out').mkdir(); pathlib.Path('out/model.bin').write_text(str(p['x']))\n"
+        "json.dump({'x': p['x']}, open('metrics.json', 'w'))\n")
+    (root / "dvc.yaml").write_text(f"stages:\n  probe:\n    cmd: {sys.executable} probe.py\n    deps: [probe.py]\n"
+                                   "    params: [probe]\n    outs: [out]\n    metrics:\n"
+                                   "      - metrics.json:\n          cache: false\n")
+    (root / "params.yaml").write_text("probe:\n  x: 1\n  fail: 0\n  sleep: 0\n")
+    return root
+
+
+@pytest.mark.parametrize("how", ["fails", "times out"])
+def test_a_failed_stage_puts_its_previous_outputs_back(tmp_path, how):
+    """DVC deletes a stage's outputs before running it: a failed run left no model, no metrics."""
+    from pipelines.dvcrepo import run_stage
+
+    repo = failing_probe_repo(tmp_path / "repo")
+    run_stage(repo, "probe", log=lambda line: None)
+    lock = (repo / "dvc.lock").read_text()
+    (repo / "params.yaml").write_text("probe:\n  x: 2\n  fail: 1\n  sleep: 0\n" if how == "fails" else
+                                      "probe:\n  x: 2\n  fail: 0\n  sleep: 60\n")
+    lines: list[str] = []
+    with pytest.raises(StageFailed) as failed:
+        run_stage(repo, "probe", log=lines.append, timeout_s=None if how == "fails" else 5)
+    assert str(failed.value).endswith("; its previous outputs were put back"), failed.value
+    assert failed.value.exit_code == (3 if how == "fails" else 1)
+    assert (repo / "out/model.bin").read_text() == "1" and json.loads((repo / "metrics.json").read_text()) == {"x": 1}
+    assert (repo / "dvc.lock").read_text() == lock
+    _, reasons = inspect_repo(repo)
+    assert all(reason.startswith("param") or "modified" in reason for reason in reasons["probe"]), reasons
+    assert not any("outs" in reason for reason in reasons["probe"]), reasons
+    assert not (repo / ".dvc/tmp/cifar10-previous-outputs/probe").exists()
