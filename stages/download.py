@@ -9,19 +9,21 @@ always one archive plus `manifest.json` and DVC tracks two files, not 60,000).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import tarfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
 
 from stages.common import dataio
-from stages.common.errors import ConfigError, DataError, IntegrityError, TransientError, run_main
+from stages.common.errors import ConfigError, DataError, IntegrityError, PipelineError, TransientError, run_main
 from stages.common.params import load_section
 from stages.common.paths import stage_paths
 from stages.common.schemas import DownloadParams
@@ -113,7 +115,10 @@ def fetch(source: str, dest: Path, timeout_s: float) -> dict[str, str]:
         return _fetch_url(source, dest, timeout_s)
     path = Path(source.removeprefix("file://")).expanduser()
     if path.is_dir():
-        _pack_directory(path, dest)
+        left_out = _pack_directory(path, dest)
+        if left_out:
+            print(f"warning: {len(left_out)} file(s) in {source} are not images ({', '.join(dataio.IMAGE_SUFFIXES)}) "
+                  f"and were left out, e.g. {left_out[0]}")
         with open(dest, "rb") as packed, open(os.devnull, "wb") as null:
             return _copy_hashing(packed, null, None, "hashing")
     if not path.is_file():
@@ -144,16 +149,55 @@ def _fetch_url(url: str, dest: Path, timeout_s: float) -> dict[str, str]:
         ) from None
 
 
-def _pack_directory(root: Path, dest: Path) -> None:
-    """A tar of the folder whose bytes depend on file names and contents only (no times, owners
-    or modes), so its checksum identifies the data and download.sha256 can pin it."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+def source_images(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The image files under a folder source, as (name in the archive, file to read), and the
+    names of the other files, which are left out.
+
+    Links are followed only while they stay inside the folder: one that leads out of it (to a
+    host file such as /etc/passwd, which would land in DVC's cache and remote) or nowhere is
+    refused, naming the link as the user wrote it. Sockets, pipes and devices are left out.
+    """
+    real_root = root.resolve()
+    images: list[tuple[str, Path]] = []
+    others: list[str] = []
+
+    def visit(folder: Path, prefix: str, seen: frozenset[Path]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            name, shown = f"{prefix}{entry.name}", root / f"{prefix}{entry.name}"
+            target = Path(entry.path)
+            if entry.is_symlink():
+                target = target.resolve()
+                if not target.exists():
+                    raise DataError(f"{shown} is a link to {os.readlink(entry.path)}, which does not exist; "
+                                    "remove the link or restore its target")
+                if not target.is_relative_to(real_root):
+                    raise DataError(f"{shown} links to {target}, outside download.source {root}; links may only "
+                                    "point inside the source folder: copy the file in (cp -L) or remove the link")
+            if target.is_dir():
+                if target.resolve() in seen:
+                    raise DataError(f"{shown} links back to a folder that contains it; remove the link")
+                visit(target, f"{name}/", seen | {target.resolve()})
+            elif target.is_file() and target.suffix.lower() in dataio.IMAGE_SUFFIXES:
+                images.append((name, target))
+            else:
+                others.append(name)
+
+    visit(real_root, "", frozenset({real_root}))
+    return images, others
+
+
+def _pack_directory(root: Path, dest: Path) -> list[str]:
+    """A tar of the folder's images whose bytes depend on file names and contents only (no times,
+    owners or modes), so its checksum identifies the data and download.sha256 can pin it. Returns
+    the names of the files left out (not images)."""
+    images, others = source_images(root)
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
-        for path in files:
-            info = tarfile.TarInfo(path.relative_to(root).as_posix())
+        for name, path in images:
+            info = tarfile.TarInfo(name)
             info.size, info.mode = path.stat().st_size, 0o644
             with open(path, "rb") as fh:
                 tf.addfile(info, fh)
+    return others
 
 
 # --- stage ---------------------------------------------------------------------------------
@@ -177,13 +221,25 @@ def download(params: DownloadParams, out_dir: Path) -> dict:
     """Fetch, verify and inspect into a temporary folder, then move it to `out_dir` whole."""
     with dataio.atomic_dir(out_dir) as tmp_dir:
         archive = tmp_dir / "archive"
-        digests = fetch(params.source, archive, params.timeout_s)
-        require_checksum_for_local(params, digests)
-        verify_checksums(digests, {"md5": params.md5, "sha256": params.sha256}, params.source)
-        manifest = {"source": params.source, "bytes": archive.stat().st_size, **digests}
-        manifest.update(inspect_archive(archive, params.classes))
+        with named_as_the_user_wrote_it(archive, params.source):
+            digests = fetch(params.source, archive, params.timeout_s)
+            require_checksum_for_local(params, digests)
+            verify_checksums(digests, {"md5": params.md5, "sha256": params.sha256}, params.source)
+            manifest = {"source": params.source, "bytes": archive.stat().st_size, **digests}
+            manifest.update(inspect_archive(archive, params.classes))
         dataio.write_json(tmp_dir / "manifest.json", manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def named_as_the_user_wrote_it(internal: Path, source: str) -> Iterator[None]:
+    """Errors about the fetched copy (a temporary file) name download.source instead."""
+    try:
+        yield
+    except PipelineError as err:
+        if str(internal) not in str(err):
+            raise
+        raise type(err)(str(err).replace(str(internal), source)) from None
 
 
 def main() -> None:

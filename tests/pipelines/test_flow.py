@@ -17,6 +17,7 @@ from tests.helpers import (
     api,
     cli,
     copy_repo,
+    dvc,
     git_dvc_project,
     not_blank,
     set_params,
@@ -287,7 +288,8 @@ DIVERGES = {"model": "tutorial_cnn", "arch": {}, "epochs": 3, "optimizer": "sgd"
 
 
 @pytest.mark.parametrize("code, sets, message", [
-    (2, ["train.require_gpu=true"], "error: train failed: train.require_gpu is true"),
+    # Found before the stages ahead of train run, not by train after them.
+    (2, ["train.require_gpu=true"], "error: train.require_gpu is true but TensorFlow sees no GPU"),
     (3, ['validate.expected_per_class={"train": 21, "test": 5}'], "error: validate failed: validation failed: 1 of"),
     (4, [f"download.sha256={'ab' * 32}"], "error: download failed: sha256 mismatch"),
     (5, [f"train.{key}={json.dumps(value)}" for key, value in DIVERGES.items()], "error: train failed: training "),
@@ -301,6 +303,12 @@ def test_run_exits_with_the_failing_stages_own_code(flow_project, prefect_env, c
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-3000:]
     # The failing stage changed no output, so the run leaves params.yaml as it found it.
     assert (flow_project / "params.yaml").read_bytes() == before
+    # DVC deleted the failing stage's outputs before running it; the flow put them back.
+    lock = yaml.safe_load((flow_project / "dvc.lock").read_text())["stages"]
+    missing = [out["path"] for entry in lock.values() for out in entry.get("outs", [])
+               if not (flow_project / out["path"]).exists()]
+    assert missing == [], missing
+    assert "Data and pipelines are up to date" in dvc(flow_project, "status").stdout
     if code == 75:
         assert result.stderr.count("Retry") >= 3, result.stderr[-3000:]
 
@@ -347,3 +355,16 @@ def test_overrides_are_checked_in_full_before_anything_runs(flow_project, prefec
     assert planned.returncode == 0, planned.stderr
     learning_rate = yaml.safe_load((flow_project / "params.yaml").read_text())["train"]["learning_rate"]
     assert stage_lines(planned.stdout)["train"] == f"will run: param train: train.learning_rate {learning_rate} -> 0.001"
+
+
+def test_a_hand_typed_key_stops_the_run_before_any_stage_and_loses_nothing(flow_project, prefect_env):
+    params = flow_project / "params.yaml"
+    params.write_text(params.read_text().replace("  batch_size: 32", "  batch_size: 32\n  batchsize: 32"))
+    model = (flow_project / "models/model.keras").read_bytes()
+    result = cli(prefect_env, "run", "--repo", str(flow_project))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: unknown key 'train.batchsize'; did you mean 'train.batch_size'?"]
+    assert (flow_project / "models/model.keras").read_bytes() == model
+    status = cli(prefect_env, "status", "--repo", str(flow_project))  # refused the same way
+    assert (status.returncode, status.stderr) == (result.returncode, result.stderr)

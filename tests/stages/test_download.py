@@ -148,3 +148,52 @@ def test_main_missing_source_is_one_line_and_exit_2(in_tmp):
     assert result.stderr.strip().count("\n") == 0
     assert "download.source 'nowhere.tar.gz' does not exist" in result.stderr
     assert not (in_tmp / "data").exists() or not any((in_tmp / "data").iterdir())
+
+
+def pinned_download(folder: Path, out: Path) -> dict:
+    """Download a folder source, pinning it with the checksum the stage asks for."""
+    try:
+        return download(params(folder), out)
+    except ConfigError as refused:
+        return download(params(folder, sha256=str(refused).rsplit("download.sha256: ", 1)[1]), out)
+
+
+@pytest.mark.parametrize("link", ["file out", "folder out", "broken", "loop"])
+def test_links_that_leave_a_folder_source_are_refused_naming_the_users_path(tmp_path, files, link):
+    """A link in a class folder to /etc/passwd was packed into data/raw (and so DVC's cache and
+    remote) without a word."""
+    folder = synthetic.write_directory(tmp_path / "tree", files)
+    outside = tmp_path / "elsewhere"
+    (outside / "cat").mkdir(parents=True)
+    (outside / "secret.png").write_bytes(b"host file")
+    where = {"file out": (folder / "train/cat/README.png", outside / "secret.png"),
+             "folder out": (folder / "train/unicorn", outside / "cat"),
+             "broken": (folder / "train/cat/gone.png", tmp_path / "nothing"),
+             "loop": (folder / "train/cat/again", folder / "train")}[link]
+    where[0].symlink_to(where[1])
+    with pytest.raises(DataError) as refused:
+        pinned_download(folder, tmp_path / "raw")
+    assert str(refused.value).startswith(str(where[0])), refused.value
+    assert not (tmp_path / "raw").exists()
+
+
+def test_a_folder_source_packs_its_images_and_links_inside_it(tmp_path, files):
+    folder = synthetic.write_directory(tmp_path / "tree", files)
+    (folder / "README.txt").write_text("not an image")
+    (folder / "train/cat/.DS_Store").write_bytes(b"\0")
+    real = tmp_path / "tree/shared/cat"
+    (folder / "train/cat").rename(real.parent.mkdir(parents=True) or real)
+    (folder / "train/cat").symlink_to(real)  # a class folder linked from elsewhere in the source
+    manifest = pinned_download(folder, tmp_path / "raw")
+    assert manifest["counts"]["train"]["cat"] == 3
+    members = __import__("tarfile").open(tmp_path / "raw/archive").getnames()
+    assert all(name.endswith(".png") for name in members), members
+
+
+def test_a_folder_source_with_unmatched_classes_names_the_folder(tmp_path, files):
+    folder = synthetic.write_directory(tmp_path / "tree", files)
+    (folder / "train/unicorn").mkdir()
+    (folder / "train/unicorn/a.png").write_bytes(files[next(iter(files))])
+    with pytest.raises(DataError) as refused:
+        pinned_download(folder, tmp_path / "raw")
+    assert str(refused.value).startswith(f"{folder}:") and ".tmp" not in str(refused.value), refused.value
