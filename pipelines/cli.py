@@ -331,7 +331,8 @@ def compare(
 
 @app.command()
 def gate(
-    baseline: Annotated[str | None, typer.Option(help="Default: newest commit on main with metrics.")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        help="Default: the newest commit with metrics on origin/main (else local main) before the candidate.")] = None,
     candidate: Annotated[str | None, typer.Option(help="Default: the workspace.")] = None,
     register: Annotated[bool, typer.Option("--register", help="On a pass, register the candidate's model with GTO (a commit: default HEAD).")] = False,
     stage: StageOption = None,

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.dvcrepo import dvc, git
-from stages.common.errors import CommandFailed, ConfigError
+from stages.common.errors import CommandFailed, ConfigError, DataError
 from stages.common.params import flatten
 from stages.common.paths import evaluation_files
 from stages.common.render import render_html, report_classes
@@ -150,17 +150,69 @@ def check_comparable(a: Run, b: Run) -> list[str]:
         if unknown else []
 
 
+class BrokenResult(DataError):
+    """A result file read back (metrics, report, confusion matrix, predictions) that is not what
+    evaluate writes: edited by hand, truncated, or merged badly."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise BrokenResult(f"{where} is not valid JSON ({err}); restore it (`git checkout` it, or rerun "
+                           "`dvc repro -f evaluate`)") from None
+
+
+def parse_metrics(text: str, where: str) -> dict[str, Any]:
+    metrics = _parse_json(text, where)
+    if not isinstance(metrics, dict) or not _number(metrics.get("accuracy")):
+        raise BrokenResult(f"{where} has no numeric 'accuracy' (it holds {str(metrics)[:80]}); restore it "
+                           "(`git checkout` it, or rerun `dvc repro -f evaluate`)")
+    return metrics
+
+
+def parse_report(text: str, where: str) -> dict[str, Any]:
+    report = _parse_json(text, where)
+    rows = [row for name, row in report.items() if name != "accuracy"] if isinstance(report, dict) else None
+    if rows is None or not all(isinstance(row, dict) and all(_number(row.get(k)) for k in ("precision", "recall",
+                                                                                       "f1-score")) for row in rows):
+        raise BrokenResult(f"{where} is not a classification report (one row of precision, recall and f1-score per "
+                           "class); restore it (`git checkout` it, or rerun `dvc repro -f evaluate`)")
+    return report
+
+
+def parse_table(text: str, where: str, columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV table with the given columns or, without them, a matrix of counts (row labels first)."""
+    try:
+        table = pd.read_csv(io.StringIO(text), index_col=None if columns else 0)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise BrokenResult(f"{where} is not a CSV table ({str(err).splitlines()[0]}); restore it") from None
+    if columns:
+        broken = [c for c in columns if c not in table.columns]
+    else:
+        broken = [str(c) for c, dtype in table.dtypes.items() if not pd.api.types.is_numeric_dtype(dtype)]
+    if broken or table.empty:
+        what = f"column(s) {', '.join(broken)}" if columns else f"counts in column(s) {', '.join(broken) or 'any'}"
+        raise BrokenResult(f"{where} lacks {what}; restore it (`git checkout` it, or rerun `dvc repro -f evaluate`)")
+    return table
+
+
 def load_run(repo: Path, name: str) -> Run:
     sha = resolve(repo, name)
     files = evaluation_files(repo)
-    metrics, report = read_at(repo, files["metrics"], sha), read_at(repo, files["report"], sha)
-    if metrics is None:
+    text = {what: read_at(repo, path, sha) for what, path in files.items()}
+    if text["metrics"] is None:
         raise ConfigError(f"'{name}' has no {files['metrics']}; pick a commit or experiment where evaluate ran")
-    confusion, predictions = read_at(repo, files["confusion"], sha), read_at(repo, files["predictions"], sha)
+    where = {what: f"{path} of '{name}'" for what, path in files.items()}
     return Run(
-        name, sha, json.loads(metrics), json.loads(report) if report else {},
-        pd.read_csv(io.StringIO(confusion), index_col=0) if confusion else None,
-        pd.read_csv(io.StringIO(predictions)) if predictions else None,
+        name, sha, parse_metrics(text["metrics"], where["metrics"]),
+        parse_report(text["report"], where["report"]) if text["report"] else {},
+        parse_table(text["confusion"], where["confusion"]) if text["confusion"] else None,
+        parse_table(text["predictions"], where["predictions"], ("actual", "predicted")) if text["predictions"] else None,
     )
 
 

@@ -50,16 +50,18 @@ def load_gate_params(repo: Path) -> GateParams:
 UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")
 
 
-def default_baseline(repo: Path, candidate: str | None = None) -> str:
-    """The newest commit with metrics at or before the merge-base of the candidate and the upstream
-    main branch, skipping the candidate's own commit (on main, that is the commit before it).
+def default_baseline(repo: Path, candidate: str | None = None) -> tuple[str, str]:
+    """(commit, branch): the newest commit with metrics at or before the merge-base of the
+    candidate and the upstream main branch, skipping the candidate's own commit (on main, that is
+    the commit before it).
 
-    CI checkouts often have no local `main`, so `origin/main` is tried first.
+    CI checkouts often have no local `main`, so `origin/main` is tried first; a fresh clone whose
+    runs are committed on local main only (none pushed yet) falls back to it.
     """
     metrics = evaluation_files(repo)["metrics"]
     run_record = (metrics, "dvc.lock")
-    upstream = next((ref for ref in UPSTREAM_MAIN if git(repo, "rev-parse", "--verify", "--quiet", ref)), None)
-    if upstream is None:
+    upstreams = [ref for ref in UPSTREAM_MAIN if git(repo, "rev-parse", "--verify", "--quiet", ref)]
+    if not upstreams:
         raise ConfigError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
     tip = resolve(repo, candidate) or "HEAD"
     # A run is a commit that changed dvc.lock or the metrics (two runs can score the same). The
@@ -67,14 +69,13 @@ def default_baseline(repo: Path, candidate: str | None = None) -> str:
     own = git(repo, "log", "-1", "--format=%H", tip, "--", *run_record)
     if candidate in (None, WORKSPACE) and git(repo, "status", "--porcelain", "--", *run_record):
         own = None
-    start = git(repo, "merge-base", tip, upstream)
-    if start is None:
-        raise ConfigError(f"the candidate shares no history with {upstream}; pass --baseline REV")
-    for commit in (git(repo, "log", "--format=%H", start, "--", *run_record) or "").split():
-        if commit != own and git(repo, "cat-file", "-e", f"{commit}:{metrics}") is not None:
-            return commit
-    raise ConfigError(f"no commit before the candidate on {upstream} has {metrics}; commit a run first or pass "
-                     "--baseline")
+    for upstream in upstreams:
+        start = git(repo, "merge-base", tip, upstream)
+        for commit in (git(repo, "log", "--format=%H", start, "--", *run_record) or "").split() if start else []:
+            if commit != own and git(repo, "cat-file", "-e", f"{commit}:{metrics}") is not None:
+                return commit, upstream
+    raise ConfigError(f"no commit before the candidate on {' or '.join(upstreams)} has {metrics}; commit a run "
+                      "first or pass --baseline REV")
 
 
 def class_drop_p(baseline: Run, candidate: Run, cls: str) -> float:
@@ -102,7 +103,7 @@ def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
     elif params.require_significance:
         lines.append("no paired predictions: significance cannot be tested, so drops count as real")
     lines.insert(0, f"accuracy {baseline.metrics['accuracy']:.4f} -> {candidate.metrics['accuracy']:.4f} "
-                    f"(drop {drop:+.4f}, allowed {params.max_accuracy_drop})")
+                    f"({-drop:+.4f}; a drop of more than {params.max_accuracy_drop} fails)")
     if drop > params.max_accuracy_drop and (not params.require_significance or significant):
         reasons.append(f"accuracy dropped by {drop:.4f} > {params.max_accuracy_drop} (gate.max_accuracy_drop)")
     for cls in report_classes(baseline.report):
@@ -125,7 +126,12 @@ def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
 
 def gate(repo: Path, baseline: str | None = None, candidate: str | None = None) -> GateVerdict:
     params = load_gate_params(repo)
-    baseline_rev = baseline or default_baseline(repo, candidate)
-    base_run, candidate_run = load_run(repo, baseline_rev), load_run(repo, candidate or WORKSPACE)
+    if baseline is None:
+        commit, branch = default_baseline(repo, candidate)
+        base_run = load_run(repo, commit)
+        base_run.name = f"{commit[:7]} (the newest run on {branch} before the candidate)"
+    else:
+        base_run = load_run(repo, baseline)
+    candidate_run = load_run(repo, candidate or WORKSPACE)
     check_comparable(base_run, candidate_run)
     return judge(base_run, candidate_run, params)

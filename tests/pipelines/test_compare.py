@@ -130,18 +130,30 @@ def test_default_baseline_is_never_the_candidates_own_run(tmp_path):
     second = commit("run 2", 0.6)
     commit("docs")  # newer than the last run, no metrics
     # On main with a clean workspace the candidate IS run 2: compare it with run 1, not itself.
-    assert default_baseline(repo) == first
+    assert default_baseline(repo) == (first, "main")
     (repo / "results/evaluate/metrics.json").write_text(json.dumps({"accuracy": 0.7}))  # a new, uncommitted run
-    assert default_baseline(repo) == second
+    assert default_baseline(repo) == (second, "main")
     subprocess.run(["git", "checkout", "-q", "-b", "feature"], cwd=repo, check=True)
     commit("run 3 on a branch", 0.7)
-    assert default_baseline(repo) == second  # where the branch left main
+    assert default_baseline(repo) == (second, "main")  # where the branch left main
     # A CI checkout: a clone at the candidate, detached, with no local main, only origin/main.
     ci = tmp_path / "ci"
     subprocess.run(["git", "clone", "-q", str(repo), str(ci)], check=True)
     subprocess.run(["git", "checkout", "-q", "--detach", "origin/feature"], cwd=ci, check=True)
     assert subprocess.run(["git", "rev-parse", "--verify", "-q", "main"], cwd=ci).returncode != 0
-    assert default_baseline(ci) == second
+    assert default_baseline(ci) == (second, "origin/main")
+    # A fresh clone's own runs, committed on local main, none pushed: origin/main has none to offer.
+    fresh = tmp_path / "fresh"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(fresh)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "empty"], cwd=fresh, check=True)
+    subprocess.run(["git", "clone", "-q", str(fresh), str(repo.parent / "clone")], check=True)
+    clone = repo.parent / "clone"
+    shutil.copy(REPO / "dvc.yaml", clone / "dvc.yaml")
+    (clone / "results/evaluate").mkdir(parents=True)
+    repo = clone
+    local_first = commit("run 1 in the clone", 0.5)
+    commit("run 2 in the clone", 0.6)
+    assert default_baseline(clone) == (local_first, "main")
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +254,40 @@ def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
     gates = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-gate"]}}})
     previous = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=two_commits, capture_output=True, text=True)
     # The workspace is HEAD's run: the baseline is the run before it, never HEAD itself.
-    assert gates and f"workspace against {previous.stdout.strip()}" in gates[0]["data"]
+    assert gates and f"workspace against {previous.stdout.strip()[:7]} (the newest run on main before the candidate)" \
+        in gates[0]["data"]
     if "Quality gate passed" in gates[0]["data"]:
         assert result.returncode == 0, result.stderr[-2000:]
     else:
         assert result.returncode == 1 and "error: quality gate failed: " in result.stderr
+
+
+@pytest.mark.parametrize(("what", "text", "message"), [
+    ("metrics", "{not json", "results/evaluate/metrics.json of 'HEAD' is not valid JSON"),
+    ("metrics", "[1, 2]", "results/evaluate/metrics.json of 'HEAD' has no numeric 'accuracy'"),
+    ("metrics", '{"accuracy": "high"}', "has no numeric 'accuracy'"),
+    ("report", '{"cat": {"recall": 1}}', "classification_report.json of 'HEAD' is not a classification report"),
+    ("predictions", "a,b\n1,2\n", "predictions.csv of 'HEAD' lacks column(s) actual, predicted"),
+    ("confusion", ",cat,dog\ncat,x,1\n", "confusion_matrix.csv of 'HEAD' lacks counts in column(s) cat"),
+])
+def test_hand_broken_result_files_are_data_errors_naming_the_file(tmp_path, what, text, message):
+    """A metrics.json that was not JSON made compare and gate end in 'unexpected JSONDecodeError'."""
+    from pipelines.compare import load_run
+    from stages.common.errors import DataError
+    from stages.common.paths import evaluation_files
+
+    repo = tmp_path / "repo"
+    shutil.copy(REPO / "dvc.yaml", (repo.mkdir() or repo) / "dvc.yaml")
+    files = evaluation_files(repo)
+    good = {"metrics": '{"accuracy": 0.5}', "report": '{"cat": {"precision": 1, "recall": 1, "f1-score": 1}}',
+            "predictions": "index,actual,predicted\n0,cat,cat\n", "confusion": ",cat\ncat,1\n"}
+    for kind, path in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text if kind == what else good[kind])
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "run"], cwd=repo, check=True)
+    with pytest.raises(DataError) as broken:
+        load_run(repo, "HEAD")
+    assert message in str(broken.value) and broken.value.exit_code == 3, broken.value
