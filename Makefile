@@ -18,6 +18,7 @@ $(BIN)/dvc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/python -c 'from pipelines.compare import offline_plots_template; offline_plots_template()'
 	touch $@
 
 setup: $(BIN)/dvc

@@ -8,6 +8,7 @@ one-line reason and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import tempfile
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from pipelines.predict import PredictError, decode_pixels
 from stages.common.serving import OnnxClassifier, load_exported
@@ -39,9 +42,37 @@ def read_upload(upload: UploadFile) -> np.ndarray:
         raise HTTPException(415, str(err)) from None
 
 
+# Where FastAPIOffline serves the Swagger UI, Redoc and favicon files it ships.
+DOCS_ASSETS_URL = "/static-offline-docs"
+REDOC_SCRIPT_URL = "/redoc-offline.js"
+
+
+@functools.cache
+def offline_redoc_script() -> str:
+    """Redoc as fastapi-offline ships it, less the one thing it still fetches from outside: its
+    maker's logo in the sidebar (the API's favicon stands in)."""
+    import fastapi_offline
+
+    script = Path(fastapi_offline.__file__).parent / "static" / "redoc.standalone.js"
+    return script.read_text().replace("https://cdn.redoc.ly/redoc/logo-mini.svg", f"{DOCS_ASSETS_URL}/favicon.png")
+
+
 def create_app(model: OnnxClassifier, signature: dict[str, Any]) -> FastAPI:
-    app = FastAPI(title="cifar10-pipeline inference API", version=signature.get("version", "unknown"),
-                  description="Class probabilities for images, from the pipeline's exported ONNX model.")
+    # /docs and /redoc with their scripts served from here: the CDN FastAPI loads them from is
+    # out of reach offline, and the pages then draw blank.
+    app = FastAPIOffline(title="cifar10-pipeline inference API", version=signature.get("version", "unknown"),
+                         description="Class probabilities for images, from the pipeline's exported ONNX model.",
+                         static_url=DOCS_ASSETS_URL, redoc_url=None)
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - ReDoc",
+                              redoc_js_url=REDOC_SCRIPT_URL, redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+                              with_google_fonts=False)
+
+    @app.get(REDOC_SCRIPT_URL, include_in_schema=False)
+    def redoc_script() -> Response:
+        return Response(offline_redoc_script(), media_type="text/javascript")
 
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:

@@ -130,11 +130,13 @@ def run(
     gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
+    from pipelines.compare import offline_plots_template
     from stages.common.params import check_overrides
 
     repo = require_repo(repo)
     overrides = parse_overrides(set_ or [])
     check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
+    offline_plots_template(repo)  # plain `dvc plots show` then draws offline too (.dvc/config names it)
     api_url = os.environ.get("PREFECT_API_URL")
     if pool:
         _run_on_pool(repo, overrides, pool, gpu_pool)
@@ -440,18 +442,27 @@ def preset(
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode, or folders of them.")],
     model: Annotated[Path | None, typer.Option(help="Export folder (default: the pipeline's, dvc.yaml's paths.exports).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image, likeliest first.")] = 1,
     repo: RepoOption = Path("."),
 ) -> None:
     """Class and probability for each image, from the exported ONNX model (no TensorFlow)."""
-    from pipelines.predict import predict_files
+    from pipelines.predict import PredictError, predict_files
     from stages.common.paths import artifact_paths
 
+    if model is not None and not model.is_dir():
+        raise ConfigError(f"--model {model} is not a folder; pass an export folder (dvc.yaml's paths.exports)")
     exports = model or repo / artifact_paths(require_repo(repo))["exports"]
+    unreadable: list[PredictError] = []
     for path, ranked in predict_files(paths, exports, top_k):
+        if isinstance(ranked, PredictError):
+            unreadable.append(ranked)
+            typer.echo(f"warning: skipped {ranked}", err=True)
+            continue
         typer.echo(f"{path}: " + ", ".join(f"{label} ({probability:.4f})" for label, probability in ranked))
+    if unreadable:
+        raise PredictError(f"{len(unreadable)} image(s) could not be read and were skipped, the first: {unreadable[0]}")
 
 
 @app.command()

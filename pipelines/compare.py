@@ -329,18 +329,24 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
 VEGA_LITE_VERSION = "v5.21"
 
 
-def offline_plots_template(repo: Path) -> Path:
-    """A `dvc plots --html-template` with Vega, Vega-Lite and Vega-Embed inlined (vl-convert's
+# Where the offline template is written, relative to .dvc/ as DVC reads `plots.html_template`
+# (the project's .dvc/config names it, so plain `dvc plots show` and `diff` draw offline too).
+OFFLINE_PLOTS_TEMPLATE = "plots/offline.html"
+
+
+def offline_plots_template(repo: Path = Path(".")) -> Path:
+    """The `dvc plots` HTML template with Vega, Vega-Lite and Vega-Embed inlined (vl-convert's
     bundle), so the page draws without internet; DVC's own template loads them from a CDN. Built
-    once per repo, under .dvc/tmp."""
-    path = repo / ".dvc" / "tmp" / f"plots-offline-{VEGA_LITE_VERSION}.html"
-    if not path.is_file():
+    once per repo (`make setup`, `run`, `compare`), untracked, beside DVC's config."""
+    path = repo / ".dvc" / OFFLINE_PLOTS_TEMPLATE
+    marker = f"<!-- vega-lite {VEGA_LITE_VERSION} -->"
+    if not path.is_file() or marker not in path.read_text(errors="replace")[:200]:
         import vl_convert
 
         from stages.common.dataio import write_text
 
         bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
-        write_text(path, "<!DOCTYPE html>\n<html>\n<head>\n<meta charset='utf-8'>\n{refresh_tag}\n"
+        write_text(path, f"<!DOCTYPE html>\n{marker}\n<html>\n<head>\n<meta charset='utf-8'>\n{{refresh_tag}}\n"
                          f"<title>DVC plots</title>\n<script>{bundle}</script>\n"
                          "<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n")
     return path

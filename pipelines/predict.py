@@ -63,10 +63,41 @@ def decode_pixels(source: Path | BinaryIO, name: str) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32)
 
 
-def predict_files(paths: list[Path], exports: Path, top_k: int = 1) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
-    """For each image file its `top_k` likeliest classes with probabilities, from the export in `exports`."""
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files to predict: each file given, and the image files inside each folder given."""
+    from stages.common.dataio import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise PredictError(f"{path} is a folder with no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+            files += inside
+        else:
+            files.append(path)
+    return files
+
+
+Prediction = tuple[Path, list[tuple[str, float]] | PredictError]
+
+
+def predict_files(paths: list[Path], exports: Path, top_k: int = 1) -> Iterator[Prediction]:
+    """For each image file (or each image in a folder) its `top_k` likeliest classes with
+    probabilities, from the export in `exports`; an image that cannot be read yields its error
+    instead, and the others are still predicted."""
     from stages.common.serving import load_exported
 
-    batch = np.stack([load_pixels(p) for p in paths])
     model, _ = load_exported(exports)
-    yield from zip(paths, model.top_k(batch, top_k))
+    files = image_files(paths)
+    pixels: dict[Path, np.ndarray | PredictError] = {}
+    for path in files:
+        try:
+            pixels[path] = load_pixels(path)
+        except PredictError as err:
+            pixels[path] = err
+    readable = [path for path in files if not isinstance(pixels[path], PredictError)]
+    ranked = dict(zip(readable, model.top_k(np.stack([pixels[p] for p in readable]), top_k))) if readable else {}
+    for path in files:
+        outcome = pixels[path]
+        yield path, outcome if isinstance(outcome, PredictError) else ranked[path]

@@ -60,4 +60,8 @@ def load_exported(folder: Path, threads: int = 0) -> tuple[OnnxClassifier, dict[
             raise DataError(f"{path} not found; export the model first (`cifar10-pipeline run` or "
                             "`dvc repro export`, with onnx in export.formats)")
     signature = dataio.read_json(signature_path)
-    return OnnxClassifier(onnx_path, signature["classes"], threads), signature
+    classes = signature.get("classes") if isinstance(signature, dict) else None
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{signature_path} has no 'classes' list of class names; re-export the model "
+                        "(`dvc repro -f export`)")
+    return OnnxClassifier(onnx_path, classes, threads), signature

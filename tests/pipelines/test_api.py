@@ -116,3 +116,14 @@ def test_latency_benchmark_reports_each_concurrency(server):
     for row in rows:
         assert row["requests"] == 16 and row["errors"] == 0
         assert 0 < row["p50_ms"] <= row["p99_ms"] and row["requests_per_s"] > 0
+
+
+@pytest.mark.parametrize("page", ["docs", "redoc"])
+def test_the_docs_pages_draw_offline(server, tmp_path, page):
+    """/docs and /redoc loaded Swagger UI and Redoc from a CDN: blank without the internet."""
+    from tests.helpers import not_blank, visit
+
+    url, _ = server
+    seen = visit(f"{url}/{page}", tmp_path / "browser", wait_for_text="/predict")
+    assert seen.external() == [] and seen.failed == [], (seen.external(), seen.failed)
+    assert "/predict" in seen.text and not_blank(seen.screenshot)

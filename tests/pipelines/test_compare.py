@@ -291,3 +291,16 @@ def test_hand_broken_result_files_are_data_errors_naming_the_file(tmp_path, what
     with pytest.raises(DataError) as broken:
         load_run(repo, "HEAD")
     assert message in str(broken.value) and broken.value.exit_code == 3, broken.value
+
+
+@pytest.mark.e2e
+def test_plain_dvc_plots_show_draws_offline(two_commits, tmp_path):
+    """Plain `dvc plots show` loaded Vega from a CDN unless the user passed a template that only a
+    first `compare` had written; the project's .dvc/config names the offline one set-up writes."""
+    from pipelines.compare import offline_plots_template
+    from tests.helpers import not_blank, visit
+
+    offline_plots_template(two_commits)
+    dvc(two_commits, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = visit((tmp_path / "plots/index.html").as_uri(), tmp_path / "browser")
+    assert page.external() == [] and page.failed == [] and page.charts >= 3 and not_blank(page.screenshot)

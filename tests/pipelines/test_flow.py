@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -98,8 +99,25 @@ def test_predict_any_image_size_and_mode(flow_project, prefect_env, tmp_path):
         ranked = [(label, float(p.rstrip(")"))) for label, p in (item.split(" (") for item in rest.split(", "))]
         assert len(ranked) == 2 and all(label in classes for label, _ in ranked)
         assert 1.0 >= ranked[0][1] >= ranked[1][1] >= 0.0
-    bad = cli(prefect_env, "predict", str(tmp_path / "notes.txt"), *args)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: {tmp_path / 'notes.txt'} is not a readable image")
+    # One unreadable file is named and skipped; the others are still predicted (exit 2 says so).
+    mixed = cli(prefect_env, "predict", str(tmp_path / "notes.txt"), str(tmp_path / "gray.png"), *args)
+    assert mixed.returncode == 2 and mixed.stdout.startswith(f"{tmp_path / 'gray.png'}: "), mixed.stderr
+    assert mixed.stderr.strip().splitlines()[-1].startswith(
+        f"error: 1 image(s) could not be read and were skipped, the first: {tmp_path / 'notes.txt'} is not a readable")
+    # A folder stands for the images in it.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("gray.png", "small.png", "notes.txt"):
+        shutil.copy(tmp_path / name, photos / name)
+    folder = cli(prefect_env, "predict", str(photos), *args)
+    assert folder.returncode == 0 and len(folder.stdout.splitlines()) == 2, folder.stderr
+    nowhere = cli(prefect_env, "predict", "--model", str(tmp_path / "nope"), str(tmp_path / "gray.png"))
+    assert nowhere.returncode == 2 and nowhere.stderr.startswith(f"error: --model {tmp_path / 'nope'} is not a folder")
+    export = tmp_path / "export"
+    shutil.copytree(flow_project / "models/export", export)
+    (export / "signature.json").write_text(json.dumps({"version": "x"}))
+    unsigned = cli(prefect_env, "predict", "--model", str(export), str(tmp_path / "gray.png"))
+    assert unsigned.returncode == 3 and unsigned.stderr.startswith(f"error: {export / 'signature.json'} has no 'classes'")
 
 
 def test_run_without_a_server_uses_a_temporary_api_whose_runs_the_project_keeps(flow_project):
