@@ -61,14 +61,26 @@ TimeoutOption = Annotated[
 ]
 
 
-def parse_timeouts(pairs: list[str]) -> dict[str, float]:
+def parse_timeouts(pairs: list[str], repo: Path) -> dict[str, float]:
+    """{'train': 3600.0} from ['train=3600'], each naming a stage of dvc.yaml and a positive time."""
+    import difflib
+
+    from pipelines.dvcrepo import stage_names
+
+    stages = stage_names(repo) if pairs else []
     timeouts = {}
     for pair in pairs:
-        stage, _, seconds = pair.partition("=")
+        stage, _, seconds = (part.strip() for part in pair.partition("="))
         try:
-            timeouts[stage.strip()] = float(seconds)
+            timeouts[stage] = float(seconds)
         except ValueError:
             raise ConfigError(f"--stage-timeout expects stage=seconds (e.g. train=3600), got '{pair}'") from None
+        if stage not in stages:
+            hint = difflib.get_close_matches(stage, stages, n=1)
+            raise ConfigError(f"--stage-timeout {pair}: no stage '{stage}' in dvc.yaml; "
+                              + (f"did you mean '{hint[0]}'?" if hint else f"stages: {', '.join(stages)}"))
+        if not 0 < timeouts[stage] < float("inf"):
+            raise ConfigError(f"--stage-timeout {pair}: the seconds must be a positive number")
     return timeouts
 
 
@@ -122,7 +134,7 @@ def run(
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print which stages would run and why; change nothing.")] = False,
     push: Annotated[bool, typer.Option(help="dvc push the outputs afterwards.")] = False,
-    lock_timeout: Annotated[float, typer.Option(help="Seconds to wait for another run of this repo.")] = 0.0,
+    lock_timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for another run of this repo.")] = 0.0,
     stage_timeout: TimeoutOption = None,
     fallback: Annotated[bool, typer.Option(help="If the Prefect API is unreachable, run plain `dvc repro`.")] = False,
     gate: Annotated[bool, typer.Option("--gate", help="End with the quality gate against main; fail on regression.")] = False,
@@ -155,11 +167,35 @@ def run(
                    "(no Prefect logs, retries or artifacts)", err=True)
         _plain_repro(repo, overrides, dry_run)
         return
-    if not api_url:
-        # Prefect's temporary API keeps its runs in PREFECT_HOME's SQLite database: the project's
-        # own, which `cifar10-pipeline server` serves, so the runs stay browsable there.
-        os.environ.setdefault("PREFECT_HOME", str(repo / PREFECT_HOME))
-    _run_flow(repo, overrides, dry_run, push, lock_timeout, parse_timeouts(stage_timeout or []), gate, gpu_pool)
+    timeouts = parse_timeouts(stage_timeout or [], repo)
+    if api_url:
+        _run_flow(repo, overrides, dry_run, push, lock_timeout, timeouts, gate, gpu_pool)
+        return
+    from pipelines.prefect_server import temporary_api
+
+    # The temporary API keeps its runs in PREFECT_HOME's SQLite database: the project's own, which
+    # `cifar10-pipeline server` serves, so the runs stay browsable there.
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(repo / PREFECT_HOME)))
+    home.mkdir(parents=True, exist_ok=True)
+    startup_s = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    with temporary_api(home, startup_s) as url:
+        # Before Prefect is imported: its background workers (logs, events) read the settings it
+        # loaded then, and without an API URL each would start a temporary server of its own.
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            _run_flow(repo, overrides, dry_run, push, lock_timeout, timeouts, gate, gpu_pool)
+        finally:
+            flush_prefect_logs()
+            del os.environ["PREFECT_API_URL"]
+
+
+def flush_prefect_logs() -> None:
+    """Send the run's last logs and events while the temporary API still listens."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
 
 
 def _api_reachable(url: str) -> bool:
@@ -235,7 +271,7 @@ def serve(
     pipeline.serve(
         name=name, cron=cron, limit=1,
         parameters={"repo_dir": str(repo), "overrides": overrides or None, "push": push,
-                    "stage_timeouts": parse_timeouts(stage_timeout or [])},
+                    "stage_timeouts": parse_timeouts(stage_timeout or [], repo)},
     )
 
 
@@ -258,18 +294,19 @@ def deploy(
 
 @app.command()
 def server(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = DEFAULT_PORT,
-    home: Annotated[Path, typer.Option(help="PREFECT_HOME (SQLite database and settings).")] = PREFECT_HOME,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = DEFAULT_PORT,
+    home: Annotated[Path | None, typer.Option(
+        help="PREFECT_HOME (SQLite database and settings); default: $PREFECT_HOME, else .prefect")] = None,
 ) -> None:
     """Start a local Prefect server (SQLite under a project-local PREFECT_HOME)."""
-    home = home.resolve()
+    from pipelines.prefect_server import serve as serve_api
+
+    home = (home or Path(os.environ.get("PREFECT_HOME") or PREFECT_HOME)).resolve()
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}/api"
     typer.echo(f"starting a Prefect server on {url} with PREFECT_HOME={home}")
     typer.echo(f"in another shell: export PREFECT_API_URL={url}")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    prefect = Path(sys.executable).parent / "prefect"
-    raise typer.Exit(subprocess.call([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env))
+    raise typer.Exit(serve_api(port, home))
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
@@ -470,7 +507,7 @@ def api(
     model: Annotated[Path | None, typer.Option(help="Export folder (default: the pipeline's, dvc.yaml's paths.exports).")] = None,
     rev: Annotated[str | None, typer.Option(help="Serve the export of this git revision or GTO tag instead.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per request (0: one per core).")] = 0,
     repo: RepoOption = Path("."),
 ) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from stages.common.errors import CommandFailed, StageFailed, TransientError
+from stages.common.errors import FLOW_PROCESS_ENV, CommandFailed, StageFailed, TransientError, this_process
 from stages.common.params import flatten
 
 
@@ -63,7 +63,8 @@ def dvc_environment() -> dict[str, str]:
     `python -m stages.<verb>` with the first `python` on PATH, which must be the interpreter of the
     installed CLI whether or not the user activated its virtual environment."""
     folder = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": os.pathsep.join([folder, os.environ.get("PATH", os.defpath)])}
+    return {**os.environ, "PATH": os.pathsep.join([folder, os.environ.get("PATH", os.defpath)]),
+            FLOW_PROCESS_ENV: this_process()}  # a stage stops once this process is gone
 
 
 class RepoBusy(TransientError):
@@ -92,6 +93,13 @@ def inspect_repo(repo_dir: Path) -> tuple[StageGraph, dict[str, list[str]]]:
     return stage_graph, _reasons(repo_dir, status)
 
 
+def stage_names(repo_dir: Path) -> list[str]:
+    """The stages dvc.yaml writes, in its order (read as text: no DVC repo is loaded)."""
+    import yaml
+
+    return list((yaml.safe_load((repo_dir / "dvc.yaml").read_text()) or {}).get("stages", {}))
+
+
 def git_tracked_outputs(repo_dir: Path, stages: list[str] | None = None) -> list[str]:
     """Outputs DVC leaves to git (`cache: false`: metrics, curves, predictions), relative paths;
     of `stages` only, when given."""
@@ -104,9 +112,8 @@ def git_tracked_outputs(repo_dir: Path, stages: list[str] | None = None) -> list
 
 def _file_order(repo_dir: Path, dag: nx.DiGraph) -> list[str]:
     """Topological order, ties broken by the order stages are written in dvc.yaml."""
-    import yaml
 
-    written = list((yaml.safe_load((repo_dir / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    written = stage_names(repo_dir)
     rank = {name: (written.index(name) if name in written else len(written)) for name in dag}
     return list(nx.lexicographical_topological_sort(dag, key=lambda n: (rank[n], n)))
 

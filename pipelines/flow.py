@@ -142,11 +142,20 @@ def assert_nothing_stale(repo: Path) -> None:
 
 def check_stages_to_run(repo: Path, fate: dict[str, str], gpu_pool: str | None) -> None:
     """What a stage that will run would refuse after the stages before it ran, refused first: a
-    model that does not build, a GPU that is not there."""
+    model that does not build, a GPU that is not there; and a local source that changed in place
+    since download read it, which DVC cannot see."""
     from stages.common.params import check_trainable, load_section
+    from stages.common.paths import artifact_paths
 
+    params_file = repo / "params.yaml"
+    manifest = repo / artifact_paths(repo)["raw"] / "manifest.json"
+    if fate.get("download") == "up to date" and manifest.is_file():
+        from stages.download import check_source_unchanged
+
+        with contextlib.chdir(repo):  # a relative source starts at the project root, as the stage reads it
+            check_source_unchanged(load_section("download", params_file), dataio.read_json(manifest))
     if fate.get("train", "up to date") != "up to date":
-        check_trainable(load_section("train", repo / "params.yaml"), local=gpu_pool is None)
+        check_trainable(load_section("train", params_file), local=gpu_pool is None)
 
 
 def _transient_only(task, task_run, state) -> bool:

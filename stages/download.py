@@ -14,6 +14,7 @@ import hashlib
 import os
 import pickle
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -217,6 +218,41 @@ def require_checksum_for_local(params: DownloadParams, digests: dict[str, str]) 
         )
 
 
+def source_fingerprint(source: str) -> str | None:
+    """The sizes and modification times of a local source's files (none is read), or None for a
+    URL or a source that is not there."""
+    if is_url(source):
+        return None
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        entries = [(name, file.stat()) for name, file in source_images(path)[0]]
+    elif path.is_file():
+        entries = [("", path.stat())]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for name, stat in entries:
+        digest.update(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def check_source_unchanged(params: DownloadParams, manifest: dict) -> None:
+    """Refuse a local source that changed in place since download read it: DVC sees params, not
+    files outside the repo, so every stage would stay up to date on the old data. Cheap while the
+    files' sizes and times hold; when they moved, the pin is recomputed, and only a content that
+    no longer matches it is refused."""
+    if manifest.get("source") != params.source or manifest.get("fingerprint") in (None, source_fingerprint(params.source)):
+        return
+    with tempfile.TemporaryDirectory() as tmp, named_as_the_user_wrote_it(Path(tmp) / "archive", params.source):
+        digests = fetch(params.source, Path(tmp) / "archive", params.timeout_s)
+    for algo in ("sha256", "md5"):
+        pinned = getattr(params, algo)
+        if pinned and pinned.lower() != digests[algo]:
+            raise DataError(f"download.source {params.source} changed since it was downloaded: its {algo} is now "
+                            f"{digests[algo]}, not the pinned {pinned.lower()}; to train on the new content set "
+                            f"download.{algo}: {digests[algo]}, or restore the source")
+
+
 def download(params: DownloadParams, out_dir: Path) -> dict:
     """Fetch, verify and inspect into a temporary folder, then move it to `out_dir` whole."""
     with dataio.atomic_dir(out_dir) as tmp_dir:
@@ -225,7 +261,8 @@ def download(params: DownloadParams, out_dir: Path) -> dict:
             digests = fetch(params.source, archive, params.timeout_s)
             require_checksum_for_local(params, digests)
             verify_checksums(digests, {"md5": params.md5, "sha256": params.sha256}, params.source)
-            manifest = {"source": params.source, "bytes": archive.stat().st_size, **digests}
+            manifest = {"source": params.source, "bytes": archive.stat().st_size, **digests,
+                        "fingerprint": source_fingerprint(params.source)}
             manifest.update(inspect_archive(archive, params.classes))
         dataio.write_json(tmp_dir / "manifest.json", manifest)
     return manifest

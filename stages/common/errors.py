@@ -11,8 +11,11 @@ import errno
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 # Set to 1 to see the traceback behind an unexpected error (it is one line otherwise).
@@ -133,10 +136,45 @@ def error_exit(err: BaseException, interrupted: str = "interrupted") -> int:
     return report_unexpected(err)
 
 
+# "pid:start time" of the flow process that runs a stage (through dvc), so the stage can tell
+# when that process is gone.
+FLOW_PROCESS_ENV = "CIFAR10_PIPELINE_FLOW_PROCESS"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), which tells it
+    apart from a later process given the same PID; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_process() -> str:
+    return f"{os.getpid()}:{process_start_time(os.getpid()) or ''}"
+
+
+def stop_when_orphaned(interval_s: float = 2.0) -> None:
+    """A stage the flow runs stops as on Ctrl-C (cleaning up, exit 130) once the flow's process is
+    gone: killed with SIGKILL, it had no chance to stop the stage itself."""
+    pid, _, started = os.environ.get(FLOW_PROCESS_ENV, "").partition(":")
+    if not pid.isdigit() or not started:
+        return
+
+    def watch() -> None:
+        while process_start_time(int(pid)) == started:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="stop-when-orphaned", daemon=True).start()
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's main(), mapping every error to one stderr line and its exit code."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupt_on_sigterm()
+    stop_when_orphaned()
     try:
         main()
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the last resort: one line, never a traceback

@@ -386,3 +386,35 @@ def test_a_hand_typed_key_stops_the_run_before_any_stage_and_loses_nothing(flow_
     assert (flow_project / "models/model.keras").read_bytes() == model
     status = cli(prefect_env, "status", "--repo", str(flow_project))  # refused the same way
     assert (status.returncode, status.stderr) == (result.returncode, result.stderr)
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_leaves_no_stage_or_temporary_server_behind(flow_project, tmp_path, stop):
+    """SIGTERM (a service manager's stop) ended `run` with 143 and no error line, leaving Prefect's
+    temporary API running with parent 1; kill -9 left that and the running stage's processes."""
+    import psutil
+
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "home"))
+    model = (flow_project / "models/model.keras").read_bytes()
+    run = subprocess.Popen([str(BIN / "cifar10-pipeline"), "run", "--repo", str(flow_project),
+                            "--set", "train.epochs=300"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    cli_process = psutil.Process(run.pid)
+
+    def training() -> bool:
+        return any("stages.train" in " ".join(p.cmdline()) for p in cli_process.children(recursive=True))
+
+    deadline = time.monotonic() + 300
+    while run.poll() is None and time.monotonic() < deadline and not training():
+        time.sleep(0.5)
+    assert training(), "training never started"
+    started = cli_process.children(recursive=True)  # the temporary API, dvc, the stage
+    time.sleep(3)  # mid-epoch
+    run.send_signal(getattr(signal, stop))  # to the CLI alone, as a service manager or container runtime does
+    _, err = run.communicate(timeout=120)
+    if stop == "SIGTERM":
+        assert run.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err[-3000:]
+        assert (flow_project / "models/model.keras").read_bytes() == model  # put back after DVC deleted it
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert alive == [], [p.cmdline() for p in alive]

@@ -197,3 +197,23 @@ def test_a_folder_source_with_unmatched_classes_names_the_folder(tmp_path, files
     with pytest.raises(DataError) as refused:
         pinned_download(folder, tmp_path / "raw")
     assert str(refused.value).startswith(f"{folder}:") and ".tmp" not in str(refused.value), refused.value
+
+
+def test_a_folder_source_changed_in_place_is_refused_naming_the_new_pin(tmp_path, files):
+    """Overwriting images in a pinned folder kept every stage up to date on the old data."""
+    from stages.download import check_source_unchanged
+
+    folder = synthetic.write_directory(tmp_path / "tree", files)
+    manifest = pinned_download(folder, tmp_path / "raw")
+    pinned = params(folder, sha256=manifest["sha256"])
+    check_source_unchanged(pinned, manifest)  # nothing changed
+    image = next(folder.rglob("*.png"))
+    image.touch()  # a new time, the same content: still the pinned data
+    check_source_unchanged(pinned, manifest)
+    image.write_bytes(next(content for content in files.values() if content != image.read_bytes()))
+    with pytest.raises(DataError) as refused:
+        check_source_unchanged(pinned, manifest)
+    assert str(refused.value).startswith(f"download.source {folder} changed since it was downloaded: its sha256 "
+                                         "is now "), refused.value
+    new_pin = str(refused.value).split("set download.sha256: ")[1].split(",")[0]
+    assert download(params(folder, sha256=new_pin), tmp_path / "raw2")["sha256"] == new_pin

@@ -1,0 +1,122 @@
+"""The Prefect API servers this project starts: the one `cifar10-pipeline server` keeps up, and the
+temporary one a `run` without PREFECT_API_URL uses (Prefect's own temporary server outlives a
+`kill -9` of the command that started it, holding its port and database).
+
+Each ends with the command that started it, however that command ends: Ctrl-C and SIGTERM stop it
+in order, and the kernel stops it when the command dies without a chance to (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from stages.common.errors import TransientError
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_GRACE_S = 10.0
+
+# Prefect's analytics and telemetry reach for hosts this machine may not reach (its errors then
+# fill the log) and report on the user's runs: off for every server the project starts.
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+
+
+def _prctl() -> ctypes._CFuncPtr | None:
+    """libc's prctl, looked up before any fork (a lookup in the child could take the loader's locks)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: Ctrl-C and SIGTERM still stop the servers
+        return None
+
+
+PRCTL = _prctl()
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: the kernel sends it SIGTERM when its parent dies."""
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A server in its own process group (so stopping it stops its children too) that dies with us.
+    Must be called from the main thread: the kernel's signal follows the thread that started it."""
+    # preexec_fn runs one libc call, resolved beforehand: nothing that could wait on another thread's lock.
+    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's group, SIGKILL after a grace: nothing of it keeps the port."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def serve(port: int, home: Path) -> int:
+    """`prefect server start` on 127.0.0.1:port with its database in `home`, until it ends or we are
+    stopped; its UI talks to this port's API."""
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, **QUIET, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": url, "PREFECT_API_URL": url}
+    prefect = Path(sys.executable).parent / "prefect"
+    proc = start([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    try:
+        return proc.wait()
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def temporary_api(home: Path, startup_timeout_s: float) -> Iterator[str]:
+    """Prefect's API (no UI) on a free port of 127.0.0.1 for the block, as Prefect's own temporary
+    server runs it, with its SQLite database in `home`; yields the API URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    spec = importlib.util.find_spec("prefect")  # where it is installed, without importing it yet
+    assert spec is not None and spec.origin is not None
+    env = {**os.environ, **QUIET, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0",
+           "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = start([sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parents[1]), "--factory",
+                  "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                  "--log-level", "error", "--lifespan", "on"], env)
+    try:
+        wait_until_healthy(url, proc, startup_timeout_s)
+        yield url
+    finally:
+        stop(proc)
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TransientError(f"Prefect's temporary API exited with {proc.returncode} while starting; rerun")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TransientError(f"Prefect's temporary API did not answer within {timeout_s:g} s; rerun, or raise "
+                         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
