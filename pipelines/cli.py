@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +16,7 @@ import typer
 
 from stages.common.errors import (
     INTERRUPTED,
+    TRACEBACK_ENV,
     USAGE,
     ConfigError,
     PipelineError,
@@ -141,7 +145,7 @@ def run(
     pool: PoolOption = None,
     gpu_pool: GpuPoolOption = None,
 ) -> None:
-    """Run the pipeline as a Prefect flow (no server needed: Prefect starts a temporary one)."""
+    """Run the pipeline as a Prefect flow (no server needed: without PREFECT_API_URL a temporary one runs)."""
     from pipelines.compare import offline_plots_template
     from stages.common.params import check_overrides
 
@@ -168,8 +172,17 @@ def run(
         _plain_repro(repo, overrides, dry_run)
         return
     timeouts = parse_timeouts(stage_timeout or [], repo)
-    if api_url:
+    with flow_api(repo):
         _run_flow(repo, overrides, dry_run, push, lock_timeout, timeouts, gate, gpu_pool)
+
+
+@contextlib.contextmanager
+def flow_api(repo: Path) -> Iterator[None]:
+    """The Prefect API a command's flow reports to for the block: PREFECT_API_URL's, or else a
+    temporary one of the project's (pipelines/prefect_server.py) that ends with the block."""
+    if os.environ.get("PREFECT_API_URL"):
+        expected_failures_in_one_line()
+        yield
         return
     from pipelines.prefect_server import temporary_api
 
@@ -183,7 +196,8 @@ def run(
         # loaded then, and without an API URL each would start a temporary server of its own.
         os.environ["PREFECT_API_URL"] = url
         try:
-            _run_flow(repo, overrides, dry_run, push, lock_timeout, timeouts, gate, gpu_pool)
+            expected_failures_in_one_line()
+            yield
         finally:
             flush_prefect_logs()
             del os.environ["PREFECT_API_URL"]
@@ -220,6 +234,32 @@ def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
     sets = [arg for key, value in overrides.items() for arg in ("-S", set_arg(key, value))]
     command = [dvc_executable(), "exp", "run", *sets] if overrides else [dvc_executable(), "repro"]
     return [*command, "--dry"] if dry_run else command
+
+
+class _ExpectedFailuresInOneLine(logging.Formatter):
+    """Prefect's console format, less the traceback Prefect logs with a task's or flow's failure
+    when it is one of ours: its message says what failed and what to do (the final `error:` line
+    repeats it), and TRACEBACK_ENV shows the traceback to whoever wants it."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (PipelineError, KeyboardInterrupt)) and not os.environ.get(TRACEBACK_ENV):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def expected_failures_in_one_line() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.root, *(logger for logger in logging.root.manager.loggerDict.values()
+                                if isinstance(logger, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
+        if handler.formatter is not None and not isinstance(handler.formatter, _ExpectedFailuresInOneLine):
+            handler.setFormatter(_ExpectedFailuresInOneLine(handler.formatter))
 
 
 def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
@@ -406,18 +446,21 @@ def sweep(
     gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run a grid or random search as DVC experiments; end with the ranked table and the best point."""
-    from pipelines.sweep import load_sweep_config
-    from pipelines.sweep import sweep as sweep_flow
+    from stages.common.params import check_overrides, read_sweep_file
 
     repo = require_repo(repo)
-    cfg = load_sweep_config(config)
+    cfg = read_sweep_file(config)
     if gpu_pool and not pool:
         raise ConfigError("--gpu-pool needs --pool: the local queue's points run in DVC's temporary workspaces")
     if pool:
         require_server(os.environ.get("PREFECT_API_URL"))
-    result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
-                        n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name, pool=pool,
-                        gpu_pool=gpu_pool)
+    check_overrides(repo / "params.yaml", dict.fromkeys(cfg["space"]), values=False)  # each point's, in the flow
+    with flow_api(repo):
+        from pipelines.sweep import sweep as sweep_flow  # Prefect loads its settings now, the API's among them
+
+        result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
+                            n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name, pool=pool,
+                            gpu_pool=gpu_pool)
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")

@@ -282,7 +282,7 @@ def previous_outputs_kept(repo_dir: Path, stage: str, log: Callable[[str], None]
                              "free space and rerun") from None
     try:
         yield
-    except (Exception, KeyboardInterrupt) as err:
+    except BaseException as err:  # Prefect turns SIGTERM into its own TerminationSignal
         try:
             for out in outputs:
                 _put_back(backup / out, repo_dir / out)

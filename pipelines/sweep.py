@@ -293,14 +293,3 @@ def tpe_search(repo: Path, space: dict[str, Any], n: int, seed: int, jobs: int, 
             names.append(exp)
             points.append(point)
     return names, points
-
-
-def load_sweep_config(path: Path) -> dict[str, Any]:
-    from stages.common.params import read_yaml_file
-
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; pass a search space file (see sweeps/seed002.yaml)")
-    config = read_yaml_file(path) or {}
-    if not isinstance(config, dict) or not isinstance(config.get("space"), dict) or not config["space"]:
-        raise ConfigError(f"{path} needs a 'space:' mapping of param -> values (see sweeps/seed002.yaml)")
-    return config

@@ -311,3 +311,14 @@ def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool =
         if not overrides:
             raise
         raise ConfigError(f"{err} (with --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())})") from None
+
+
+def read_sweep_file(path: Path) -> dict[str, Any]:
+    """A search space file (sweeps/*.yaml): `space:` maps params keys to the values to try, read
+    with the same bounds as params.yaml."""
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; pass a search space file (see sweeps/seed002.yaml)")
+    config = read_yaml_file(path) or {}
+    if not isinstance(config, dict) or not isinstance(config.get("space"), dict) or not config["space"]:
+        raise ConfigError(f"{path} needs a 'space:' mapping of param -> values (see sweeps/seed002.yaml)")
+    return config
