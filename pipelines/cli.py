@@ -355,7 +355,8 @@ StageOption = Annotated[str | None, typer.Option("--stage", help="Also assign th
 
 @app.command()
 def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
-    """DVC's view of what is stale, stage by stage, and why."""
+    """DVC's view of what is stale, stage by stage, and why; with PREFECT_API_URL, also the server's
+    deployments, their schedules and the last flow runs."""
     from pipelines.dvcrepo import inspect_repo, plan
     from stages.common.params import check_overrides
 
@@ -363,11 +364,30 @@ def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
     check_overrides(repo / "params.yaml", {})  # DVC itself would hang on some broken files
     graph, reasons = inspect_repo(repo)
     fates = plan(graph, reasons)
+    server = orchestration()
     if as_json:
-        typer.echo(json.dumps({"stages": [{"stage": stage, "status": fate} for stage, fate in fates.items()]}, indent=2))
+        typer.echo(json.dumps({"stages": [{"stage": stage, "status": fate} for stage, fate in fates.items()],
+                               **server}, indent=2))
         return
     for stage, fate in fates.items():
         typer.echo(f"{stage}: {fate}")
+    for title, rows in server.items():
+        typer.echo(f"\n{title.replace('_', ' ')} on {os.environ['PREFECT_API_URL']}:")
+        typer.echo("\n".join("  " + "; ".join(f"{k}: {v}" for k, v in row.items()) for row in rows) or "  none")
+
+
+def orchestration() -> dict[str, Any]:
+    """With a Prefect server configured, what it holds of the project (deployments, schedules,
+    the last flow runs); nothing without one. An unreachable one is named, not fatal."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return {}
+    if not _api_reachable(url):
+        typer.echo(f"warning: the Prefect API at {url} is unreachable; showing DVC's view only", err=True)
+        return {}
+    from pipelines.prefect_server import orchestration_status
+
+    return orchestration_status()
 
 
 @app.command()
@@ -445,7 +465,7 @@ def sweep(
     pool: PoolOption = None,
     gpu_pool: GpuPoolOption = None,
 ) -> None:
-    """Run a grid or random search as DVC experiments; end with the ranked table and the best point."""
+    """Run a grid, random or TPE (Optuna) search as DVC experiments; end with the ranked table and the best point."""
     from stages.common.params import check_overrides, read_sweep_file
 
     repo = require_repo(repo)
@@ -512,7 +532,9 @@ def preset(
 
     folder = presets.presets_dir(repo.resolve())
     if name is None:
-        typer.echo("\n".join(presets.available(folder)))
+        names = presets.available(folder)
+        width = max(map(len, names), default=0)
+        typer.echo("\n".join(f"{name:<{width}}  {presets.summary(name, folder)}" for name in names))
         return
     repo = require_repo(repo)
     values = presets.apply(repo / "params.yaml", name, folder)

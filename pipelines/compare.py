@@ -367,15 +367,18 @@ def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFr
 
     def add(entry: dict, parent: str | None) -> None:
         data = entry.get("data") or {}
+        rev = data.get("rev") or entry.get("rev", "")
+        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {}
+        failed = entry.get("error") or data.get("status") == "Failed"
         row: dict[str, Any] = {
-            "name": entry.get("name") or (data.get("rev") or entry.get("rev", ""))[:7],
-            "rev": (data.get("rev") or entry.get("rev", ""))[:7],
+            # "workspace" is DVC's name for the working tree, not a commit hash to shorten.
+            "name": entry.get("name") or (rev if rev == "workspace" else rev[:7]),
+            "rev": rev if rev == "workspace" else rev[:7],
             "baseline": parent or "",
-            "status": "failed" if entry.get("error") or data.get("status") == "Failed" else "ok",
+            "status": "failed" if failed else ("ok" if metrics else "no metrics"),
         }
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
         row.update({f"param {k}": v for k, v in flatten(params).items() if not isinstance(v, list)})
-        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {}
         row.update(metrics)
         rows.append(row)
 

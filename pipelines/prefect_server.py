@@ -120,3 +120,37 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> No
         time.sleep(0.2)
     raise TransientError(f"Prefect's temporary API did not answer within {timeout_s:g} s; rerun, or raise "
                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+
+
+def orchestration_status(flow_runs: int = 5) -> dict[str, list[dict[str, str]]]:
+    """What the Prefect server at PREFECT_API_URL holds of this project: every deployment with
+    its schedules and pool, and the newest flow runs with their states."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    # Not the runs a schedule has lined up for the coming days: those are the deployments' schedules.
+    started = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])))
+    with get_client(sync_client=True) as client:
+        flows = {flow.id: flow.name for flow in client.read_flows()}
+        deployments = [{
+            "deployment": f"{flows.get(d.flow_id, '?')}/{d.name}",
+            "schedules": ", ".join(describe_schedule(s.schedule) for s in d.schedules if s.active) or "none",
+            "paused": "yes" if d.paused else "no",
+            "pool": d.work_pool_name or "served by a process (flow.serve)",
+        } for d in client.read_deployments()]
+        runs = [{
+            "flow run": f"{flows.get(r.flow_id, '?')}/{r.name}",
+            "state": r.state_name or "?",
+            "started": r.start_time.isoformat(timespec="seconds") if r.start_time else "not yet",
+        } for r in client.read_flow_runs(flow_run_filter=started, sort=FlowRunSort.START_TIME_DESC, limit=flow_runs)]
+    return {"deployments": deployments, "flow_runs": runs}
+
+
+def describe_schedule(schedule: object) -> str:
+    for kind in ("cron", "interval", "rrule"):
+        value = getattr(schedule, kind, None)
+        if value is not None:
+            return f"{kind} {value}"
+    return str(schedule)

@@ -23,6 +23,17 @@ def available(presets_dir: Path = PRESETS_DIR) -> list[str]:
     return sorted(p.stem for p in presets_dir.glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def summary(name: str, presets_dir: Path = PRESETS_DIR) -> str:
+    """The first sentence of the preset file's opening comment: what the recipe is."""
+    opening = []
+    for line in (presets_dir / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        opening.append(line.lstrip("# ").strip())
+    first = " ".join(opening).split(". ")[0].rstrip(".")
+    return first if len(first) <= 90 else first[:87].rstrip() + "..."
+
+
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():

@@ -196,6 +196,8 @@ def test_compare_two_commits_shows_param_and_metric_deltas(two_commits, prefect_
     rows = pd.read_csv(repo / "all.csv")
     assert len(rows) >= 2 and "param train.epochs" in rows.columns
     assert rows["accuracy"].dropna().is_monotonic_decreasing and rows["accuracy"].iloc[-1] != rows["accuracy"].iloc[-1]
+    # A commit without metrics is not "ok", and the working tree keeps its name (it was cut to 'workspa').
+    assert set(rows.loc[rows["accuracy"].isna(), "status"]) == {"no metrics"} and "workspace" in set(rows["name"])
 
     # --json: the same findings for scripts.
     findings = json.loads(cli(prefect_env, "compare", "HEAD~1", "HEAD", "--json", "--repo", str(repo)).stdout)

@@ -231,6 +231,12 @@ def test_scheduled_deployment_runs_by_itself_and_on_demand(flow_project, prefect
         assert finished["state_type"] == "COMPLETED"
         scheduled = wait_for_runs(prefect_api, deployment["id"], lambda r: r["auto_scheduled"], timeout=240)
         assert scheduled["state_type"] == "COMPLETED"
+        # `status` shows the server's side too: the deployment, its schedule, the last runs.
+        status = json.loads(cli(prefect_env, "status", "--json", "--repo", str(flow_project)).stdout)
+        assert {"deployment": "cifar10-pipeline/every-minute", "schedules": "cron * * * * *", "paused": "no",
+                "pool": "served by a process (flow.serve)"} in status["deployments"]
+        assert any(run["flow run"].startswith("cifar10-pipeline/") and run["state"] == "Completed"
+                   for run in status["flow_runs"]), status["flow_runs"]
     finally:
         import os
         import signal
