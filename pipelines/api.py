@@ -90,7 +90,8 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any]) -> FastAPI:
         return {
             "classes": model.classes,
             "version": signature.get("version"),
-            "git_rev": signature.get("git_rev"),
+            "git_rev": signature.get("git_rev"),  # the commit holding this export, None if uncommitted
+            "code_rev": signature.get("code_rev"),
             "model_md5": signature.get("model_md5"),
             "test_accuracy": metrics.get("accuracy") if metrics.get("split") == "test" else None,
             "metrics": metrics,
@@ -137,13 +138,43 @@ def exports_at(repo: Path, rev: str, exports: Path, dest: Path) -> Path:
     return dest
 
 
-def serve(exports: Path, host: str, port: int, threads: int = 0) -> None:
+def serve(exports: Path, host: str, port: int, threads: int = 0, git_rev: str | None = None) -> None:
+    """Serve the export in `exports`; `git_rev` is the commit that holds it (None: not known to be
+    committed), reported by /metadata."""
     import uvicorn
 
     model, signature = load_exported(exports, threads)
-    uvicorn.run(create_app(model, signature), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, {**signature, "git_rev": git_rev}), host=host, port=port, log_level="info")
 
 
 def serve_revision(repo: Path, rev: str, exports: Path, host: str, port: int, threads: int = 0) -> None:
+    from pipelines.dvcrepo import git
+
     with tempfile.TemporaryDirectory(prefix="cifar10-api-") as tmp:
-        serve(exports_at(repo, rev, exports, Path(tmp) / "export"), host, port, threads)
+        folder = exports_at(repo, rev, exports, Path(tmp) / "export")
+        serve(folder, host, port, threads, git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}"))
+
+
+def serve_workspace(repo: Path, exports: Path, host: str, port: int, threads: int = 0) -> None:
+    """The workspace's export, named by HEAD when HEAD's dvc.lock records this very export."""
+    serve(repo / exports, host, port, threads, committed_at_head(repo, exports))
+
+
+def committed_at_head(repo: Path, exports: Path) -> str | None:
+    import yaml
+
+    from pipelines.dvcrepo import git
+
+    def export_hash(lock_text: str | None) -> object:
+        try:
+            lock = yaml.safe_load(lock_text or "") or {}
+            return next((out.get("md5") for entry in lock.get("stages", {}).values() for out in entry.get("outs", [])
+                         if out.get("path") == exports.as_posix()), None)
+        except (yaml.YAMLError, AttributeError):
+            return None
+
+    lock = repo / "dvc.lock"
+    here = export_hash(lock.read_text() if lock.is_file() else None)
+    if here is None or export_hash(git(repo, "show", "HEAD:dvc.lock")) != here:
+        return None
+    return git(repo, "rev-parse", "HEAD")

@@ -588,7 +588,7 @@ def api(
     repo = require_repo(repo)
     exports = artifact_paths(repo)["exports"]
     if rev is None:
-        inference_api.serve(repo / exports, host, port, threads)
+        inference_api.serve_workspace(repo, exports, host, port, threads)
     else:
         inference_api.serve_revision(repo, rev, exports, host, port, threads)
 

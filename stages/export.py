@@ -2,8 +2,8 @@
 checked against Keras on the test split before it is written.
 
 Writes the model folder (dvc.yaml's paths.exports, cached by DVC): saved_model/, model.onnx and
-signature.json (input, classes, version = git revision + DVC's md5 of the Keras model, the
-evaluation's metrics); and its results folder (paths.export): metrics.json, the check's figures.
+signature.json (input, classes, version = DVC's md5 of the Keras model, the code revision it was
+exported with, the evaluation's metrics); and its results folder (paths.export): metrics.json, the check's figures.
 Normalisation is inside the model, so every export takes raw 0..255 RGB pixels, NHWC.
 """
 
@@ -113,8 +113,11 @@ def saved_model_probabilities(folder: Path, pixels: np.ndarray, batch_size: int)
 
 def model_version(model_path: Path) -> dict[str, str]:
     """The code revision the export was made at and DVC's hash of the Keras model (a file's md5)."""
+    # The commit that will hold this model is not known yet (the run is committed after it ends):
+    # the version is the model's own hash, and code_rev says which code produced it. Which commit
+    # holds an export is found when it is served (pipelines/api.py).
     rev, md5 = code_revision(), file_md5(model_path)
-    return {"git_rev": rev, "model_md5": md5, "version": f"{rev[:7]}-{md5[:8]}"}
+    return {"code_rev": rev, "model_md5": md5, "version": md5[:12]}
 
 
 def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dict[str, dict[str, float]]:

@@ -182,6 +182,9 @@ def test_a_registered_model_version_is_listed_and_served_by_its_tag(project):
     with inference_api("--rev", "cifar10-classifier@v0.0.1", "--repo", str(project)) as (url, _):
         meta = httpx.get(f"{url}/metadata").json()
     assert meta["model_md5"] == md5 and meta["test_accuracy"] is not None
+    # The export names the commit that holds it, not the HEAD of the moment it was exported.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert meta["git_rev"] == head
     bad = cli(ENV, "register", "no-such-branch", "--repo", str(project))
     assert bad.returncode == 2 and bad.stderr.startswith("error: 'no-such-branch' is no commit of ")
 

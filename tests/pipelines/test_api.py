@@ -34,7 +34,7 @@ def exported(tmp_path_factory) -> Path:
     model = models.build_model("bn_cnn", len(CLASSES), [120.0] * 3, [60.0] * 3, {})
     pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     stage.export(model, pixels, params, folder)
-    version = {"git_rev": "0" * 40, "model_md5": "f" * 32, "version": "0000000-ffffffff"}
+    version = {"code_rev": "0" * 40, "model_md5": "f" * 32, "version": "0000000-ffffffff"}
     dataio.write_json(folder / EXPORTED["signature"],
                       stage.signature(CLASSES, params, version, {"accuracy": 0.5, "split": "test"}))
     return folder
