@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
-from pipelines.predict import PredictError, decode_pixels
+from pipelines.predict import DEFAULT_TOP_K, PredictError, decode_pixels
 from stages.common.serving import OnnxClassifier, load_exported
 
 MAX_FILES = 64  # images per request
@@ -102,8 +102,12 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any]) -> FastAPI:
     @app.post("/predict")
     async def predict(
         files: Annotated[list[UploadFile], File(description="One or more images, any size or mode.")],
-        top_k: Annotated[int, Query(ge=1, description="How many classes to return per image.")] = 3,
+        top_k: Annotated[int | None, Query(ge=1, description="How many classes to return per image "
+                                                            f"(default {DEFAULT_TOP_K}).")] = None,
+        top_k_field: Annotated[int | None, Form(alias="top_k", ge=1,
+                                                description="The same, as a multipart field.")] = None,
     ) -> dict[str, Any]:
+        top_k = top_k or top_k_field or DEFAULT_TOP_K
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"{len(files)} files in one request; send at most {MAX_FILES}")
         pixels = np.stack([read_upload(upload) for upload in files])

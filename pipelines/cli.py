@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipelines.predict import DEFAULT_TOP_K
 from stages.common.errors import (
     INTERRUPTED,
     TRACEBACK_ENV,
@@ -67,8 +69,6 @@ TimeoutOption = Annotated[
 
 def parse_timeouts(pairs: list[str], repo: Path) -> dict[str, float]:
     """{'train': 3600.0} from ['train=3600'], each naming a stage of dvc.yaml and a positive time."""
-    import difflib
-
     from pipelines.dvcrepo import stage_names
 
     stages = stage_names(repo) if pairs else []
@@ -499,6 +499,11 @@ def promote(
     from pipelines.registry import register as register_model
 
     repo = require_repo(repo)
+    experiments = dvc(repo, "exp", "list", "--all-commits", "--name-only").split()
+    if experiment not in experiments:
+        hint = difflib.get_close_matches(experiment, experiments, n=1)
+        raise ConfigError(f"no experiment named '{experiment}' in {repo}; "
+                          + (f"did you mean '{hint[0]}'?" if hint else "`dvc exp list --all-commits` lists them"))
     if not branch:
         if stage:
             raise ConfigError("--stage registers a commit: pass --branch too, or apply, commit and `register --stage`")
@@ -546,7 +551,7 @@ def preset(
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode, or folders of them.")],
     model: Annotated[Path | None, typer.Option(help="Export folder (default: the pipeline's, dvc.yaml's paths.exports).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image, likeliest first.")] = 1,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image, likeliest first.")] = DEFAULT_TOP_K,
     repo: RepoOption = Path("."),
 ) -> None:
     """Class and probability for each image, from the exported ONNX model (no TensorFlow)."""

@@ -84,7 +84,8 @@ def flow_lock(repo: Path, timeout_s: float) -> Iterator[None]:
                     holder = fh.read().strip() or "another run"
                     raise FlowLockBusy(
                         f"{holder} is running the pipeline in {repo} ({path}); "
-                        f"wait for it to finish, or give a longer lock_timeout_s (now {timeout_s:g} s)"
+                        f"wait for it to finish, or wait longer with --lock-timeout SECONDS (the flow's lock_timeout_s, now "
+                        f"{timeout_s:g} s)"
                     ) from None
                 time.sleep(1)
         fh.seek(0)

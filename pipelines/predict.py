@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from stages.common.errors import ConfigError
 
 INPUT_SIZE = (32, 32)
+DEFAULT_TOP_K = 3  # classes shown per image by `predict` and the API alike
 
 
 class PredictError(ConfigError):
@@ -82,7 +83,7 @@ def image_files(paths: list[Path]) -> list[Path]:
 Prediction = tuple[Path, list[tuple[str, float]] | PredictError]
 
 
-def predict_files(paths: list[Path], exports: Path, top_k: int = 1) -> Iterator[Prediction]:
+def predict_files(paths: list[Path], exports: Path, top_k: int = DEFAULT_TOP_K) -> Iterator[Prediction]:
     """For each image file (or each image in a folder) its `top_k` likeliest classes with
     probabilities, from the export in `exports`; an image that cannot be read yields its error
     instead, and the others are still predicted."""

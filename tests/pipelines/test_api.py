@@ -127,3 +127,18 @@ def test_the_docs_pages_draw_offline(server, tmp_path, page):
     seen = visit(f"{url}/{page}", tmp_path / "browser", wait_for_text="/predict")
     assert seen.external() == [] and seen.failed == [], (seen.external(), seen.failed)
     assert "/predict" in seen.text and not_blank(seen.screenshot)
+
+
+def test_top_k_as_a_multipart_field_and_one_default_with_the_cli(server):
+    """The README documents multipart `files` and `top_k`; a top_k form field was silently ignored,
+    and the API (3) and `predict` (1) defaulted to different k."""
+    from pipelines.predict import DEFAULT_TOP_K
+
+    image = {"files": ("a.png", png(Image.new("RGB", (32, 32), (10, 200, 30))), "image/png")}
+    as_field = httpx.post(f"{server[0]}/predict", data={"top_k": "2"}, files=image).json()
+    assert len(as_field["predictions"][0]["top_k"]) == 2
+    default = httpx.post(f"{server[0]}/predict", files=image).json()
+    assert len(default["predictions"][0]["top_k"]) == DEFAULT_TOP_K
+    help_text = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", "--help"], capture_output=True,
+                               text=True, env={"COLUMNS": "200", "PATH": ""}).stdout
+    assert f"[default: {DEFAULT_TOP_K}]" in help_text, help_text

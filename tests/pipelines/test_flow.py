@@ -184,6 +184,7 @@ def test_concurrent_runs_wait_or_are_refused(flow_project, prefect_env):
     _out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert refused.returncode == 75 and "is running the pipeline" in refused.stderr  # busy: worth a retry
+    assert "--lock-timeout SECONDS" in refused.stderr  # the option the user has, not the flow's parameter
     assert waited.returncode == 0, waited.stderr
     assert set(stage_lines(waited.stdout).values()) == {"up to date"}
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=flow_project, capture_output=True, text=True)

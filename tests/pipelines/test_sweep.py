@@ -54,6 +54,8 @@ def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, tiny_archiv
     promoted = cli(prefect_env, "promote", table["name"][0], "--branch", "best", "--stage", "prod", "--repo", str(repo))
     assert promoted.returncode == 0, promoted.stderr
     assert "registered cifar10-classifier v0.0.1 at " in promoted.stdout and "stage 'prod'" in promoted.stdout
+    missing = cli(prefect_env, "promote", "t-9", "--repo", str(repo))  # exited 1 with DVC's own error
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no experiment named 't-9' in "), missing.stderr
     branches = subprocess.run(["git", "branch", "--list", "best"], cwd=repo, capture_output=True, text=True).stdout
     assert "best" in branches
 
