@@ -79,3 +79,34 @@ def test_help_shows_flags_as_flags(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert ended.value.code == 0 and "--dry-run" in out
     assert "<bool>" not in out, out
+
+
+def test_server_serves_its_own_port_from_prefect_home_and_stops_whole(tmp_path):
+    """`server --port 4311` left the UI pointing at 4200, ignored $PREFECT_HOME, and SIGTERM left
+    its `prefect server start` child holding the port."""
+    import os
+    import signal
+    import subprocess
+
+    import httpx
+    import psutil
+
+    from tests.helpers import BIN, free_port, serving
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([str(BIN / "cifar10-pipeline"), "server", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert serving(f"http://127.0.0.1:{port}/api/health", proc, timeout_s=120), proc.stdout.read()
+        assert httpx.get(f"http://127.0.0.1:{port}/ui-settings").json()["api_url"] == f"http://127.0.0.1:{port}/api"
+        assert (tmp_path / "home" / "prefect.db").is_file()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
