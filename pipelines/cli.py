@@ -157,6 +157,10 @@ def run(
     if pool:
         _run_on_pool(repo, overrides, pool, gpu_pool)
         return
+    if dry_run:  # DVC's answer; no flow run to record it, so no Prefect API to start
+        for stage, fate in dry_run_plan(repo, overrides, lock_timeout).items():
+            typer.echo(f"{stage}: {fate}")
+        return
     if gpu_pool and not dry_run:
         from pipelines.remote import require_committed
 
@@ -210,6 +214,17 @@ def flush_prefect_logs() -> None:
 
     APILogWorker.drain_all(timeout=10)
     EventsWorker.drain_all(timeout=10)
+
+
+def dry_run_plan(repo: Path, overrides: dict[str, Any], lock_timeout: float) -> dict[str, str]:
+    """Which stages a run with these overrides would run, and why: params.yaml holds them while DVC
+    looks, then is restored byte for byte, under the lock a run takes."""
+    from pipelines.dvcrepo import inspect_repo, overrides_applied, plan, workspace_lock
+
+    with workspace_lock(repo, lock_timeout, "a dry run (cifar10-pipeline run --dry-run)"), \
+            overrides_applied(repo / "params.yaml", overrides, lambda: False, keep=False):
+        graph, reasons = inspect_repo(repo)
+    return plan(graph, reasons)
 
 
 def _api_reachable(url: str) -> bool:

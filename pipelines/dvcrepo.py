@@ -7,6 +7,8 @@ place it is written. Stages run through the `dvc` CLI, so DVC alone decides what
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 
@@ -90,7 +93,11 @@ def inspect_repo(repo_dir: Path) -> tuple[StageGraph, dict[str, list[str]]]:
             raise RepoBusy(f"another dvc command is running in {repo_dir}; wait for it to finish and rerun") from None
     stage_graph = StageGraph(order=_file_order(repo_dir, dag), upstream={n: sorted(dag.predecessors(n)) for n in dag},
                              gpu=gpu)
-    return stage_graph, _reasons(repo_dir, status)
+    reasons = _reasons(repo_dir, status)
+    for stage in reasons:  # DVC calls every dep of a stage it has no record of "modified"
+        if lock_entry(repo_dir, stage) is None:
+            reasons[stage] = ["never run here (dvc.lock has no record of it)"]
+    return stage_graph, reasons
 
 
 def stage_names(repo_dir: Path) -> list[str]:
@@ -405,3 +412,69 @@ def dvc(repo_dir: Path, *args: str) -> str:
                                     f"rerun: DVC writes each object whole, so nothing is half-written")
         raise CommandFailed(f"dvc {' '.join(args)}: {line}")
     return result.stdout
+
+
+# One pipeline run per workspace at a time: DVC's own lock covers one `dvc` command, not the gap
+# between two stages of a run, nor the params.yaml a run's overrides are written into.
+WORKSPACE_LOCK = Path(".dvc/tmp/cifar10-flow.lock")
+
+
+class WorkspaceBusy(TransientError):
+    pass
+
+
+@contextlib.contextmanager
+def workspace_lock(repo: Path, timeout_s: float, holder: str) -> Iterator[None]:
+    """The workspace for the block; another holder waits up to `timeout_s`, then fails clearly
+    (naming who holds it: `holder` is written into the lock file)."""
+    path = repo / WORKSPACE_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    other = fh.read().strip() or "another run"
+                    raise WorkspaceBusy(
+                        f"{other} is running the pipeline in {repo} ({path}); wait for it to finish, or wait longer "
+                        f"with --lock-timeout SECONDS (the flow's lock_timeout_s, now {timeout_s:g} s)") from None
+                time.sleep(1)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(holder)
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def overrides_applied(params_file: Path, overrides: dict[str, Any] | None, anything_ran: Callable[[], bool],
+                      keep: bool = True) -> Iterator[None]:
+    """params.yaml with the overrides for the block (checked first, as `run` checks them); as it
+    was, byte for byte, afterwards when nothing ran, so a run that failed before any stage changed
+    an output, or a dry run (keep=False), leaves no trace. Hold the workspace lock around it."""
+    from stages.common import dataio
+    from stages.common.params import check_overrides, update_params_file
+
+    original = params_file.read_bytes()
+    check_overrides(params_file, overrides or {})
+    if overrides:
+        update_params_file(params_file, overrides)
+    restore = True
+    try:
+        yield
+        restore = not keep
+    finally:
+        if overrides and restore and not anything_ran():
+            with dataio.atomic_path(params_file) as tmp:  # replaced whole, as update_params_file writes it
+                tmp.write_bytes(original)

@@ -9,11 +9,7 @@ shows in `dvc exp show` next to the others.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,25 +23,21 @@ from pipelines.dvcrepo import (
     dvc,
     git_tracked_outputs,
     inspect_repo,
+    overrides_applied,
     plan,
     run_stage,
     stop_all_stages,
+    workspace_lock,
 )
 from stages.common import dataio
-from stages.common.errors import PipelineError, StageFailed, TransientError
-from stages.common.params import check_overrides, update_params_file
+from stages.common.errors import PipelineError, StageFailed
 from stages.common.paths import evaluation_files
 
 if TYPE_CHECKING:
     from pipelines.gate import GateVerdict
 
-LOCK_FILE = Path(".dvc/tmp/cifar10-flow.lock")
 REPORT_ARTIFACT = "cifar10-report"
 METRICS_ARTIFACT = "cifar10-metrics"
-
-
-class FlowLockBusy(TransientError):
-    pass
 
 
 class GateFailed(PipelineError):
@@ -62,44 +54,6 @@ def run_gate(repo: Path) -> GateVerdict:
     return verdict
 
 
-@contextlib.contextmanager
-def flow_lock(repo: Path, timeout_s: float) -> Iterator[None]:
-    """One flow run per repo at a time; a second waits up to `timeout_s`, then fails clearly.
-
-    DVC's own lock covers one `dvc` command, not the gap between two stages of a flow run.
-    """
-    path = repo / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with open(path, "a+") as fh:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    fh.seek(0)
-                    holder = fh.read().strip() or "another run"
-                    raise FlowLockBusy(
-                        f"{holder} is running the pipeline in {repo} ({path}); "
-                        f"wait for it to finish, or wait longer with --lock-timeout SECONDS (the flow's lock_timeout_s, now "
-                        f"{timeout_s:g} s)"
-                    ) from None
-                time.sleep(1)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"flow run {_flow_run_name()}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _flow_run_name() -> str:
     return runtime.flow_run.name or "a flow run"
 
@@ -111,26 +65,6 @@ def _flow_run_id() -> str | None:
 def experiment_name(run_name: str, run_id: str | None) -> str:
     """Unique per flow run: Prefect reuses run names, so the id is part of it."""
     return f"prefect-{run_name}-{(run_id or 'local').replace('-', '')[:8]}"
-
-
-@contextlib.contextmanager
-def overrides_applied(params_file: Path, overrides: dict[str, Any] | None, changed: list[StageOutcome],
-                      keep: bool = True) -> Iterator[None]:
-    """params.yaml with the overrides for the block; as it was (byte for byte) afterwards when
-    nothing ran, so a run that failed before any stage changed an output, or a dry run (keep=False),
-    leaves no trace."""
-    original = params_file.read_bytes()
-    check_overrides(params_file, overrides or {})  # a scheduled run is checked as `run` checks
-    if overrides:
-        update_params_file(params_file, overrides)
-    restore = True
-    try:
-        yield
-        restore = not keep
-    finally:
-        if overrides and restore and not any(o.ran for o in changed):
-            with dataio.atomic_path(params_file) as tmp:  # replaced whole, as update_params_file writes it
-                tmp.write_bytes(original)
 
 
 def assert_nothing_stale(repo: Path) -> None:
@@ -335,7 +269,8 @@ def pipeline(
     stages dvc.yaml marks `accelerator: gpu` (train, evaluate) to that work pool's workers."""
     repo = Path(repo_dir).resolve()
     outcomes: list[StageOutcome] = []
-    with flow_lock(repo, lock_timeout_s), overrides_applied(repo / "params.yaml", overrides, outcomes, keep=not dry_run):
+    with workspace_lock(repo, lock_timeout_s, f"flow run {_flow_run_name()}"), \
+            overrides_applied(repo / "params.yaml", overrides, lambda: any(o.ran for o in outcomes), keep=not dry_run):
         graph, reasons = inspect_repo(repo)
         fate = log_plan(graph, reasons)
         if dry_run:
