@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 SOURCE ?=
+ARGS ?=
 SHA256 ?= d877bdec11f54282b92da36e9f045bd305d663b1223e3822baff39ca9ff6690a
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -12,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test
+.PHONY: setup run quick test
 
 $(BIN)/dvc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +24,15 @@ $(BIN)/dvc: pyproject.toml
 
 setup: $(BIN)/dvc
 
-# The Prefect flow (Prefect's temporary local API and SQLite unless PREFECT_API_URL names a server).
+# The Prefect flow (a temporary local API and SQLite unless PREFECT_API_URL names a server); ARGS
+# are passed on, e.g. make run ARGS='-S train.epochs=3'.
 run: setup
-	$(BIN)/cifar10-pipeline run $(if $(SOURCE),-S 'download.source=$(SOURCE)' -S download.md5=null -S 'download.sha256=$(SHA256)')
+	$(BIN)/cifar10-pipeline run $(if $(SOURCE),-S 'download.source=$(SOURCE)' -S download.md5=null -S 'download.sha256=$(SHA256)') $(ARGS)
+
+# A quick look at every stage's output: one epoch on 100 training and 50 test images per class.
+QUICK := -S train.epochs=1 -S prepare.train_limit_per_class=100 -S prepare.test_limit_per_class=50 -S evaluate.tta_translate=0
+quick: setup
+	$(MAKE) --no-print-directory run ARGS="$(QUICK) $(ARGS)"
 
 test: setup
 	$(BIN)/ruff check .

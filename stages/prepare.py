@@ -78,6 +78,16 @@ def stratified_split(
     return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(val_idx))
 
 
+def limited_per_class(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Indices of at most `limit` images of each class, drawn at random, in their original order
+    (all of them without a limit)."""
+    if limit is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    kept = [rng.permutation(np.flatnonzero(labels == cls))[:limit] for cls in np.unique(labels)]
+    return np.sort(np.concatenate(kept))
+
+
 def fit_normalization(train_images: np.ndarray, method: str) -> dict:
     """Per-channel mean and std in pixel units (0..255), from the training split only."""
     if method == "scale":
@@ -182,10 +192,12 @@ def prepare(
     """Split and describe: (splits, normalization, metadata table)."""
     pool_images, pool_labels = source["train"]
     train_idx, val_idx = stratified_split(pool_labels, params.val_fraction, params.train_limit_per_class, params.seed)
+    test_images, test_labels = source["test"]
+    test_idx = limited_per_class(test_labels, params.test_limit_per_class, params.seed)
     splits = {
         "train": (pool_images[train_idx], pool_labels[train_idx]),
         "val": (pool_images[val_idx], pool_labels[val_idx]),
-        "test": source["test"],
+        "test": (test_images[test_idx], test_labels[test_idx]),
     }
     norm = fit_normalization(splits["train"][0], params.normalization)
     table = pd.concat([image_metadata(x, y, s, classes) for s, (x, y) in splits.items()], ignore_index=True)

@@ -36,7 +36,8 @@ def expected_counts(expected: ExpectedPerClass | None, prepare: PrepareParams) -
         return None
     pool = expected.train if prepare.train_limit_per_class is None else min(expected.train, prepare.train_limit_per_class)
     n_val = round(pool * prepare.val_fraction)
-    return {"train": pool - n_val, "val": n_val, "test": expected.test}
+    test = expected.test if prepare.test_limit_per_class is None else min(expected.test, prepare.test_limit_per_class)
+    return {"train": pool - n_val, "val": n_val, "test": test}
 
 
 def class_counts_table(images: pd.DataFrame, classes: list[str], expected: dict[str, int] | None) -> pd.DataFrame:

@@ -74,6 +74,8 @@ class PrepareParams:
     val_fraction: float = knob(min=0.0, max=0.9, min_exclusive=True)
     normalization: str = knob(choices=("standardize", "scale"))
     train_limit_per_class: int | None = knob(min=1)
+    # A quick look evaluates and exports on fewer test images (every class keeps this many).
+    test_limit_per_class: int | None = knob(min=1)
     convert_images: bool
     seed: int = knob(min=0, max=MAX_SEED)
 

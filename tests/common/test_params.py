@@ -116,7 +116,7 @@ def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
 def test_a_zero_validation_fraction_is_refused_up_front():
     from stages.common.schemas import PrepareParams
 
-    raw = {"val_fraction": 0.0, "normalization": "standardize", "train_limit_per_class": None,
+    raw = {"val_fraction": 0.0, "normalization": "standardize", "train_limit_per_class": None, "test_limit_per_class": None,
            "convert_images": False, "seed": 1}
     with pytest.raises(ConfigError, match=r"'prepare.val_fraction' is 0.0; it must be > 0.0"):
         parse_section(raw, PrepareParams, "prepare")

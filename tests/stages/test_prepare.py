@@ -43,7 +43,7 @@ def test_prepare_keeps_uint8_and_fits_on_train_split():
     images, labels = synthetic.make_images(10, ["a", "b"])
     test = (images[:4] // 2, labels[:4])
     splits, norm, table = prepare({"train": (images, labels), "test": test}, ["a", "b"],
-                                  PrepareParams(0.2, "standardize", None, False, 0))
+                                  PrepareParams(0.2, "standardize", None, None, False, 0))
     assert all(x.dtype == np.uint8 and x.shape[1:] == (32, 32, 3) for x, _ in splits.values())
     assert [len(y) for _, y in splits.values()] == [16, 4, 4]
     assert np.allclose(norm["mean"], splits["train"][0].reshape(-1, 3).mean(axis=0))
@@ -82,3 +82,13 @@ def test_pickle_batches_decode_channel_first_rows():
     decoded, decoded_labels = unpickle_batch(files["cifar-10-batches-py/test_batch"], "test_batch")
     expected, expected_labels = synthetic.make_images(1, seed=20)
     assert np.array_equal(decoded, expected) and np.array_equal(decoded_labels, expected_labels)
+
+
+def test_a_test_limit_keeps_that_many_of_each_class_for_a_quick_look():
+    images, labels = synthetic.make_images(10, ["a", "b"])
+    test = (images, labels)
+    splits, _, _ = prepare({"train": (images, labels), "test": test}, ["a", "b"],
+                           PrepareParams(0.2, "standardize", None, 3, False, 0))
+    kept_images, kept_labels = splits["test"]
+    assert np.bincount(kept_labels).tolist() == [3, 3]
+    assert all(any((kept == image).all() for image in images) for kept in kept_images)

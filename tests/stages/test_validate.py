@@ -7,7 +7,7 @@ from stages.validate import class_counts_table, expected_counts, validate
 from tests import synthetic
 
 CLASSES = ["a", "b", "c"]
-PREPARE = PrepareParams(0.2, "standardize", None, False, 0)
+PREPARE = PrepareParams(0.2, "standardize", None, None, False, 0)
 PARAMS = ValidateParams(ExpectedPerClass(train=10, test=4), 0.1, 1.0, 1.0)
 
 
@@ -84,10 +84,12 @@ def test_bad_normalization_statistics_fail():
 
 
 def test_expected_counts_follow_the_split_params():
-    assert expected_counts(ExpectedPerClass(5000, 1000), PrepareParams(0.1, "scale", None, False, 0)) == \
+    assert expected_counts(ExpectedPerClass(5000, 1000), PrepareParams(0.1, "scale", None, None, False, 0)) == \
         {"train": 4500, "val": 500, "test": 1000}
-    assert expected_counts(ExpectedPerClass(5000, 1000), PrepareParams(0.2, "scale", 100, False, 0)) == \
+    assert expected_counts(ExpectedPerClass(5000, 1000), PrepareParams(0.2, "scale", 100, None, False, 0)) == \
         {"train": 80, "val": 20, "test": 1000}
+    assert expected_counts(ExpectedPerClass(5000, 1000), PrepareParams(0.2, "scale", 100, 50, False, 0)) == \
+        {"train": 80, "val": 20, "test": 50}
     assert expected_counts(None, PREPARE) is None
 
 
