@@ -257,17 +257,21 @@ class _ExpectedFailuresInOneLine(logging.Formatter):
     repeats it), and TRACEBACK_ENV shows the traceback to whoever wants it."""
 
     def __init__(self, inner: logging.Formatter) -> None:
+        from prefect.exceptions import TerminationSignal  # SIGTERM, as Prefect raises it in a flow
+
         super().__init__()
         self.inner = inner
+        self.expected = (PipelineError, KeyboardInterrupt, TerminationSignal)
 
     def format(self, record: logging.LogRecord) -> str:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (PipelineError, KeyboardInterrupt)) and not os.environ.get(TRACEBACK_ENV):
+        if isinstance(error, self.expected) and not os.environ.get(TRACEBACK_ENV):
             record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
         return self.inner.format(record)
 
 
 def expected_failures_in_one_line() -> None:
+    import prefect.main  # noqa: F401 - sets up Prefect's logging, whose console handlers are changed here
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.root, *(logger for logger in logging.root.manager.loggerDict.values()

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from stages.common import dataio
 from stages.common.errors import TrainingDiverged, run_main
+from stages.common.models import gpu_names
 from stages.common.params import check_trainable, load_section
 from stages.common.paths import CLASSES, RUN_INFO, stage_paths
 from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
@@ -71,8 +72,8 @@ class NanGuard(keras.callbacks.TerminateOnNaN):
 
 
 def train_device() -> str:
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"GPU ({gpus[0].name})" if gpus else "CPU"
+    gpus = gpu_names()
+    return f"GPU ({gpus[0]})" if gpus else "CPU"
 
 
 def distribution_strategy(kind: str) -> tf.distribute.Strategy:
@@ -87,7 +88,7 @@ def distribution_strategy(kind: str) -> tf.distribute.Strategy:
 def training_precision(setting: bool | str) -> str:
     """The dtype policy `train.mixed_precision` picks on this machine (measure a CPU with
     benchmarks/throughput.py --set mixed_precision=true)."""
-    gpu = bool(tf.config.list_physical_devices("GPU"))
+    gpu = bool(gpu_names())
     return precision_policy(setting, gpu, cpu_info()["isa"])
 
 

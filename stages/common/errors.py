@@ -7,14 +7,19 @@ traceback to learn what went wrong.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -113,16 +118,72 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+# The stage's own stderr, kept aside: native_stderr_silenced points file descriptor 2 elsewhere
+# for a while, and a stop in that while must still be heard.
+STDERR_FD = os.dup(2)
+
+
 def exit_quietly_when_interrupted(message: str) -> None:
     """Until `run_main` takes over: a stop (SIGINT, SIGTERM) while a stage still imports its
     libraries ends it at once with its one line, not with a traceback from inside an import."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        os.write(STDERR_FD, f"error: {message}\n".encode())
         os._exit(INTERRUPTED)  # nothing is written yet; unwinding an import would only print noise
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block. TensorFlow logs through absl from C++ as it
+    loads and probes devices (CUDA stubs, CPU features, cuInit), before it reads
+    TF_CPP_MIN_LOG_LEVEL: on a machine without a GPU every stage would start with that noise.
+    Python's own errors are raised after the block, so they are still seen."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        with native_stderr_silenced():
+            self.inner.exec_module(module)
+
+
+class QuietImport(importlib.abc.MetaPathFinder):
+    """Imports the named package, the first time, with native stderr silenced."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+def import_tensorflow_quietly() -> None:
+    """However a stage comes to import TensorFlow (directly, or through Keras), quietly."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, QuietImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietImport("tensorflow"))
 
 
 def error_exit(err: BaseException, interrupted: str = "interrupted") -> int:

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 from keras import layers, regularizers
 
-from stages.common.errors import ConfigError, DataError
+from stages.common.errors import ConfigError, DataError, native_stderr_silenced
 from stages.common.schemas import ALTERNATING_FLIPS, MODEL_NAMES
 
 INPUT_SHAPE = (32, 32, 3)
@@ -311,7 +311,8 @@ def gpu_names() -> list[str]:
     """The GPUs TensorFlow sees on this machine."""
     import tensorflow as tf
 
-    return [device.name for device in tf.config.list_physical_devices("GPU")]
+    with native_stderr_silenced():  # the first probe logs cuInit's failure where there is no GPU
+        return [device.name for device in tf.config.list_physical_devices("GPU")]
 
 
 def check_arch(arch: dict[str, dict[str, Any]], model: str) -> None:

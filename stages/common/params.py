@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import os
 import re
-import sys
 import types
 import typing
 from pathlib import Path
@@ -16,26 +13,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-from stages.common.errors import ConfigError
+from stages.common.errors import ConfigError, native_stderr_silenced
 from stages.common.schemas import SECTIONS, TrainParams
 
 PARAMS_FILE = Path("params.yaml")
-
-
-@contextlib.contextmanager
-def native_stderr_silenced() -> typing.Iterator[None]:
-    """File descriptor 2 to /dev/null for the block. TensorFlow logs through absl from C++ as it
-    loads and probes devices (CUDA stubs, CPU features), ignoring TF_CPP_MIN_LOG_LEVEL; a command
-    that only checks a schema must still end in its one error line."""
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
 
 
 def check_sections(params: dict[str, Any], names: typing.Iterable[str], build: typing.Iterable[str] = ()) -> None:
