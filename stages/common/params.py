@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import re
 import types
 import typing
@@ -149,21 +151,112 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def update_params_file(path: Path, updates: dict[str, Any]) -> None:
-    """Set dotted keys in a params file, keeping its comments and layout; the file is replaced
-    whole once the new text is rendered, so it is never half written."""
-    import io
-
-    from ruamel.yaml import YAML
-
+    """Set dotted keys in a params file, rewriting only the entries they change: every other line,
+    comment and spelling (`null` or nothing, a wrapped flow mapping) stays as the user wrote it.
+    The file is replaced whole once the new text is ready, so it is never half written."""
     from stages.common import dataio
 
-    yaml = YAML()
-    data = yaml.load(path.read_text())
+    text = path.read_text()
     for dotted, value in updates.items():
-        set_dotted(data, dotted, value)
-    text = io.StringIO()
-    yaml.dump(data, text)
-    dataio.write_text(path, text.getvalue())
+        text = set_in_text(text, dotted, value)
+    dataio.write_text(path, text)
+
+
+def set_in_text(text: str, dotted: str, value: Any) -> str:
+    """The YAML text with one dotted key set. The entry rewritten is the key's own, or, when the
+    key sits inside a flow mapping (`fast_vgg: {widths: [...], ...}`), the nearest enclosing entry
+    of a block mapping, whose new value is written in flow style on one line. Comment lines within
+    the entry and the comment on its first line stay."""
+    from ruamel.yaml import YAML
+
+    data = YAML().load(text)
+    parts = dotted.split(".")
+    chain = [data]
+    for part in parts[:-1]:
+        chain.append(chain[-1][part])
+    current = chain[-1][parts[-1]]
+    if _plain(current) == value:
+        return text  # nothing to change: the line stays as written
+    if isinstance(value, dict) and isinstance(current, dict) and not current.fa.flow_style() \
+            and set(map(str, current)) == set(value):
+        for key, item in value.items():  # a block mapping keeps its shape and its comments
+            text = set_in_text(text, f"{dotted}.{key}", item)
+        return text
+    depth = len(parts) - 1  # the mapping holding the key being rewritten: the innermost block one
+    while depth > 0 and chain[depth].fa.flow_style():
+        depth -= 1
+    mapping, key = chain[depth], parts[depth]
+    new_value = _plain(mapping[key])
+    set_dotted(new_value, ".".join(parts[depth + 1:]), value) if depth < len(parts) - 1 else None
+    if depth == len(parts) - 1:
+        new_value = value
+    lines = text.splitlines(keepends=True)
+    first, column = mapping.lc.key(key)
+    last = _entry_end(lines, mapping, key, first, column)
+    comment = _inline_comment(lines[first], mapping.lc.value(key)[1] if first == mapping.lc.value(key)[0] else None)
+    entry = f"{' ' * column}{key}: {flow_yaml(new_value)}"
+    if comment:
+        entry = entry.ljust(comment[0] - 1) + " " + comment[1]
+    kept = [line for line in lines[first + 1:last + 1] if line.strip().startswith("#")]
+    return "".join([*lines[:first], entry + "\n", *kept, *lines[last + 1:]])
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _entry_end(lines: list[str], mapping: Any, key: str, first: int, column: int) -> int:
+    """The last line of the entry: before the next key of the mapping, or before the first line
+    indented no deeper than the key; trailing blank lines and comments belong to what follows."""
+    keys = list(mapping)
+    following = keys[keys.index(key) + 1:]
+    end = mapping.lc.key(following[0])[0] - 1 if following else len(lines) - 1
+    if not following:
+        for number in range(first + 1, len(lines)):
+            stripped = lines[number].strip()
+            if stripped and len(lines[number]) - len(lines[number].lstrip()) <= column:
+                end = number - 1
+                break
+    while end > first and (not lines[end].strip() or (lines[end].strip().startswith("#")
+                                                      and len(lines[end]) - len(lines[end].lstrip()) <= column)):
+        end -= 1
+    return end
+
+
+def _inline_comment(line: str, value_column: int | None) -> tuple[int, str] | None:
+    """(column, text) of the comment on an entry's first line, if it has one."""
+    start = value_column if value_column is not None else line.index(":") + 1
+    found = re.search(r"\s(#.*)$", line[start:].rstrip("\n"))
+    return (start + found.start(1), found.group(1)) if found else None
+
+
+def flow_yaml(value: Any) -> str:
+    """A value as YAML 1.2 on one line, read back by load_yaml as the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ".nan"
+        return {float("inf"): ".inf", float("-inf"): "-.inf"}.get(value, repr(value))
+    if isinstance(value, str):
+        try:
+            plain = load_yaml(value) == value and value == value.strip() and not re.search(r"[:#{}\[\],&*!|>'\"%@`]", value)
+        except (yaml.YAMLError, ValueError):
+            plain = False
+        return value if plain and value else json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(flow_yaml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{flow_yaml(str(k))}: {flow_yaml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def set_dotted(params: Any, dotted: str, value: Any) -> None:

@@ -236,3 +236,31 @@ def test_a_source_too_small_to_split_is_a_data_error_naming_the_params():
     with pytest.raises(DataError, match=r"class 1 has 3 training image\(s\), too few to split with "
                                         r"prepare.val_fraction 0.1; it needs at least 6"):
         stratified_split(np.array([0] * 20 + [1] * 3), 0.1, None, seed=0)
+
+
+def test_set_values_rewrite_only_their_own_lines(tmp_path):
+    """`-S train.epochs=3` turned `early_stopping: null` into `early_stopping:` and re-wrapped the
+    fast_vgg flow mapping, lines nobody touched."""
+    import difflib
+
+    from stages.common.params import read_params, set_dotted, update_params_file
+
+    path = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    path.write_text(original)
+    updates = {"train.epochs": 3, "prepare.train_limit_per_class": 100, "train.learning_rate": 1e-3,
+               "train.augment": {**read_params(path)["train"]["augment"], "flip": True},
+               "train.arch.fast_vgg.widths": [8, 16], "download.source": "data: here #1"}
+    expected = read_params(path)
+    for key, value in updates.items():
+        set_dotted(expected, key, value)
+    update_params_file(path, updates)
+    assert read_params(path) == expected  # what DVC and the stages read back
+    changed = [line for line in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), n=0)
+               if line.startswith(("-", "+")) and not line.startswith(("---", "+++"))]
+    removed = [line[1:].split(":")[0].strip() for line in changed if line.startswith("-")]
+    # One line each, except fast_vgg's mapping, which was wrapped over two and is now one line.
+    assert sorted(removed) == sorted(["epochs", "train_limit_per_class", "learning_rate", "flip", "fast_vgg",
+                                      "bn_momentum", "source"]), changed
+    assert "  early_stopping: null" in path.read_text()
+    assert "  learning_rate: 0.001            # at batch 1024; the loss is the batch's mean\n" in path.read_text()
