@@ -66,6 +66,7 @@ def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict
     for section, keys in values.items():
         plain[section].update(keys)
     check_sections(plain, values)  # a bad preset never reaches params.yaml
+    # A changed line's comment described the previous recipe's value: it goes with it.
     update_params_file(params_file, {f"{section}.{key}": value for section, keys in values.items()
-                                     for key, value in keys.items()})
+                                     for key, value in keys.items()}, keep_comments=False)
     return values

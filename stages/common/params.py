@@ -150,23 +150,25 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
-def update_params_file(path: Path, updates: dict[str, Any]) -> None:
+def update_params_file(path: Path, updates: dict[str, Any], keep_comments: bool = True) -> None:
     """Set dotted keys in a params file, rewriting only the entries they change: every other line,
     comment and spelling (`null` or nothing, a wrapped flow mapping) stays as the user wrote it.
-    The file is replaced whole once the new text is ready, so it is never half written."""
+    Without `keep_comments` (a preset replacing a recipe), a changed entry loses its comments,
+    which described the value it had. The file is replaced whole once the new text is ready, so
+    it is never half written."""
     from stages.common import dataio
 
     text = path.read_text()
     for dotted, value in updates.items():
-        text = set_in_text(text, dotted, value)
+        text = set_in_text(text, dotted, value, keep_comments)
     dataio.write_text(path, text)
 
 
-def set_in_text(text: str, dotted: str, value: Any) -> str:
+def set_in_text(text: str, dotted: str, value: Any, keep_comments: bool = True) -> str:
     """The YAML text with one dotted key set. The entry rewritten is the key's own, or, when the
     key sits inside a flow mapping (`fast_vgg: {widths: [...], ...}`), the nearest enclosing entry
-    of a block mapping, whose new value is written in flow style on one line. Comment lines within
-    the entry and the comment on its first line stay."""
+    of a block mapping, whose new value is written in flow style on one line. With
+    `keep_comments`, comment lines within the entry and the comment on its first line stay."""
     from ruamel.yaml import YAML
 
     data = YAML().load(text)
@@ -180,7 +182,7 @@ def set_in_text(text: str, dotted: str, value: Any) -> str:
     if isinstance(value, dict) and isinstance(current, dict) and not current.fa.flow_style() \
             and set(map(str, current)) == set(value):
         for key, item in value.items():  # a block mapping keeps its shape and its comments
-            text = set_in_text(text, f"{dotted}.{key}", item)
+            text = set_in_text(text, f"{dotted}.{key}", item, keep_comments)
         return text
     depth = len(parts) - 1  # the mapping holding the key being rewritten: the innermost block one
     while depth > 0 and chain[depth].fa.flow_style():
@@ -195,9 +197,9 @@ def set_in_text(text: str, dotted: str, value: Any) -> str:
     last = _entry_end(lines, mapping, key, first, column)
     comment = _inline_comment(lines[first], mapping.lc.value(key)[1] if first == mapping.lc.value(key)[0] else None)
     entry = f"{' ' * column}{key}: {flow_yaml(new_value)}"
-    if comment:
+    if comment and keep_comments:
         entry = entry.ljust(comment[0] - 1) + " " + comment[1]
-    kept = [line for line in lines[first + 1:last + 1] if line.strip().startswith("#")]
+    kept = [line for line in lines[first + 1:last + 1] if keep_comments and line.strip().startswith("#")]
     return "".join([*lines[:first], entry + "\n", *kept, *lines[last + 1:]])
 
 

@@ -39,6 +39,10 @@ def test_switching_presets_leaves_nothing_behind_and_keeps_comments(tmp_path):
                                                         "dense": 512}}
     assert values["download"] == yaml.safe_load((REPO / "params.yaml").read_text())["download"]
     assert "# Every knob of the pipeline." in params.read_text()
+    text = params.read_text()
+    # Untouched lines keep their comments; a changed one loses the comment about its old value.
+    assert "  md5: c58f30108f718f92721af3b95e74349a   # null to skip; a mismatch fails the stage\n" in text
+    assert "  learning_rate: 0.001\n" in text and "at batch 1024" not in text
 
 
 def test_presets_differ_where_the_seeds_differ():
