@@ -241,7 +241,10 @@ def check_source_unchanged(params: DownloadParams, manifest: dict) -> None:
     files outside the repo, so every stage would stay up to date on the old data. Cheap while the
     files' sizes and times hold; when they moved, the pin is recomputed, and only a content that
     no longer matches it is refused."""
-    if manifest.get("source") != params.source or manifest.get("fingerprint") in (None, source_fingerprint(params.source)):
+    recorded, now = manifest.get("fingerprint"), source_fingerprint(params.source)
+    # Nothing to compare where the source is not here (a worker's clone took the data from the
+    # DVC remote) or was read before fingerprints were recorded.
+    if manifest.get("source") != params.source or recorded is None or now is None or now == recorded:
         return
     with tempfile.TemporaryDirectory() as tmp, named_as_the_user_wrote_it(Path(tmp) / "archive", params.source):
         digests = fetch(params.source, Path(tmp) / "archive", params.timeout_s)

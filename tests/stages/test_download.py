@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,13 @@ def test_a_folder_source_changed_in_place_is_refused_naming_the_new_pin(tmp_path
                                          "is now "), refused.value
     new_pin = str(refused.value).split("set download.sha256: ")[1].split(",")[0]
     assert download(params(folder, sha256=new_pin), tmp_path / "raw2")["sha256"] == new_pin
+
+
+def test_a_source_that_is_not_here_is_not_a_change(tmp_path, files):
+    """A worker's clone takes the data from the DVC remote; the source folder exists elsewhere."""
+    from stages.download import check_source_unchanged
+
+    folder = synthetic.write_directory(tmp_path / "tree", files)
+    manifest = pinned_download(folder, tmp_path / "raw")
+    shutil.rmtree(folder)
+    check_source_unchanged(params(folder, sha256=manifest["sha256"]), manifest)
