@@ -57,7 +57,8 @@ def test_version_prints_the_installed_version(monkeypatch, capsys):
     assert ended.value.code == 0 and capsys.readouterr().out == f"cifar10-pipeline {version('cifar10-pipeline')}\n"
 
 
-@pytest.mark.parametrize("argv", [["frobnicate"], ["run", "--bogus"], ["api", "--port", "abc"],
+@pytest.mark.parametrize("argv", [["frobnicate"], ["run", "--bogus"], ["api", "--port", "abc"], ["api", "--port", "70000"],
+                                  ["server", "--port", "0"], ["run", "--lock-timeout", "-1"],
                                   ["predict", "--top-k", "0", "cat.png"], ["run", "--dry-run", "true"]])
 def test_usage_errors_are_one_line_and_exit_2(monkeypatch, capsys, argv):
     """typer 0.26+ raises its own copy of Click's UsageError: caught as Click's, it ended as
@@ -133,3 +134,28 @@ def test_dry_run_on_a_fresh_clone_says_never_run_once_without_prefect(tmp_path):
     assert set(STAGES) == {line.split(":")[0] for line in result.stdout.splitlines()}
     assert "Flow run" not in result.stderr and seconds < 30, (seconds, result.stderr[-2000:])
     assert (repo / "params.yaml").read_bytes() == before  # the override was there only while DVC looked
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--stage-timeout", "trian=10"],
+     "error: --stage-timeout trian=10: no stage 'trian' in dvc.yaml; did you mean 'train'?"),
+    (["run", "--stage-timeout", "train=-5"], "error: --stage-timeout train=-5: the seconds must be a positive number"),
+    (["sweep", "SWEEP"], "error: override 'train.epoch' names no key in params.yaml; did you mean 'train.epochs'?"),
+])
+def test_bad_arguments_are_refused_before_prefect_starts(monkeypatch, capsys, tmp_path, argv, message):
+    """`--stage-timeout trian=10` was accepted silently; a bad sweep file printed 25 lines of
+    Prefect's log before its error."""
+    import shutil
+
+    from tests.helpers import REPO
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / "sweep.yaml").write_text("space:\n  train.epoch: [1, 2]\n")
+    argv = [str(tmp_path / "sweep.yaml") if arg == "SWEEP" else arg for arg in argv]
+    monkeypatch.setattr("sys.argv", ["cifar10-pipeline", *argv, "--repo", str(tmp_path)])
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    captured = capsys.readouterr()
+    assert (ended.value.code, captured.err) == (2, message + "\n"), captured

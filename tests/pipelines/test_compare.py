@@ -64,7 +64,9 @@ def run(name: str, accuracy: float, recalls: dict[str, float], preds: pd.DataFra
 def test_gate_decisions():
     params = GateParams(max_accuracy_drop=0.01, max_recall_drop=0.05, require_significance=False)
     base = run("main", 0.80, {"cat": 0.7, "dog": 0.8})
-    assert judge(base, run("ws", 0.81, {"cat": 0.72, "dog": 0.8}), params).passed
+    rose = judge(base, run("ws", 0.81, {"cat": 0.72, "dog": 0.8}), params)
+    assert rose.passed  # and a rise reads as one (it was printed as "drop -0.0100")
+    assert rose.lines[0] == "accuracy 0.8000 -> 0.8100 (+0.0100; a drop of more than 0.01 fails)"
     dropped = judge(base, run("ws", 0.78, {"cat": 0.60, "dog": 0.8}), params)
     assert not dropped.passed
     assert dropped.reasons == ["accuracy dropped by 0.0200 > 0.01 (gate.max_accuracy_drop)",

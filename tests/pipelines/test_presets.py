@@ -95,8 +95,9 @@ def test_presets_are_read_from_the_project_not_only_the_installed_package(tmp_pa
     shutil.copy(REPO / "params.yaml", project / "params.yaml")
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
     cli = str(BIN / "cifar10-pipeline")
+    (project / "presets" / "team-recipe.yaml").write_text("# The team's recipe. Three epochs.\ntrain: {epochs: 3}\n")
     listed = subprocess.run([cli, "preset", "--repo", str(project)], capture_output=True, text=True, timeout=300)
-    assert listed.stdout.split() == ["team-recipe"], listed.stderr
+    assert listed.stdout == "team-recipe  The team's recipe\n", listed.stderr  # a name and what it is
     applied = subprocess.run([cli, "preset", "team-recipe", "--repo", str(project)], capture_output=True, text=True,
                              timeout=300)
     assert applied.returncode == 0, applied.stderr
