@@ -161,7 +161,7 @@ def run(
         for stage, fate in dry_run_plan(repo, overrides, lock_timeout).items():
             typer.echo(f"{stage}: {fate}")
         return
-    if gpu_pool and not dry_run:
+    if gpu_pool:
         from pipelines.remote import require_committed
 
         require_committed(repo)  # before any stage runs
@@ -173,11 +173,11 @@ def run(
                 "PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`")
         typer.echo(f"warning: the Prefect API at {api_url} is unreachable; running plain `dvc repro` "
                    "(no Prefect logs, retries or artifacts)", err=True)
-        _plain_repro(repo, overrides, dry_run)
+        _plain_repro(repo, overrides)
         return
     timeouts = parse_timeouts(stage_timeout or [], repo)
     with flow_api(repo):
-        _run_flow(repo, overrides, dry_run, push, lock_timeout, timeouts, gate, gpu_pool)
+        _run_flow(repo, overrides, push, lock_timeout, timeouts, gate, gpu_pool)
 
 
 @contextlib.contextmanager
@@ -236,11 +236,11 @@ def _api_reachable(url: str) -> bool:
         return False
 
 
-def _plain_repro(repo: Path, overrides: dict[str, Any], dry_run: bool) -> None:
+def _plain_repro(repo: Path, overrides: dict[str, Any]) -> None:
     """The pipeline without Prefect: DVC's own experiment runner when there are overrides."""
     from pipelines.dvcrepo import dvc_environment
 
-    raise typer.Exit(subprocess.call(fallback_command(overrides, dry_run), cwd=repo, env=dvc_environment()))
+    raise typer.Exit(subprocess.call(fallback_command(overrides, dry_run=False), cwd=repo, env=dvc_environment()))
 
 
 def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
@@ -281,19 +281,15 @@ def expected_failures_in_one_line() -> None:
             handler.setFormatter(_ExpectedFailuresInOneLine(handler.formatter))
 
 
-def _run_flow(repo: Path, overrides: dict[str, Any], dry_run: bool, push: bool, lock_timeout: float,
+def _run_flow(repo: Path, overrides: dict[str, Any], push: bool, lock_timeout: float,
               timeouts: dict[str, float], gate: bool, gpu_pool: str | None = None) -> None:
     from pipelines.flow import pipeline
     from stages.common.paths import REPORT_PAGE, artifact_paths
 
     # A failing stage raises StageFailed with the stage's own exit code (2 config, 3 data, ...).
-    result = pipeline(repo_dir=str(repo), overrides=overrides or None, dry_run=dry_run,
-                      push=push, lock_timeout_s=lock_timeout, stage_timeouts=timeouts, gate=gate, gpu_pool=gpu_pool)
-    if dry_run:
-        for stage, fate in result["plan"].items():
-            typer.echo(f"{stage}: {fate}")
-        return
-    for stage, info in result["stages"].items():
+    result = pipeline(repo_dir=str(repo), overrides=overrides or None, push=push, lock_timeout_s=lock_timeout,
+                      stage_timeouts=timeouts, gate=gate, gpu_pool=gpu_pool)
+    for info in result["stages"].values():
         typer.echo(info["outcome"])
     if result.get("experiment"):
         typer.echo(f"experiment: {result['experiment']}")
