@@ -329,16 +329,28 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
 VEGA_LITE_VERSION = "v5.21"
 
 
-# Where the offline template is written, relative to .dvc/ as DVC reads `plots.html_template`
-# (the project's .dvc/config names it, so plain `dvc plots show` and `diff` draw offline too).
+# Where the offline template is written, relative to .dvc/ as DVC reads `plots.html_template`.
 OFFLINE_PLOTS_TEMPLATE = "plots/offline.html"
 
 
 def offline_plots_template(repo: Path = Path(".")) -> Path:
     """The `dvc plots` HTML template with Vega, Vega-Lite and Vega-Embed inlined (vl-convert's
     bundle), so the page draws without internet; DVC's own template loads them from a CDN. Built
-    once per repo (`make setup`, `run`, `compare`), untracked, beside DVC's config."""
+    once per repo (`make setup`, `run`, `compare`), untracked, and named in the repo's local DVC
+    config, so plain `dvc plots show` and `diff` draw offline too. Local, not committed: DVC takes a
+    configured template that is not there for the template's text, and every plots command fails."""
     path = repo / ".dvc" / OFFLINE_PLOTS_TEMPLATE
+    _write_offline_plots_template(path)
+    from dvc.config import Config
+
+    config = Config(str(repo / ".dvc"), validate=False)
+    if config["plots"].get("html_template") != OFFLINE_PLOTS_TEMPLATE:
+        with config.edit("local") as local:
+            local.setdefault("plots", {})["html_template"] = OFFLINE_PLOTS_TEMPLATE
+    return path
+
+
+def _write_offline_plots_template(path: Path) -> None:
     marker = f"<!-- vega-lite {VEGA_LITE_VERSION} -->"
     if not path.is_file() or marker not in path.read_text(errors="replace")[:200]:
         import vl_convert
@@ -349,7 +361,6 @@ def offline_plots_template(repo: Path = Path(".")) -> Path:
         write_text(path, f"<!DOCTYPE html>\n{marker}\n<html>\n<head>\n<meta charset='utf-8'>\n{{refresh_tag}}\n"
                          f"<title>DVC plots</title>\n<script>{bundle}</script>\n"
                          "<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n</body>\n</html>\n")
-    return path
 
 
 def safe_name(text: str) -> str:
