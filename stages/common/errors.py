@@ -162,6 +162,8 @@ class _QuietLoader(importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         with native_stderr_silenced():
             self.inner.exec_module(module)
+            if module.__name__ == "tensorflow":  # its first device probe logs cuInit's failure on a CPU machine
+                module.config.list_physical_devices("GPU")
 
 
 class QuietImport(importlib.abc.MetaPathFinder):
