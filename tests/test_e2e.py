@@ -39,6 +39,9 @@ def built(tmp_path_factory, tiny_archive):
     set_params(repo / "params.yaml", **tiny_params(tiny_archive))
     result = dvc(repo, "repro")
     assert stages_run(result.stdout) == STAGES
+    # TensorFlow's native start-up lines (CUDA stubs, oneDNN, cuInit) are kept out of the stages' output.
+    noise = [line for line in (result.stdout + result.stderr).splitlines() if re.match(r"[IWE]0000 |WARNING: All log", line)]
+    assert noise == [], noise
     return repo
 
 
