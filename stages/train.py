@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from stages.common import dataio
-from stages.common.errors import TrainingDiverged, run_main
+from stages.common.errors import TrainingDiverged, run_main, stop_signals_to_handle
 from stages.common.models import gpu_names
 from stages.common.params import check_trainable, load_section
 from stages.common.paths import CLASSES, RUN_INFO, stage_paths
@@ -93,7 +93,7 @@ def training_precision(setting: bool | str) -> str:
 
 
 class StopOnInterrupt(keras.callbacks.Callback):
-    """Ctrl-C or SIGTERM stops training at the next batch with a KeyboardInterrupt (the stage exits 130).
+    """Ctrl-C, SIGTERM or SIGHUP stops training at the next batch with a KeyboardInterrupt (the stage exits 130).
 
     The signal handler only records the signal: a KeyboardInterrupt raised wherever Python happens
     to be could land in Keras/TensorFlow code that swallows it (they have bare `except:` clauses).
@@ -112,8 +112,8 @@ class StopOnInterrupt(keras.callbacks.Callback):
                 signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             yield
             return
-        # SIGTERM (a service manager's or CI runner's stop) is handled as Ctrl-C is.
-        previous = {signum: signal.signal(signum, self._record) for signum in (signal.SIGINT, signal.SIGTERM)}
+        # SIGTERM and SIGHUP (a service manager's stop, a closed terminal) are handled as Ctrl-C is.
+        previous = {signum: signal.signal(signum, self._record) for signum in stop_signals_to_handle()}
         try:
             yield
         finally:

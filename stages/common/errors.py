@@ -112,10 +112,22 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+# The signals that stop a command as Ctrl-C (SIGINT) does: service managers, CI runners and
+# container runtimes send SIGTERM; a closed terminal or SSH session sends SIGHUP.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_signals_to_handle() -> list[signal.Signals]:
+    """The stop signals not ignored on purpose (`nohup` ignores SIGHUP, a background job SIGINT)."""
+    return [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 def interrupt_on_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: service managers, CI runners and container
-    runtimes stop a process with it, and it must clean up and end as an interrupted one does."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does, so the command cleans up and ends
+    as an interrupted one does (unless the signal is ignored on purpose, as under `nohup`)."""
+    for signum in stop_signals_to_handle():
+        if signum != signal.SIGINT:
+            signal.signal(signum, _interrupt)
 
 
 # The stage's own stderr, kept aside: native_stderr_silenced points file descriptor 2 elsewhere
@@ -124,14 +136,14 @@ STDERR_FD = os.dup(2)
 
 
 def exit_quietly_when_interrupted(message: str) -> None:
-    """Until `run_main` takes over: a stop (SIGINT, SIGTERM) while a stage still imports its
+    """Until `run_main` takes over: a stop (STOP_SIGNALS) while a stage still imports its
     libraries ends it at once with its one line, not with a traceback from inside an import."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         os.write(STDERR_FD, f"error: {message}\n".encode())
         os._exit(INTERRUPTED)  # nothing is written yet; unwinding an import would only print noise
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in stop_signals_to_handle():
         signal.signal(signum, stop)
 
 

@@ -15,7 +15,7 @@ from tests.helpers import REPO
 
 def test_a_stage_stopped_while_importing_its_libraries_prints_one_line(tmp_path):
     """Ctrl-C or SIGTERM during `import tensorflow` printed a traceback from inside the import."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--prepared", "p", "--model", "m", "--out", "o"],
                                 cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

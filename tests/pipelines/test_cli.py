@@ -159,3 +159,21 @@ def test_bad_arguments_are_refused_before_prefect_starts(monkeypatch, capsys, tm
         cli.main()
     captured = capsys.readouterr()
     assert (ended.value.code, captured.err) == (2, message + "\n"), captured
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(monkeypatch, capsys, signame):
+    """SIGTERM ended `run` with 143 and no error line; a closed terminal's SIGHUP likewise."""
+    import os
+    import signal
+
+    def stopped():
+        os.kill(os.getpid(), getattr(signal, signame))
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code, err = run_main(monkeypatch, capsys, stopped)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert code == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
