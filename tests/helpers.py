@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from pipelines.prefect_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's own dvc, prefect and cifar10-pipeline
@@ -112,12 +113,6 @@ def dvc(repo: Path, *args: str, check: bool = True, env: dict | None = None) -> 
 
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '(\w+)'", output))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -188,10 +188,11 @@ def set_in_text(text: str, dotted: str, value: Any, keep_comments: bool = True) 
     while depth > 0 and chain[depth].fa.flow_style():
         depth -= 1
     mapping, key = chain[depth], parts[depth]
-    new_value = _plain(mapping[key])
-    set_dotted(new_value, ".".join(parts[depth + 1:]), value) if depth < len(parts) - 1 else None
     if depth == len(parts) - 1:
         new_value = value
+    else:  # the enclosing entry, with the key set inside it
+        new_value = _plain(mapping[key])
+        set_dotted(new_value, ".".join(parts[depth + 1:]), value)
     lines = text.splitlines(keepends=True)
     first, column = mapping.lc.key(key)
     last = _entry_end(lines, mapping, key, first, column)
