@@ -106,12 +106,12 @@ def require_server(api_url: str | None) -> None:
 
 
 def deploy_pools(repo: Path, *pools: str | None) -> tuple[str, str]:
-    """The deployments of each pool given, from HEAD on origin (see remote.deploy_head): (git URL, commit)."""
-    from pipelines import remote
+    """The deployments of each pool given, from HEAD on origin (see pool.deploy_head): (git URL, commit)."""
+    from pipelines import pool as work_pool
 
     require_server(os.environ.get("PREFECT_API_URL"))
     for pool in filter(None, pools):
-        git_url, rev, _ = remote.deploy_head(repo, pool)
+        git_url, rev, _ = work_pool.deploy_head(repo, pool)
     return git_url, rev
 
 
@@ -119,16 +119,16 @@ def _run_on_pool(repo: Path, overrides: dict[str, Any], pool: str, gpu_pool: str
     """One flow run on the pool, waited for; its experiment is pulled here."""
     import time
 
-    from pipelines import remote
+    from pipelines import pool as work_pool
 
     git_url, rev = deploy_pools(repo, pool, gpu_pool)
     name = time.strftime("run-%Y%m%d-%H%M%S")
-    runs = remote.submit(pool, git_url, rev, {name: overrides}, tags=["cli"], gpu_pool=gpu_pool)
+    runs = work_pool.submit(pool, git_url, rev, {name: overrides}, tags=["cli"], gpu_pool=gpu_pool)
     typer.echo(f"submitted {name} to work pool '{pool}' (flow run {runs[name].id}); waiting for a worker")
-    state = remote.wait_for(runs, lambda *_: None)[name]
+    state = work_pool.wait_for(runs, lambda *_: None)[name]
     if not state.is_completed():
         raise PipelineError(f"flow run {name} ended {state.name}: {state.message}")
-    remote.pull_experiment(repo, name)
+    work_pool.pull_experiment(repo, name)
     typer.echo(f"experiment: {name} (pulled from origin; `cifar10-pipeline compare {name}`)")
 
 
@@ -162,7 +162,7 @@ def run(
             typer.echo(f"{stage}: {fate}")
         return
     if gpu_pool:
-        from pipelines.remote import require_committed
+        from pipelines.pool import require_committed
 
         require_committed(repo)  # before any stage runs
         deploy_pools(repo, gpu_pool)
@@ -338,12 +338,12 @@ def deploy(
 ) -> None:
     """Create the deployments cifar10-experiment/POOL (whole runs) and cifar10-stages/POOL (another
     run's GPU stages): workers clone origin and push experiments back."""
-    from pipelines import remote
+    from pipelines import pool as work_pool
 
     repo = require_repo(repo)
     require_server(os.environ.get("PREFECT_API_URL"))
-    git_url, rev, deployment = remote.deploy_head(repo, pool, concurrency_limit)
-    typer.echo(f"deployments {deployment} and {remote.STAGES_FLOW_NAME}/{pool}: code from {git_url}, HEAD {rev[:7]}")
+    git_url, rev, deployment = work_pool.deploy_head(repo, pool, concurrency_limit)
+    typer.echo(f"deployments {deployment} and {work_pool.STAGES_FLOW_NAME}/{pool}: code from {git_url}, HEAD {rev[:7]}")
     typer.echo(f"start a worker per machine (or GPU): prefect worker start --pool {pool} --type process --limit 1")
 
 

@@ -29,6 +29,7 @@ from pipelines.dvcrepo import (
     stop_all_stages,
     workspace_lock,
 )
+from pipelines.pool import run_stages_on_pool
 from stages.common import dataio
 from stages.common.errors import PipelineError, StageFailed
 from stages.common.paths import evaluation_files
@@ -75,7 +76,7 @@ def assert_nothing_stale(repo: Path) -> None:
         raise StageFailed("pipeline", f"stages are still stale after the run ({stale}); rerun", None)
 
 
-def check_stages_to_run(repo: Path, fate: dict[str, str], gpu_pool: str | None) -> None:
+def check_stages_to_run(repo: Path, stage_plan: dict[str, str], gpu_pool: str | None) -> None:
     """What a stage that will run would refuse after the stages before it ran, refused first: a
     model that does not build, a GPU that is not there; and a local source that changed in place
     since download read it, which DVC cannot see."""
@@ -84,12 +85,12 @@ def check_stages_to_run(repo: Path, fate: dict[str, str], gpu_pool: str | None) 
 
     params_file = repo / "params.yaml"
     manifest = repo / artifact_paths(repo)["raw"] / "manifest.json"
-    if fate.get("download") == "up to date" and manifest.is_file():
+    if stage_plan.get("download") == "up to date" and manifest.is_file():
         from stages.download import check_source_unchanged
 
         with contextlib.chdir(repo):  # a relative source starts at the project root, as the stage reads it
             check_source_unchanged(load_section("download", params_file), dataio.read_json(manifest))
-    if fate.get("train", "up to date") != "up to date":
+    if stage_plan.get("train", "up to date") != "up to date":
         check_trainable(load_section("train", params_file), local=gpu_pool is None)
 
 
@@ -128,10 +129,8 @@ def gpu_pool_task(repo_dir: str, stages: list[str], pool: str, inputs: list[str]
     """Consecutive GPU stages as one flow run on the GPU pool (one clone there, one hand-back)."""
     if up_to_date:
         return [StageOutcome(stage, ran=False, seconds=0.0) for stage in stages]
-    from pipelines.remote import run_stages_on_pool
-
-    handoff = f"{experiment_name(_flow_run_name(), _flow_run_id())}-{'-'.join(stages)}"
-    outcomes = run_stages_on_pool(Path(repo_dir), stages, inputs, pool, handoff, timeouts, log=get_run_logger().info)
+    handback = f"{experiment_name(_flow_run_name(), _flow_run_id())}-{'-'.join(stages)}"
+    outcomes = run_stages_on_pool(Path(repo_dir), stages, inputs, pool, handback, timeouts, log=get_run_logger().info)
     for outcome in outcomes:
         get_run_logger().info(outcome.describe())
     return outcomes
@@ -157,12 +156,12 @@ def run_stages(repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[st
     They form a chain, so each runs when the one before has finished: there is nothing to run
     side by side, and a task called directly is what Prefect's examples do then.
     """
-    done: dict[str, StageOutcome] = {}
+    finished: dict[str, StageOutcome] = {}
     for group in batches(graph, gpu_pool):
         inputs = sorted({u for stage in group for u in graph.upstream[stage]} - set(group))
         # Stale also covers a stage whose outputs are not in this workspace (a fresh clone): with
         # `pull` DVC fetches them, or restores the stage from the remote's run-cache.
-        up_to_date = not any(stage in stale for stage in group) and not any(done[u].ran for u in inputs)
+        up_to_date = not any(stage in stale for stage in group) and not any(finished[u].ran for u in inputs)
         try:
             if gpu_pool and group[0] in graph.gpu:
                 results = gpu_pool_task(str(repo), group, gpu_pool, inputs, up_to_date, timeouts)
@@ -176,16 +175,16 @@ def run_stages(repo: Path, graph: StageGraph, stale: set[str], timeouts: dict[st
         finally:
             stop_all_stages()  # stopped or failed: leave no stage process behind
         for outcome in results:
-            done[outcome.stage] = outcome
+            finished[outcome.stage] = outcome
             outcomes.append(outcome)
     return outcomes
 
 
 def log_plan(graph: StageGraph, reasons: dict[str, list[str]]) -> dict[str, str]:
-    fate = plan(graph, reasons)
-    for stage, what in fate.items():
+    stage_plan = plan(graph, reasons)
+    for stage, what in stage_plan.items():
         get_run_logger().info(f"plan: {stage}: {what}")
-    return fate
+    return stage_plan
 
 
 def save_experiment(repo: Path, outcomes: list[StageOutcome], overrides: dict[str, Any] | None,
@@ -272,10 +271,10 @@ def pipeline(
     with workspace_lock(repo, lock_timeout_s, f"flow run {_flow_run_name()}"), \
             overrides_applied(repo / "params.yaml", overrides, lambda: any(o.ran for o in outcomes), keep=not dry_run):
         graph, reasons = inspect_repo(repo)
-        fate = log_plan(graph, reasons)
+        stage_plan = log_plan(graph, reasons)
         if dry_run:
-            return {"plan": fate}
-        check_stages_to_run(repo, fate, gpu_pool)
+            return {"plan": stage_plan}
+        check_stages_to_run(repo, stage_plan, gpu_pool)
         run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes, pull, gpu_pool)
         if any(o.ran for o in outcomes):
             assert_nothing_stale(repo)

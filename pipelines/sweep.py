@@ -6,7 +6,7 @@ temporary workspace, so every point stays in `dvc exp show`, its outputs in DVC'
 one can be promoted with `dvc exp branch` / `dvc exp apply` (`cifar10-pipeline promote`). A TPE
 search asks Optuna for `jobs` points at a time and tells it each one's metric as it ends.
 Progress (done, failed, remaining, best so far) is logged as points finish. With a work pool
-(`pool`), each point is instead a flow run of the pool's deployment (pipelines/remote.py), taken by
+(`pool`), each point is instead a flow run of the pool's deployment (pipelines/pool.py), taken by
 whichever workers serve it, and its experiment is pulled from the git and DVC remotes.
 """
 
@@ -168,28 +168,28 @@ def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, 
     serve the pool (`jobs` does not apply); each finished point's experiment is pulled from origin.
     A point origin already holds (this sweep ran before) is pulled, not run again: rerunning a
     sweep retries its failed points alone."""
-    from pipelines import remote
+    from pipelines import pool as work_pool
 
-    on_origin = remote.pushed_experiments(repo)
+    on_origin = work_pool.pushed_experiments(repo)
     again = [exp for exp, _ in batch if exp in on_origin]
     for exp in again:
-        remote.pull_experiment(repo, exp)
+        work_pool.pull_experiment(repo, exp)
         logger.info(f"{exp} is already on origin (an earlier run of this sweep): pulled, not run again")
     if again:
         progress.ended(set(again))
     todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in on_origin}
-    runs = remote.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"], gpu_pool=gpu_pool)
+    runs = work_pool.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"], gpu_pool=gpu_pool)
     for exp, run in runs.items():
         logger.info(f"submitted {exp} to work pool '{pool}' (flow run {run.id}): {todo[exp]}")
 
     def ended(exp: str, state) -> None:
         if state.is_completed():
-            remote.pull_experiment(repo, exp)
+            work_pool.pull_experiment(repo, exp)
         else:
             logger.error(f"{exp}: flow run {state.name} ({state.message}); rerun the sweep to retry failed points alone")
         progress.ended({exp})
 
-    remote.wait_for(runs, ended, POLL_S)
+    work_pool.wait_for(runs, ended, POLL_S)
 
 
 @flow(name="cifar10-sweep", log_prints=True)
@@ -219,10 +219,10 @@ def sweep(
     name = safe_name(name or time.strftime("sweep-%Y%m%d-%H%M%S"))
     runner = run_batch
     if pool:
-        from pipelines import remote
+        from pipelines import pool as work_pool
 
         for target in filter(None, (pool, gpu_pool)):  # before anything is submitted
-            git_url, rev, deployment = remote.deploy_head(repo, target)
+            git_url, rev, deployment = work_pool.deploy_head(repo, target)
             logger.info(f"deployment {deployment}: workers clone {git_url} at {rev[:7]}")
         runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev, sweep_name=name,
                                    gpu_pool=gpu_pool)

@@ -354,7 +354,7 @@ def test_gpu_work_pool_templates_pass_prefects_own_checks(prefect_api, prefect_e
 
     docker = yaml.safe_load((templates / "docker-gpu.yaml").read_text())
     entrypoints = {d["entrypoint"] for d in docker["deployments"]}
-    assert entrypoints == {"pipelines/remote.py:experiment_on_pool", "pipelines/remote.py:stages_on_pool"}
+    assert entrypoints == {"pipelines/worker_flows.py:experiment_on_pool", "pipelines/worker_flows.py:stages_on_pool"}
     for deployment in docker["deployments"]:
         module, name = deployment["entrypoint"].split(":")
         assert f"def {name}(" in (REPO / module).read_text()

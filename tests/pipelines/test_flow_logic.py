@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from pipelines import flow, remote
+from pipelines import flow
 from pipelines.dvcrepo import StageGraph, StageOutcome
 from stages.common.errors import StageFailed
 from tests.helpers import REPO
@@ -104,11 +104,11 @@ def test_gpu_stages_go_to_the_gpu_pool_together_and_the_rest_run_here(project, m
     monkeypatch.setattr(flow, "inspect_repo", lambda repo: (GPU_GRAPH, {s: ["changed"] for s in stale}))
     sent = []
 
-    def on_pool(repo, stages, inputs, pool, handoff, timeouts, log):
+    def on_pool(repo, stages, inputs, pool, handback, timeouts, log):
         sent.append((stages, inputs, pool))
         return [StageOutcome(stage, ran=True, seconds=1.0, pool=pool) for stage in stages]
 
-    monkeypatch.setattr(remote, "run_stages_on_pool", on_pool)
+    monkeypatch.setattr(flow, "run_stages_on_pool", on_pool)
     result = flow.pipeline(repo_dir=str(project), gpu_pool="gpu")
     if stale:
         assert sent == [(["train", "evaluate"], ["prepare"], "gpu")]  # one flow run for both

@@ -1,32 +1,22 @@
-"""The pipeline on a Prefect work pool: workers with nothing but the git and DVC remotes in common.
+"""Work pools, the caller's side: deploy the worker flows, submit flow runs, wait, take results back.
 
-A flow run of the `cifar10-experiment/<pool>` deployment clones the git remote at a revision into
-its own temporary directory, runs the stages there (missing inputs and stages computed elsewhere
-come from the DVC remote: `dvc repro --pull`, the run-cache included), saves the result as a
-named DVC experiment and pushes it with `dvc exp push origin` (git refs to the git remote, data,
-models and run-cache to the DVC remote). Any clone then sees it after `dvc exp pull origin NAME`.
-
-A flow run anywhere (this machine, or a pool's worker) can send its GPU stages to a GPU pool: a
-flow run of `cifar10-stages/<pool>` clones the same revision, takes the caller's params.yaml and
-dvc.lock, pulls the inputs the caller pushed, runs those stages, pushes their cached outputs and
-hands the rest (dvc.lock, metrics, curves) back as a DVC experiment on origin, which the caller
-pulls, restores into its workspace and removes.
-
-Prefect schedules the runs (work pools, workers, concurrency limits); this module only says what
-one run does, and creates the deployments from the git remote (`cifar10-pipeline deploy`).
+The flows that run on a pool's workers are in pipelines/worker_flows.py; they share nothing with
+the caller but the git remote (code, params, experiment refs) and the default DVC remote (data,
+models, run-cache). A whole run is a flow run of `cifar10-experiment/<pool>`, whose experiment is
+pulled from origin; a run's GPU stages can instead go to a flow run of `cifar10-stages/<pool>`,
+which hands its results back as an experiment that `restore_from_pool` brings into the caller's
+workspace and removes. Prefect schedules the runs (work pools, workers, concurrency limits).
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from pipelines.dvcrepo import (
@@ -36,32 +26,18 @@ from pipelines.dvcrepo import (
     git,
     git_tracked_outputs,
 )
-from pipelines.flow import pipeline, save_experiment, stage_task
 from stages.common.errors import CommandFailed, ConfigError, StageFailed
 
 FLOW_NAME = "cifar10-experiment"
-ENTRYPOINT = "pipelines/remote.py:experiment_on_pool"
+ENTRYPOINT = "pipelines/worker_flows.py:experiment_on_pool"
 STAGES_FLOW_NAME = "cifar10-stages"
-STAGES_ENTRYPOINT = "pipelines/remote.py:stages_on_pool"
+STAGES_ENTRYPOINT = "pipelines/worker_flows.py:stages_on_pool"
 # What a GPU pool's flow run needs of its caller's workspace besides the commit.
 HANDED_OVER = ("params.yaml", "dvc.lock")
 
 
-def _transient(task, task_run, state) -> bool:
+def retry_when_unreachable(task, task_run, state) -> bool:
     return isinstance(state.result(raise_on_failure=False), RemoteUnreachable)
-
-
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_transient)
-def clone(git_url: str, rev: str, into: Path) -> Path:
-    """A full clone (DVC's experiments need the history a shallow one lacks), checked out at `rev`."""
-    done = subprocess.run(["git", "clone", "--quiet", "--no-checkout", git_url, str(into)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-        raise RemoteUnreachable(f"git clone {git_url}: {message}; check the URL and that the remote is up")
-    if git(into, "checkout", "--quiet", rev) is None:
-        raise ConfigError(f"revision '{rev}' is not on {git_url}; `git push` it first (workers clone the git remote)")
-    return into
 
 
 def pushed_experiments(repo: Path) -> set[str]:
@@ -69,94 +45,20 @@ def pushed_experiments(repo: Path) -> set[str]:
     return set(dvc(repo, "exp", "list", "origin", "--all-commits", "--name-only").split())
 
 
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_transient)
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=retry_when_unreachable)
 def push_experiment(repo: Path, name: str, cache: bool = True) -> None:
     """Git refs to origin and, with `cache`, outputs and run-cache to the DVC remote."""
     get_run_logger().info(dvc(repo, "exp", "push", *(["--run-cache"] if cache else ["--no-cache"]), "origin", name).strip())
 
 
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_transient)
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=retry_when_unreachable)
 def transfer(repo: Path, command: str, stages: list[str]) -> None:
     """`dvc push` or `dvc pull` of the stages' cached outputs, retried when the remote is unreachable."""
     get_run_logger().info(dvc(repo, command, *stages).strip() or f"dvc {command}: nothing to transfer")
 
 
-@flow(name=FLOW_NAME, log_prints=True)
-def experiment_on_pool(
-    git_url: str,
-    rev: str = "HEAD",
-    name: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    stage_timeouts: dict[str, float] | None = None,
-    gpu_pool: str | None = None,
-) -> dict[str, Any]:
-    """Clone `git_url` at `rev`, run the pipeline with `overrides` (its GPU stages on `gpu_pool`
-    when given), push it as experiment `name`.
 
-    A name the git remote already holds is not run again: a flow run Prefect starts twice, or a
-    sweep rerun to retry its failed points, leaves each point's experiment exactly once.
-    """
-    logger = get_run_logger()
-    workdir = Path(tempfile.mkdtemp(prefix="cifar10-run-"))
-    timings: dict[str, float] = {}
-    try:
-        started = time.perf_counter()
-        repo = clone(git_url, rev, workdir / "repo")
-        timings["clone_s"] = time.perf_counter() - started
-        if name and name in pushed_experiments(repo):
-            logger.info(f"{name} is already on the git remote; not run again (`dvc exp pull origin {name}`)")
-            return {"experiment": name, "skipped": True, "timings": timings}
-        started = time.perf_counter()
-        result = pipeline(repo_dir=str(repo), overrides=overrides, experiment=name, pull=True,
-                          stage_timeouts=stage_timeouts, gpu_pool=gpu_pool)
-        timings["pipeline_s"] = time.perf_counter() - started
-        experiment = result["experiment"]
-        if experiment is None:
-            raise CommandFailed("nothing ran, so no experiment was saved: this revision's results are already "
-                                "committed; give overrides or a name to run")
-        started = time.perf_counter()
-        push_experiment(repo, experiment)
-        timings["push_s"] = time.perf_counter() - started
-        logger.info("timings: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-        return {**result, "skipped": False, "timings": {k: round(v, 1) for k, v in timings.items()}}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@flow(name=STAGES_FLOW_NAME, log_prints=True)
-def stages_on_pool(
-    git_url: str,
-    rev: str,
-    stages: list[str],
-    inputs: list[str],
-    files: dict[str, str],
-    handoff: str,
-    stage_timeouts: dict[str, float] | None = None,
-) -> dict[str, float]:
-    """Run `stages` for another flow run: clone `git_url` at `rev`, write its `files` (params.yaml,
-    dvc.lock), pull the outputs of the `inputs` stages it pushed, run the stages, push their cached
-    outputs and the rest as experiment `handoff` on origin; returns each stage's seconds."""
-    logger = get_run_logger()
-    workdir = Path(tempfile.mkdtemp(prefix="cifar10-stages-"))
-    try:
-        repo = clone(git_url, rev, workdir / "repo")
-        if handoff in pushed_experiments(repo):  # Prefect started this flow run twice
-            logger.info(f"{handoff} is already on the git remote; not run again")
-            return {}
-        for path, text in files.items():
-            (repo / path).write_text(text)
-        transfer(repo, "pull", inputs)
-        outcomes = [stage_task(str(repo), stage, False, (stage_timeouts or {}).get(stage), True) for stage in stages]
-        transfer(repo, "push", stages)
-        # The caller has the inputs' outputs; only these stages' are committed and handed back.
-        save_experiment(repo, outcomes, None, handoff, stages=stages)
-        push_experiment(repo, handoff, cache=False)
-        return {o.stage: round(o.seconds, 1) for o in outcomes}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def run_stages_on_pool(repo: Path, stages: list[str], inputs: list[str], pool: str, handoff: str,
+def run_stages_on_pool(repo: Path, stages: list[str], inputs: list[str], pool: str, handback: str,
                        timeouts: dict[str, float], log: Callable[[str], None]) -> list[StageOutcome]:
     """Send `stages` to a flow run of `cifar10-stages/<pool>` and wait; then bring their results
     into `repo` as if they had run here. The inputs' outputs go to the DVC remote first."""
@@ -166,18 +68,18 @@ def run_stages_on_pool(repo: Path, stages: list[str], inputs: list[str], pool: s
     require_committed(repo)
     transfer(repo, "push", inputs)
     started = time.perf_counter()
-    log(f"sending {', '.join(stages)} to work pool '{pool}' as flow run {handoff}")
-    run = run_deployment(f"{STAGES_FLOW_NAME}/{pool}", flow_run_name=handoff, timeout=None, parameters={
-        "git_url": git_url, "rev": rev, "stages": stages, "inputs": inputs, "handoff": handoff,
+    log(f"sending {', '.join(stages)} to work pool '{pool}' as flow run {handback}")
+    run = run_deployment(f"{STAGES_FLOW_NAME}/{pool}", flow_run_name=handback, timeout=None, parameters={
+        "git_url": git_url, "rev": rev, "stages": stages, "inputs": inputs, "handback": handback,
         "files": {path: (repo / path).read_text() for path in HANDED_OVER if (repo / path).is_file()},
         "stage_timeouts": {s: t for s, t in timeouts.items() if s in stages}})
     state = run.state
     if state is None or not state.is_completed():
         name, message = (state.name, state.message) if state else ("without a state", "")
-        raise StageFailed(stages[0], f"flow run {handoff} on work pool '{pool}' ended {name}: {message} "
+        raise StageFailed(stages[0], f"flow run {handback} on work pool '{pool}' ended {name}: {message} "
                                      "(its logs are in the Prefect UI)", None)
-    log(f"{handoff} completed in {time.perf_counter() - started:.0f} s (waiting, cloning and pushing included)")
-    take_back(repo, handoff, stages)
+    log(f"{handback} completed in {time.perf_counter() - started:.0f} s (waiting, cloning and pushing included)")
+    restore_from_pool(repo, handback, stages)
     seconds = stage_seconds(run.id)
     return [StageOutcome(stage, ran=True, seconds=seconds.get(stage, 0.0), pool=pool) for stage in stages]
 
@@ -192,14 +94,14 @@ def stage_seconds(flow_run_id) -> dict[str, float]:
     return {run.name: run.total_run_time.total_seconds() for run in runs}
 
 
-def take_back(repo: Path, handoff: str, stages: list[str]) -> None:
+def restore_from_pool(repo: Path, handback: str, stages: list[str]) -> None:
     """The hand-off experiment's dvc.lock and the stages' outputs into this workspace (exactly its
     files: stale ones removed first); then the experiment is removed here and from origin."""
-    dvc(repo, "exp", "pull", "--no-cache", "origin", handoff)
+    dvc(repo, "exp", "pull", "--no-cache", "origin", handback)
     ref = next((r for r in (git(repo, "for-each-ref", "--format=%(refname)", "refs/exps") or "").split()
-                if r.rsplit("/", 1)[-1] == handoff), None)
+                if r.rsplit("/", 1)[-1] == handback), None)
     if ref is None:
-        raise CommandFailed(f"experiment {handoff} is not on origin after its flow run completed; rerun")
+        raise CommandFailed(f"experiment {handback} is not on origin after its flow run completed; rerun")
     tracked = git_tracked_outputs(repo, stages)
     for path in tracked:
         if (repo / path).is_dir():
@@ -207,10 +109,10 @@ def take_back(repo: Path, handoff: str, stages: list[str]) -> None:
         else:
             (repo / path).unlink(missing_ok=True)
     if git(repo, "restore", f"--source={ref}", "--worktree", "--", *HANDED_OVER[1:], *tracked) is None:
-        raise CommandFailed(f"could not restore {', '.join(tracked)} from experiment {handoff}; rerun")
+        raise CommandFailed(f"could not restore {', '.join(tracked)} from experiment {handback}; rerun")
     transfer(repo, "pull", stages)
-    dvc(repo, "exp", "remove", "--git-remote", "origin", handoff)
-    dvc(repo, "exp", "remove", handoff)
+    dvc(repo, "exp", "remove", "--git-remote", "origin", handback)
+    dvc(repo, "exp", "remove", handback)
 
 
 def require_committed(repo: Path) -> None:
@@ -273,12 +175,13 @@ def deploy(pool: str, git_url: str, branch: str, concurrency_limit: int | None =
     """Create (or update) the pool's deployments, `cifar10-experiment/<pool>` (whole runs) and
     `cifar10-stages/<pool>` (another run's GPU stages): their code comes from the git remote,
     cloned by the worker for each flow run; returns the first's full name."""
+    from prefect import Flow
     from prefect.runner.storage import GitRepository
 
     source = GitRepository(url=git_url, branch=branch)
-    for remote_flow, entrypoint, parameters in ((experiment_on_pool, ENTRYPOINT, {"git_url": git_url}),
-                                                (stages_on_pool, STAGES_ENTRYPOINT, {})):
-        remote_flow.from_source(source=source, entrypoint=entrypoint).deploy(
+    # Prefect loads each flow from the source, as a worker will: deploying imports no worker code here.
+    for entrypoint, parameters in ((ENTRYPOINT, {"git_url": git_url}), (STAGES_ENTRYPOINT, {})):
+        Flow.from_source(source=source, entrypoint=entrypoint).deploy(
             name=pool, work_pool_name=pool, parameters=parameters,
             job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}},
             concurrency_limit=concurrency_limit, print_next_steps=False, build=False, push=False)
