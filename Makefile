@@ -13,12 +13,15 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run quick test
+.PHONY: setup run quick test test-fast lock
 
-$(BIN)/dvc: pyproject.toml
+# Every dependency at the version requirements.lock names (its hashes checked), then the project
+# itself without dependencies: a fresh machine gets the environment the tests passed on.
+$(BIN)/dvc: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/python -c 'from pipelines.compare import offline_plots_template; offline_plots_template()'
 	touch $@
 
@@ -37,3 +40,17 @@ quick: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The unit layer: no training, no Prefect server, no browser (docs/development.md, Tests).
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m 'not slow'
+
+# Refresh requirements.lock from pyproject.toml with the newest releases its ranges allow (uv, in a
+# folder of its own so it stays out of the locked environment); then `make test` before committing.
+LOCK_TOOLS := $(VENV)/lock-tools
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || ($(PYTHON) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install --quiet uv==0.13.9)
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --extra test --upgrade --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command 'make lock' --output-file requirements.lock
