@@ -27,10 +27,10 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # the GPU machine has JAX, not Te
 
 import keras
 
-from pipelines.presets import resolve
 from stages.common import dataio
 from stages.common.models import predict_probabilities
-from stages.common.params import load_yaml, parse_section, set_dotted
+from stages.common.params import parse_assignments, parse_section
+from stages.common.presets import effective_params
 from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
 from stages.common.schemas import EvaluateParams, PrepareParams, TrainParams
 from stages.prepare import decode_image, fit_normalization, stratified_split
@@ -54,12 +54,7 @@ def load_archive(archive: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
 
 def recipe(preset: str, sets: list[str]) -> tuple[TrainParams, PrepareParams, EvaluateParams]:
     """params.yaml with the preset and --set overrides on top, checked by the stages' schemas."""
-    params = load_yaml((REPO / "params.yaml").read_text())
-    for section, values in resolve(preset).items():
-        params[section].update(values)
-    for pair in sets:
-        key, _, value = pair.partition("=")
-        set_dotted(params, key, load_yaml(value))
+    params = effective_params(REPO / "params.yaml", preset, parse_assignments(sets))
     return (parse_section(params["train"], TrainParams, "train"),
             parse_section(params["prepare"], PrepareParams, "prepare"),
             parse_section(params["evaluate"], EvaluateParams, "evaluate"))

@@ -33,7 +33,8 @@ import keras
 import numpy as np
 
 from stages.common.errors import ConfigError, run_main
-from stages.common.params import load_yaml, parse_section, read_params
+from stages.common.params import parse_assignments, parse_section
+from stages.common.presets import effective_params
 from stages.common.recipe import EpochClock
 from stages.common.schemas import TrainParams
 from stages.train import compiled_model, make_dataset
@@ -42,20 +43,9 @@ NORMALIZATION = {"mean": [125.0, 123.0, 114.0], "std": [63.0, 62.0, 66.0]}  # CI
 
 
 def train_params(preset: str | None, overrides: list[str]) -> TrainParams:
-    section = read_params(Path("params.yaml"))["train"]
-    if preset:
-        from pipelines.presets import resolve
-
-        try:
-            section = {**section, **resolve(preset)["train"]}
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    for override in overrides:
-        key, equals, value = override.partition("=")
-        if not equals:
-            raise ConfigError(f"--set/--versus {override}: expected KEY=VALUE, e.g. mixed_precision=true")
-        section[key] = load_yaml(value)  # YAML 1.2, as `run --set` reads it
-    return parse_section(section, TrainParams, "train")
+    """params.yaml's train section with the preset and KEY=VALUE overrides of train's keys on top."""
+    sets = {f"train.{key}": value for key, value in parse_assignments(overrides, "--set/--versus").items()}
+    return parse_section(effective_params(Path("params.yaml"), preset, sets)["train"], TrainParams, "train")
 
 
 Fit = Callable[[list[keras.callbacks.Callback]], keras.callbacks.History]

@@ -17,9 +17,9 @@ from itertools import accumulate
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from stages.common.errors import DataError, run_main
+from stages.common.params import read_params
 from stages.common.paths import CURVES, RUN_INFO, artifact_paths, evaluation_files
 
 
@@ -49,7 +49,7 @@ def render(repo: Path, targets: list[float], test_target: float, minutes: float)
     if len(val) != len(seconds):
         raise DataError(f"{len(val)} validation accuracies but {len(seconds)} epoch times in {repo / artifact_paths(repo)['train'] / CURVES}; "
                          "rerun training with `dvc repro -f train`")
-    train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    train = read_params(repo / "params.yaml")["train"]
     test = json.loads((repo / evaluation_files(repo)["metrics"]).read_text())["accuracy"]
     total = sum(seconds)
     run_info = repo / artifact_paths(repo)["train"] / RUN_INFO

@@ -2,56 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
-import logging
 import os
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from pipelines.predict import DEFAULT_TOP_K
+from pipelines.prefect_server import PREFECT_HOME, api_reachable, flow_api, require_server
 from stages.common.errors import (
     INTERRUPTED,
-    TRACEBACK_ENV,
     USAGE,
     ConfigError,
     PipelineError,
-    TransientError,
     error_exit,
     interrupt_on_sigterm,
 )
+from stages.common.params import parse_assignments
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect.")
 
 DEFAULT_PORT = 4200
-PREFECT_HOME = Path(".prefect")
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """['train.epochs=5'] -> {'train.epochs': 5}; values are read as YAML 1.2, as DVC reads them
-    (numbers such as 1e-3, null, lists)."""
-    import yaml
-
-    from stages.common.params import load_yaml
-
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got '{pair}'")
-        try:
-            overrides[key.strip()] = load_yaml(value) if value.strip() else None
-        except (yaml.YAMLError, ValueError) as err:
-            problem = getattr(err, "problem", None) or "the value is not valid YAML"
-            raise ConfigError(f"--set {pair}: {problem}; quote it (e.g. key='a: b')") from None
-    return overrides
 
 
 def require_repo(repo: Path) -> Path:
@@ -96,42 +71,6 @@ GpuPoolOption = Annotated[str | None, typer.Option(
                        "where the run does.")]
 
 
-def require_server(api_url: str | None) -> None:
-    """Work pools live on a Prefect server; Prefect's temporary one ends with this command."""
-    if not api_url:
-        raise ConfigError("a work pool needs a Prefect server that workers reach: set PREFECT_API_URL "
-                          "(see README, Scaling out)")
-    if not _api_reachable(api_url):
-        raise TransientError(f"the Prefect API at {api_url} is unreachable; start it and rerun")
-
-
-def deploy_pools(repo: Path, *pools: str | None) -> tuple[str, str]:
-    """The deployments of each pool given, from HEAD on origin (see pool.deploy_head): (git URL, commit)."""
-    from pipelines import pool as work_pool
-
-    require_server(os.environ.get("PREFECT_API_URL"))
-    for pool in filter(None, pools):
-        git_url, rev, _ = work_pool.deploy_head(repo, pool)
-    return git_url, rev
-
-
-def _run_on_pool(repo: Path, overrides: dict[str, Any], pool: str, gpu_pool: str | None) -> None:
-    """One flow run on the pool, waited for; its experiment is pulled here."""
-    import time
-
-    from pipelines import pool as work_pool
-
-    git_url, rev = deploy_pools(repo, pool, gpu_pool)
-    name = time.strftime("run-%Y%m%d-%H%M%S")
-    runs = work_pool.submit(pool, git_url, rev, {name: overrides}, tags=["cli"], gpu_pool=gpu_pool)
-    typer.echo(f"submitted {name} to work pool '{pool}' (flow run {runs[name].id}); waiting for a worker")
-    state = work_pool.wait_for(runs, lambda *_: None)[name]
-    if not state.is_completed():
-        raise PipelineError(f"flow run {name} ended {state.name}: {state.message}")
-    work_pool.pull_experiment(repo, name)
-    typer.echo(f"experiment: {name} (pulled from origin; `cifar10-pipeline compare {name}`)")
-
-
 @app.command()
 def run(
     repo: RepoOption = Path("."),
@@ -146,158 +85,18 @@ def run(
     gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (no server needed: without PREFECT_API_URL a temporary one runs)."""
+    from pipelines import launch
     from pipelines.compare import offline_plots_template
     from stages.common.params import check_overrides
 
     repo = require_repo(repo)
-    overrides = parse_overrides(set_ or [])
+    overrides = parse_assignments(set_ or [])
     check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
+    request = launch.RunRequest(repo, overrides, parse_timeouts(stage_timeout or [], repo), dry_run, push,
+                                lock_timeout, fallback, gate, pool, gpu_pool)
     offline_plots_template(repo)  # plain `dvc plots show` then draws offline too (.dvc/config names it)
-    api_url = os.environ.get("PREFECT_API_URL")
-    if pool:
-        _run_on_pool(repo, overrides, pool, gpu_pool)
-        return
-    if dry_run:  # DVC's answer; no flow run to record it, so no Prefect API to start
-        for stage, fate in dry_run_plan(repo, overrides, lock_timeout).items():
-            typer.echo(f"{stage}: {fate}")
-        return
-    if gpu_pool:
-        from pipelines.pool import require_committed
-
-        require_committed(repo)  # before any stage runs
-        deploy_pools(repo, gpu_pool)
-    if api_url and not _api_reachable(api_url):
-        if not fallback:
-            raise TransientError(
-                f"the Prefect API at {api_url} is unreachable; start it (cifar10-pipeline server), unset "
-                "PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`")
-        typer.echo(f"warning: the Prefect API at {api_url} is unreachable; running plain `dvc repro` "
-                   "(no Prefect logs, retries or artifacts)", err=True)
-        _plain_repro(repo, overrides)
-        return
-    timeouts = parse_timeouts(stage_timeout or [], repo)
-    with flow_api(repo):
-        _run_flow(repo, overrides, push, lock_timeout, timeouts, gate, gpu_pool)
-
-
-@contextlib.contextmanager
-def flow_api(repo: Path) -> Iterator[None]:
-    """The Prefect API a command's flow reports to for the block: PREFECT_API_URL's, or else a
-    temporary one of the project's (pipelines/prefect_server.py) that ends with the block."""
-    if os.environ.get("PREFECT_API_URL"):
-        expected_failures_in_one_line()
-        yield
-        return
-    from pipelines.prefect_server import temporary_api
-
-    # The temporary API keeps its runs in PREFECT_HOME's SQLite database: the project's own, which
-    # `cifar10-pipeline server` serves, so the runs stay browsable there.
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(repo / PREFECT_HOME)))
-    home.mkdir(parents=True, exist_ok=True)
-    startup_s = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
-    with temporary_api(home, startup_s) as url:
-        # Before Prefect is imported: its background workers (logs, events) read the settings it
-        # loaded then, and without an API URL each would start a temporary server of its own.
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            expected_failures_in_one_line()
-            yield
-        finally:
-            flush_prefect_logs()
-            del os.environ["PREFECT_API_URL"]
-
-
-def flush_prefect_logs() -> None:
-    """Send the run's last logs and events while the temporary API still listens."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=10)
-    EventsWorker.drain_all(timeout=10)
-
-
-def dry_run_plan(repo: Path, overrides: dict[str, Any], lock_timeout: float) -> dict[str, str]:
-    """Which stages a run with these overrides would run, and why: params.yaml holds them while DVC
-    looks, then is restored byte for byte, under the lock a run takes."""
-    from pipelines.dvcrepo import inspect_repo, overrides_applied, plan, workspace_lock
-
-    with workspace_lock(repo, lock_timeout, "a dry run (cifar10-pipeline run --dry-run)"), \
-            overrides_applied(repo / "params.yaml", overrides, lambda: False, keep=False):
-        graph, reasons = inspect_repo(repo)
-    return plan(graph, reasons)
-
-
-def _api_reachable(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _plain_repro(repo: Path, overrides: dict[str, Any]) -> None:
-    """The pipeline without Prefect: DVC's own experiment runner when there are overrides."""
-    from pipelines.dvcrepo import dvc_environment
-
-    raise typer.Exit(subprocess.call(fallback_command(overrides, dry_run=False), cwd=repo, env=dvc_environment()))
-
-
-def fallback_command(overrides: dict[str, Any], dry_run: bool) -> list[str]:
-    from pipelines.dvcrepo import dvc_executable, set_arg
-
-    sets = [arg for key, value in overrides.items() for arg in ("-S", set_arg(key, value))]
-    command = [dvc_executable(), "exp", "run", *sets] if overrides else [dvc_executable(), "repro"]
-    return [*command, "--dry"] if dry_run else command
-
-
-class _ExpectedFailuresInOneLine(logging.Formatter):
-    """Prefect's console format, less the traceback Prefect logs with a task's or flow's failure
-    when it is one of ours: its message says what failed and what to do (the final `error:` line
-    repeats it), and TRACEBACK_ENV shows the traceback to whoever wants it."""
-
-    def __init__(self, inner: logging.Formatter) -> None:
-        from prefect.exceptions import TerminationSignal  # SIGTERM, as Prefect raises it in a flow
-
-        super().__init__()
-        self.inner = inner
-        self.expected = (PipelineError, KeyboardInterrupt, TerminationSignal)
-
-    def format(self, record: logging.LogRecord) -> str:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, self.expected) and not os.environ.get(TRACEBACK_ENV):
-            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
-        return self.inner.format(record)
-
-
-def expected_failures_in_one_line() -> None:
-    import prefect.main  # noqa: F401 - sets up Prefect's logging, whose console handlers are changed here
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.root, *(logger for logger in logging.root.manager.loggerDict.values()
-                                if isinstance(logger, logging.Logger))]
-    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
-        if handler.formatter is not None and not isinstance(handler.formatter, _ExpectedFailuresInOneLine):
-            handler.setFormatter(_ExpectedFailuresInOneLine(handler.formatter))
-
-
-def _run_flow(repo: Path, overrides: dict[str, Any], push: bool, lock_timeout: float,
-              timeouts: dict[str, float], gate: bool, gpu_pool: str | None = None) -> None:
-    from pipelines.flow import pipeline
-    from stages.common.paths import REPORT_PAGE, artifact_paths
-
-    # A failing stage raises StageFailed with the stage's own exit code (2 config, 3 data, ...).
-    result = pipeline(repo_dir=str(repo), overrides=overrides or None, push=push, lock_timeout_s=lock_timeout,
-                      stage_timeouts=timeouts, gate=gate, gpu_pool=gpu_pool)
-    for info in result["stages"].values():
-        typer.echo(info["outcome"])
-    if result.get("experiment"):
-        typer.echo(f"experiment: {result['experiment']}")
-    if result.get("metrics"):
-        typer.echo(f"accuracy: {result['metrics'].get('accuracy')}")
-    page = repo / artifact_paths(repo)["report"] / REPORT_PAGE
-    if page.is_file():
-        typer.echo(f"report page: {page}")
+    raise typer.Exit(launch.run(request, os.environ.get("PREFECT_API_URL"), typer.echo,
+                                lambda line: typer.echo(line, err=True)))
 
 
 @app.command()
@@ -316,7 +115,7 @@ def serve(
     from stages.common.params import check_overrides
 
     repo = require_repo(repo)
-    overrides = parse_overrides(set_ or [])
+    overrides = parse_assignments(set_ or [])
     check_overrides(repo / "params.yaml", overrides)
     if not PREFECT_API_URL.value():
         raise ConfigError("serve needs a Prefect server: start one with `cifar10-pipeline server`, then "
@@ -397,7 +196,7 @@ def orchestration() -> dict[str, Any]:
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         return {}
-    if not _api_reachable(url):
+    if not api_reachable(url):
         typer.echo(f"warning: the Prefect API at {url} is unreachable; showing DVC's view only", err=True)
         return {}
     from pipelines.prefect_server import orchestration_status
@@ -453,21 +252,14 @@ def gate(
     repo: RepoOption = Path("."),
 ) -> None:
     """Exit 1 when the candidate's accuracy or a class's recall dropped beyond params.yaml's gate."""
-    from pipelines.gate import gate as run_gate
+    from pipelines.gate import gate_verdict, register_passed_candidate
 
     repo = require_repo(repo)
-    verdict = run_gate(repo, baseline, candidate)
+    verdict = gate_verdict(repo, baseline, candidate)
     typer.echo(verdict.markdown())
-    if not verdict.passed:
-        raise typer.Exit(1)
+    verdict.raise_if_failed()
     if register or stage:
-        from pipelines.dvcrepo import git
-        from pipelines.registry import register as register_model
-
-        if candidate is None and git(repo, "status", "--porcelain", "--", "dvc.lock"):
-            raise ConfigError("the gated run (the workspace) is not committed, so there is no version to register; "
-                              "commit it, then `cifar10-pipeline register`")
-        typer.echo(register_model(repo, candidate or "HEAD", stage).describe())
+        typer.echo(register_passed_candidate(repo, candidate, stage).describe())
 
 
 @app.command()
@@ -548,7 +340,7 @@ def preset(
     repo: RepoOption = Path("."),
 ) -> None:
     """Write a named recipe (presets/NAME.yaml: the seeds' notebooks, the fast default) into params.yaml."""
-    from pipelines import presets
+    from stages.common import presets
 
     folder = presets.presets_dir(repo.resolve())
     if name is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -29,27 +29,19 @@ from pipelines.dvcrepo import (
     stop_all_stages,
     workspace_lock,
 )
+from pipelines.gate import GateVerdict, gate_verdict
 from pipelines.pool import run_stages_on_pool
 from stages.common import dataio
-from stages.common.errors import PipelineError, StageFailed
+from stages.common.errors import StageFailed
 from stages.common.paths import evaluation_files
-
-if TYPE_CHECKING:
-    from pipelines.gate import GateVerdict
 
 REPORT_ARTIFACT = "cifar10-report"
 METRICS_ARTIFACT = "cifar10-metrics"
 
 
-class GateFailed(PipelineError):
-    pass
-
-
-def run_gate(repo: Path) -> GateVerdict:
+def publish_gate_verdict(repo: Path) -> GateVerdict:
     """The quality gate against the newest metrics on main, as a Prefect artifact too."""
-    from pipelines.gate import gate
-
-    verdict = gate(repo)
+    verdict = gate_verdict(repo)
     get_run_logger().info(verdict.markdown())
     create_markdown_artifact(verdict.markdown(), key="cifar10-gate", description="Quality gate verdict")
     return verdict
@@ -281,8 +273,8 @@ def pipeline(
         experiment = save_experiment(repo, outcomes, overrides, experiment)
         if push:
             push_outputs(repo)
-        verdict = run_gate(repo) if gate else None
+        verdict = publish_gate_verdict(repo) if gate else None
         metrics = publish_artifacts(repo, outcomes, experiment, verdict)
-        if verdict is not None and not verdict.passed:
-            raise GateFailed("quality gate failed: " + "; ".join(verdict.reasons))
+        if verdict is not None:
+            verdict.raise_if_failed()
         return summary(outcomes, experiment, metrics)

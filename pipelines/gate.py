@@ -22,10 +22,17 @@ from pipelines.compare import (
     uncertainty,
 )
 from pipelines.dvcrepo import git
-from stages.common.errors import ConfigError
+from pipelines.registry import Registered, register
+from stages.common.errors import ConfigError, PipelineError
 from stages.common.paths import evaluation_files
 from stages.common.render import report_classes
 from stages.common.schemas import GateParams
+
+
+class GateFailed(PipelineError):
+    """The candidate regressed beyond params.yaml's gate (`cifar10-pipeline gate`, `run --gate`)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class GateVerdict:
     candidate: str
     reasons: list[str]
     lines: list[str]
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise GateFailed("quality gate failed: " + "; ".join(self.reasons))
 
     def markdown(self) -> str:
         head = f"**Quality gate {'passed' if self.passed else 'FAILED'}**: {self.candidate} against {self.baseline}"
@@ -124,7 +135,7 @@ def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
     return GateVerdict(not reasons, baseline.name, candidate.name, reasons, lines)
 
 
-def gate(repo: Path, baseline: str | None = None, candidate: str | None = None) -> GateVerdict:
+def gate_verdict(repo: Path, baseline: str | None = None, candidate: str | None = None) -> GateVerdict:
     params = load_gate_params(repo)
     if baseline is None:
         commit, branch = default_baseline(repo, candidate)
@@ -135,3 +146,12 @@ def gate(repo: Path, baseline: str | None = None, candidate: str | None = None) 
     candidate_run = load_run(repo, candidate or WORKSPACE)
     check_comparable(base_run, candidate_run)
     return judge(base_run, candidate_run, params)
+
+
+def register_passed_candidate(repo: Path, candidate: str | None, stage: str | None) -> Registered:
+    """A candidate that passed the gate, registered with GTO (and assigned to `stage`); the
+    workspace (candidate None) must be committed first, as a version is a commit."""
+    if candidate is None and git(repo, "status", "--porcelain", "--", "dvc.lock"):
+        raise ConfigError("the gated run (the workspace) is not committed, so there is no version to register; "
+                          "commit it, then `cifar10-pipeline register`")
+    return register(repo, candidate or "HEAD", stage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from stages.common.errors import TransientError
+from stages.common.errors import TRACEBACK_ENV, ConfigError, PipelineError, TransientError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_GRACE_S = 10.0
@@ -154,3 +155,87 @@ def describe_schedule(schedule: object) -> str:
         if value is not None:
             return f"{kind} {value}"
     return str(schedule)
+
+
+# The project's Prefect home (SQLite database, settings) when PREFECT_HOME is not set.
+PREFECT_HOME = Path(".prefect")
+
+
+def api_reachable(url: str) -> bool:
+    try:
+        return httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def require_server(api_url: str | None) -> None:
+    """Work pools live on a Prefect server; Prefect's temporary one ends with this command."""
+    if not api_url:
+        raise ConfigError("a work pool needs a Prefect server that workers reach: set PREFECT_API_URL "
+                          "(see docs/scaling.md)")
+    if not api_reachable(api_url):
+        raise TransientError(f"the Prefect API at {api_url} is unreachable; start it and rerun")
+
+
+@contextlib.contextmanager
+def flow_api(repo: Path) -> Iterator[None]:
+    """The Prefect API a command's flow reports to for the block: PREFECT_API_URL's, or else a
+    temporary one of the project's (pipelines/prefect_server.py) that ends with the block."""
+    if os.environ.get("PREFECT_API_URL"):
+        expected_failures_in_one_line()
+        yield
+        return
+    # The temporary API keeps its runs in PREFECT_HOME's SQLite database: the project's own, which
+    # `cifar10-pipeline server` serves, so the runs stay browsable there.
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(repo / PREFECT_HOME)))
+    home.mkdir(parents=True, exist_ok=True)
+    startup_s = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    with temporary_api(home, startup_s) as url:
+        # Before Prefect is imported: its background workers (logs, events) read the settings it
+        # loaded then, and without an API URL each would start a temporary server of its own.
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            expected_failures_in_one_line()
+            yield
+        finally:
+            flush_prefect_logs()
+            del os.environ["PREFECT_API_URL"]
+
+
+def flush_prefect_logs() -> None:
+    """Send the run's last logs and events while the temporary API still listens."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
+
+
+class _ExpectedFailuresInOneLine(logging.Formatter):
+    """Prefect's console format, less the traceback Prefect logs with a task's or flow's failure
+    when it is one of ours: its message says what failed and what to do (the final `error:` line
+    repeats it), and TRACEBACK_ENV shows the traceback to whoever wants it."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        from prefect.exceptions import TerminationSignal  # SIGTERM, as Prefect raises it in a flow
+
+        super().__init__()
+        self.inner = inner
+        self.expected = (PipelineError, KeyboardInterrupt, TerminationSignal)
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, self.expected) and not os.environ.get(TRACEBACK_ENV):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def expected_failures_in_one_line() -> None:
+    import prefect.main  # noqa: F401 - sets up Prefect's logging, whose console handlers are changed here
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.root, *(logger for logger in logging.root.manager.loggerDict.values()
+                                if isinstance(logger, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
+        if handler.formatter is not None and not isinstance(handler.formatter, _ExpectedFailuresInOneLine):
+            handler.setFormatter(_ExpectedFailuresInOneLine(handler.formatter))

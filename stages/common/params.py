@@ -363,24 +363,47 @@ def _describe(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
-    """params.yaml as it stands with the overrides on top, checked before anything is written or
-    run: an override whose key params.yaml lacks is refused (suggesting the nearest one) and, with
-    `values`, every section is checked against its schema (a key typed by hand included), the
-    overridden train section down to its model building."""
-    data = read_params(params_file)
+def parse_assignments(pairs: typing.Iterable[str], option: str = "--set") -> dict[str, Any]:
+    """['train.epochs=5'] -> {'train.epochs': 5}: the one reader of KEY=VALUE, for the CLI and the
+    benchmarks; values are YAML 1.2, as DVC reads them (1e-3 a number, null, lists)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects key=value (e.g. train.epochs=5), got '{pair}'")
+        try:
+            overrides[key.strip()] = load_yaml(value) if value.strip() else None
+        except (yaml.YAMLError, ValueError) as err:
+            problem = getattr(err, "problem", None) or "the value is not valid YAML"
+            raise ConfigError(f"{option} {pair}: {problem}; quote it (e.g. key='a: b')") from None
+    return overrides
+
+
+def with_overrides(params: dict[str, Any], overrides: dict[str, Any], values: bool = True) -> dict[str, Any]:
+    """The params mapping with dotted overrides set in place; an override whose key it lacks is
+    refused, suggesting the nearest one. Without `values`, only the keys are checked."""
     # A key can be a leaf or a whole mapping (train.augment, train.arch.fast_vgg).
-    known = {".".join(leaf.split(".")[:i]) for leaf in flatten(data) for i in range(1, leaf.count(".") + 2)}
+    known = {".".join(leaf.split(".")[:i]) for leaf in flatten(params) for i in range(1, leaf.count(".") + 2)}
     for dotted in overrides:
         if dotted not in known:
             hint = difflib.get_close_matches(dotted, sorted(known), n=1)
             raise ConfigError(
                 f"override '{dotted}' names no key in params.yaml" + (f"; did you mean '{hint[0]}'?" if hint else "")
             )
+    if values:
+        for dotted, value in overrides.items():
+            set_dotted(params, dotted, value)
+    return params
+
+
+def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
+    """params.yaml as it stands with the overrides on top, checked before anything is written or
+    run: an override whose key params.yaml lacks is refused and, with `values`, every section is
+    checked against its schema (a key typed by hand included), the overridden train section down
+    to its model building."""
+    data = with_overrides(read_params(params_file), overrides, values)
     if not values:
         return
-    for dotted, value in overrides.items():
-        set_dotted(data, dotted, value)
     overridden = {dotted.split(".")[0] for dotted in overrides}
     try:
         check_sections(data, [name for name in SECTIONS if name in data], build=overridden)

@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+from stages.common.errors import ConfigError
+from stages.common.params import check_sections, read_params, read_yaml_file, update_params_file, with_overrides
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 
 
 def presets_dir(repo: Path) -> Path:
@@ -46,26 +49,27 @@ def _merge(base: dict, top: dict) -> dict:
 def resolve(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
     path = presets_dir / f"{name}.yaml"
     if not path.is_file():
-        from stages.common.errors import ConfigError
-
         raise ConfigError(f"no preset '{name}'; available: {', '.join(available(presets_dir))}")
-    from stages.common.params import read_yaml_file
-
     base = read_yaml_file(presets_dir / "_base.yaml")
     preset = read_yaml_file(path) or {}
     return {section: _merge(base.get(section, {}), preset.get(section, {})) if section in base else preset[section]
             for section in {**base, **preset}}
 
 
+def effective_params(params_file: Path, preset: str | None = None, overrides: dict[str, Any] | None = None,
+                     presets_dir: Path = PRESETS_DIR) -> dict[str, Any]:
+    """params.yaml, then a preset's values, then dotted overrides on top: what a run of them reads.
+    The one builder of a run's params, for the CLI, the flow and the benchmarks."""
+    params = read_params(params_file)
+    for section, keys in (resolve(preset, presets_dir) if preset else {}).items():
+        params.setdefault(section, {}).update(keys)
+    return with_overrides(params, overrides or {})
+
+
 def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
     """Write the preset into params_file (comments kept) after checking it against the schema."""
-    from stages.common.params import check_sections, read_params, update_params_file
-
     values = resolve(name, presets_dir)
-    plain = read_params(params_file)
-    for section, keys in values.items():
-        plain[section].update(keys)
-    check_sections(plain, values)  # a bad preset never reaches params.yaml
+    check_sections(effective_params(params_file, name, presets_dir=presets_dir), values)  # a bad preset never reaches params.yaml
     # A changed line's comment described the previous recipe's value: it goes with it.
     update_params_file(params_file, {f"{section}.{key}": value for section, keys in values.items()
                                      for key, value in keys.items()}, keep_comments=False)

@@ -57,7 +57,7 @@ def test_a_run_cache_restore_counts_as_a_change():
 
 def test_set_values_reach_dvc_as_yaml_it_reads_back(tmp_path):
     """`dvc exp run -S` reads values as YAML; yaml.safe_dump(5) gave '5\\n...', which it refused."""
-    from pipelines.cli import fallback_command
+    from pipelines.launch import fallback_command
     from stages.common.params import load_yaml
 
     command = fallback_command({"train.epochs": 5, "train.learning_rate": 1e-3, "train.optimizer": "sgd",
@@ -73,7 +73,7 @@ def test_set_values_reach_dvc_as_yaml_it_reads_back(tmp_path):
 
 
 def test_cli_reads_set_values_as_yaml_1_2():
-    from pipelines.cli import parse_overrides
+    from stages.common.params import parse_assignments as parse_overrides
 
     assert parse_overrides(["train.learning_rate=1e-3", "train.epochs=3", "x=null", "y=[1, 2]"]) == {
         "train.learning_rate": 0.001, "train.epochs": 3, "x": None, "y": [1, 2]}

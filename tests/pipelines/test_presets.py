@@ -4,7 +4,7 @@ import subprocess
 import pytest
 import yaml
 
-from pipelines import presets
+from stages.common import presets
 from stages.common.errors import ConfigError
 from stages.common.params import load_section
 from stages.common.schemas import TrainParams
