@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run quick test test-fast lock
+.PHONY: setup run quick test test-fast lock cli-docs
 
 # Every dependency at the version requirements.lock names (its hashes checked), then the project
 # itself without dependencies: a fresh machine gets the environment the tests passed on.
@@ -54,3 +54,7 @@ lock:
 	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml --extra test --upgrade --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--custom-compile-command 'make lock' --output-file requirements.lock
+
+# docs/cli.md from the app by typer's own generator (tests/test_project.py fails when it drifts).
+cli-docs: setup
+	$(BIN)/typer pipelines.cli utils docs --name cifar10-pipeline --title 'Command reference' --output docs/cli.md

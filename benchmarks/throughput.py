@@ -34,8 +34,8 @@ import numpy as np
 
 from stages.common.errors import ConfigError, run_main
 from stages.common.params import parse_assignments, parse_section
-from stages.common.presets import effective_params
 from stages.common.recipe import EpochClock
+from stages.common.run_params import effective_params
 from stages.common.schemas import TrainParams
 from stages.train import compiled_model, make_dataset
 

@@ -87,7 +87,7 @@ def run(
     """Run the pipeline as a Prefect flow (no server needed: without PREFECT_API_URL a temporary one runs)."""
     from pipelines import launch
     from pipelines.compare import offline_plots_template
-    from stages.common.params import check_overrides
+    from stages.common.run_params import check_overrides
 
     repo = require_repo(repo)
     overrides = parse_assignments(set_ or [])
@@ -112,7 +112,7 @@ def serve(
     from prefect.settings import PREFECT_API_URL
 
     from pipelines.flow import pipeline
-    from stages.common.params import check_overrides
+    from stages.common.run_params import check_overrides
 
     repo = require_repo(repo)
     overrides = parse_assignments(set_ or [])
@@ -172,7 +172,7 @@ def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
     """DVC's view of what is stale, stage by stage, and why; with PREFECT_API_URL, also the server's
     deployments, their schedules and the last flow runs."""
     from pipelines.dvcrepo import inspect_repo, plan
-    from stages.common.params import check_overrides
+    from stages.common.run_params import check_overrides
 
     repo = require_repo(repo)
     check_overrides(repo / "params.yaml", {})  # DVC itself would hang on some broken files
@@ -273,7 +273,8 @@ def sweep(
     gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run a grid, random or TPE (Optuna) search as DVC experiments; end with the ranked table and the best point."""
-    from stages.common.params import check_overrides, read_sweep_file
+    from stages.common.params import read_sweep_file
+    from stages.common.run_params import check_overrides
 
     repo = require_repo(repo)
     cfg = read_sweep_file(config)
@@ -340,7 +341,7 @@ def preset(
     repo: RepoOption = Path("."),
 ) -> None:
     """Write a named recipe (presets/NAME.yaml: the seeds' notebooks, the fast default) into params.yaml."""
-    from stages.common import presets
+    from stages.common import run_params as presets
 
     folder = presets.presets_dir(repo.resolve())
     if name is None:

@@ -464,7 +464,8 @@ def overrides_applied(params_file: Path, overrides: dict[str, Any] | None, anyth
     was, byte for byte, afterwards when nothing ran, so a run that failed before any stage changed
     an output, or a dry run (keep=False), leaves no trace. Hold the workspace lock around it."""
     from stages.common import dataio
-    from stages.common.params import check_overrides, update_params_file
+    from stages.common.params import update_params_file
+    from stages.common.run_params import check_overrides
 
     original = params_file.read_bytes()
     check_overrides(params_file, overrides or {})

@@ -72,8 +72,9 @@ def check_stages_to_run(repo: Path, stage_plan: dict[str, str], gpu_pool: str | 
     """What a stage that will run would refuse after the stages before it ran, refused first: a
     model that does not build, a GPU that is not there; and a local source that changed in place
     since download read it, which DVC cannot see."""
-    from stages.common.params import check_trainable, load_section
+    from stages.common.params import load_section
     from stages.common.paths import artifact_paths
+    from stages.common.run_params import check_train_section
 
     params_file = repo / "params.yaml"
     manifest = repo / artifact_paths(repo)["raw"] / "manifest.json"
@@ -83,7 +84,7 @@ def check_stages_to_run(repo: Path, stage_plan: dict[str, str], gpu_pool: str | 
         with contextlib.chdir(repo):  # a relative source starts at the project root, as the stage reads it
             check_source_unchanged(load_section("download", params_file), dataio.read_json(manifest))
     if stage_plan.get("train", "up to date") != "up to date":
-        check_trainable(load_section("train", params_file), local=gpu_pool is None)
+        check_train_section(load_section("train", params_file), local=gpu_pool is None)
 
 
 def _transient_only(task, task_run, state) -> bool:

@@ -27,7 +27,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pipelines.compare import experiments_table, safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
 from stages.common.errors import ConfigError
-from stages.common.params import check_overrides
+from stages.common.run_params import check_overrides
 
 OUT_DIR = Path("comparisons")
 

@@ -34,8 +34,8 @@ import tensorflow as tf
 
 from stages.common import dataio
 from stages.common.errors import TrainingDiverged, run_main, stop_signals_to_handle
-from stages.common.models import gpu_names
-from stages.common.params import check_trainable, load_section
+from stages.common.models import check_trainable, gpu_names
+from stages.common.params import load_section
 from stages.common.paths import CLASSES, RUN_INFO, stage_paths
 from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
 from stages.common.schemas import TrainParams

@@ -19,7 +19,7 @@ import numpy as np
 from keras import layers, regularizers
 
 from stages.common.errors import ConfigError, DataError, native_stderr_silenced
-from stages.common.schemas import ALTERNATING_FLIPS, MODEL_NAMES
+from stages.common.schemas import ALTERNATING_FLIPS, MODEL_NAMES, TrainParams
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -423,3 +423,13 @@ def in_float32(model: keras.Model) -> keras.Model:
     copy = keras.models.clone_model(model, recursive=True, clone_function=float32_layer)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def check_trainable(params: TrainParams, local: bool = True) -> None:
+    """What train would refuse once its data is loaded, found now: the model builds and, with
+    `local` (training on this machine), a GPU is there when train.require_gpu asks for one."""
+    with native_stderr_silenced():  # TensorFlow's device probe
+        check_arch(params.arch, params.model)
+        if local and params.require_gpu and not gpu_names():
+            raise ConfigError("train.require_gpu is true but TensorFlow sees no GPU; run on a GPU machine with "
+                              "`pip install -e .[gpu]`, or set train.require_gpu: false")

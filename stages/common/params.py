@@ -15,33 +15,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-from stages.common.errors import ConfigError, native_stderr_silenced
-from stages.common.schemas import SECTIONS, TrainParams
+from stages.common.errors import ConfigError
+from stages.common.schemas import SECTIONS
 
 PARAMS_FILE = Path("params.yaml")
-
-
-def check_sections(params: dict[str, Any], names: typing.Iterable[str], build: typing.Iterable[str] = ()) -> None:
-    """Check the named sections of a params mapping (types, ranges, choices), raising ConfigError
-    with the first problem; for train, when named in `build` too, also that its model builds."""
-    for name in names:
-        if name not in SECTIONS:
-            continue
-        checked = parse_section(params.get(name), SECTIONS[name], name)
-        if isinstance(checked, TrainParams) and name in build:
-            check_trainable(checked, local=False)  # where it trains is the flow's to say
-
-
-def check_trainable(params: TrainParams, local: bool = True) -> None:
-    """What train would refuse once its data is loaded, found now: the model builds and, with
-    `local` (training on this machine), a GPU is there when train.require_gpu asks for one."""
-    with native_stderr_silenced():  # Keras on TensorFlow, to build the model and list devices
-        from stages.common.models import check_arch, gpu_names
-
-        check_arch(params.arch, params.model)
-        if local and params.require_gpu and not gpu_names():
-            raise ConfigError("train.require_gpu is true but TensorFlow sees no GPU; run on a GPU machine with "
-                              "`pip install -e .[gpu]`, or set train.require_gpu: false")
 
 
 T = TypeVar("T")
@@ -394,23 +371,6 @@ def with_overrides(params: dict[str, Any], overrides: dict[str, Any], values: bo
         for dotted, value in overrides.items():
             set_dotted(params, dotted, value)
     return params
-
-
-def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
-    """params.yaml as it stands with the overrides on top, checked before anything is written or
-    run: an override whose key params.yaml lacks is refused and, with `values`, every section is
-    checked against its schema (a key typed by hand included), the overridden train section down
-    to its model building."""
-    data = with_overrides(read_params(params_file), overrides, values)
-    if not values:
-        return
-    overridden = {dotted.split(".")[0] for dotted in overrides}
-    try:
-        check_sections(data, [name for name in SECTIONS if name in data], build=overridden)
-    except ConfigError as err:
-        if not overrides:
-            raise
-        raise ConfigError(f"{err} (with --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())})") from None
 
 
 def read_sweep_file(path: Path) -> dict[str, Any]:

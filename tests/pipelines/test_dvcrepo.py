@@ -7,7 +7,8 @@ import pytest
 
 from pipelines.dvcrepo import StageFailed, StageGraph, StageOutcome, _reasons, inspect_repo, plan
 from stages.common.errors import ConfigError
-from stages.common.params import check_overrides, update_params_file
+from stages.common.params import update_params_file
+from stages.common.run_params import check_overrides
 from tests.helpers import git_dvc_project
 
 GRAPH = StageGraph(order=["a", "b", "c", "d"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": []})

@@ -88,7 +88,8 @@ def test_missing_section_and_file(tmp_path):
 def test_repo_params_yaml_is_valid_for_every_stage(monkeypatch):
 
     monkeypatch.delitem(SECTIONS, "ex")
-    from stages.common.params import check_sections, read_params
+    from stages.common.params import read_params
+    from stages.common.run_params import check_sections
 
     path = REPO / "params.yaml"
     assert set(SECTIONS) == set(read_params(path))  # every section has a schema, every schema a section
@@ -162,7 +163,7 @@ def test_hazardous_yaml_is_refused_in_one_line_in_bounded_time_and_memory(tmp_pa
     import time
     import tracemalloc
 
-    from stages.common.params import check_overrides
+    from stages.common.run_params import check_overrides
 
     path = tmp_path / "params.yaml"
     path.write_text(text)
@@ -192,7 +193,7 @@ def test_oversized_and_binary_params_files_are_refused(tmp_path):
 def test_a_hand_typed_key_is_refused_before_anything_runs(tmp_path):
     """`batchsize: 32` typed into params.yaml by hand was found only by train, after the stages
     before it ran (and DVC had deleted train's outputs)."""
-    from stages.common.params import check_overrides
+    from stages.common.run_params import check_overrides
 
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text().replace("  batch_size: 1024", "  batch_size: 1024\n  batchsize: 32"))
@@ -219,7 +220,7 @@ def test_values_the_libraries_refuse_are_refused_up_front(tmp_path, overrides, m
     stages before it ran; a 5-image limit ended prepare in 'cannot reshape array of size 0'."""
     import shutil
 
-    from stages.common.params import check_overrides
+    from stages.common.run_params import check_overrides
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     with pytest.raises(ConfigError) as err:

@@ -1,4 +1,8 @@
-"""Presets: named params sets (presets/*.yaml) written into params.yaml by one command.
+"""The params a run reads: params.yaml, a preset (presets/*.yaml) and `--set` overrides on top,
+checked in full before anything is written or run (train's model builds).
+
+Stages read params.yaml alone (stages/common/params.py); this module is for what starts runs: the
+CLI, the flow, sweeps and the benchmarks.
 
 A preset is `presets/_base.yaml` with the preset's values on top, and applying it writes every
 one of those keys into params.yaml: DVC then sees each effective value as a parameter
@@ -8,11 +12,13 @@ survives. Keys a preset does not cover (data source, seeds, report layout) are l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from stages.common.errors import ConfigError
-from stages.common.params import check_sections, read_params, read_yaml_file, update_params_file, with_overrides
+from stages.common.errors import ConfigError, native_stderr_silenced
+from stages.common.params import parse_section, read_params, read_yaml_file, update_params_file, with_overrides
+from stages.common.schemas import SECTIONS, TrainParams
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 
@@ -74,3 +80,39 @@ def apply(params_file: Path, name: str, presets_dir: Path = PRESETS_DIR) -> dict
     update_params_file(params_file, {f"{section}.{key}": value for section, keys in values.items()
                                      for key, value in keys.items()}, keep_comments=False)
     return values
+
+
+def check_sections(params: dict[str, Any], names: Iterable[str], build: Iterable[str] = ()) -> None:
+    """Check the named sections of a params mapping (types, ranges, choices), raising ConfigError
+    with the first problem; for train, when named in `build` too, also that its model builds."""
+    for name in names:
+        if name not in SECTIONS:
+            continue
+        checked = parse_section(params.get(name), SECTIONS[name], name)
+        if isinstance(checked, TrainParams) and name in build:
+            check_train_section(checked, local=False)  # where it trains is the flow's to say
+
+
+def check_overrides(params_file: Path, overrides: dict[str, Any], values: bool = True) -> None:
+    """params.yaml as it stands with the overrides on top, checked before anything is written or
+    run: an override whose key params.yaml lacks is refused and, with `values`, every section is
+    checked against its schema (a key typed by hand included), the overridden train section down
+    to its model building."""
+    data = with_overrides(read_params(params_file), overrides, values)
+    if not values:
+        return
+    overridden = {dotted.split(".")[0] for dotted in overrides}
+    try:
+        check_sections(data, [name for name in SECTIONS if name in data], build=overridden)
+    except ConfigError as err:
+        if not overrides:
+            raise
+        raise ConfigError(f"{err} (with --set {', '.join(f'{k}={v!r}' for k, v in overrides.items())})") from None
+
+
+def check_train_section(params: TrainParams, local: bool) -> None:
+    """models.check_trainable, with Keras and TensorFlow imported quietly for it."""
+    with native_stderr_silenced():
+        from stages.common.models import check_trainable
+
+        check_trainable(params, local)

@@ -4,7 +4,7 @@ import subprocess
 import pytest
 import yaml
 
-from stages.common import presets
+from stages.common import run_params as presets
 from stages.common.errors import ConfigError
 from stages.common.params import load_section
 from stages.common.schemas import TrainParams
