@@ -26,7 +26,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # here on the CPU; gpu_rec
 from gpu_recipe import Record, accuracy_on_test, first_reaching, fit_recipe, load_data, pick_policy, recipe
 
 from stages.common.errors import ConfigError, run_main
-from stages.common.recipe import cpu_info
+from stages.common.provenance import cpu_info
 
 
 def race(archive: Path, presets: list[str], targets: list[float], out_dir: Path, epochs: int | None) -> list[dict]:

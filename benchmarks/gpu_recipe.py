@@ -30,7 +30,8 @@ import keras
 from stages.common import dataio
 from stages.common.models import predict_probabilities
 from stages.common.params import parse_assignments, parse_section
-from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
+from stages.common.provenance import cpu_info
+from stages.common.recipe import EpochClock, compile_model, precision_policy, recipe_callbacks
 from stages.common.run_params import effective_params
 from stages.common.schemas import EvaluateParams, PrepareParams, TrainParams
 from stages.prepare import decode_image, fit_normalization, stratified_split

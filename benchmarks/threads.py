@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from stages.common.errors import ConfigError, StageFailed, run_main
-from stages.common.recipe import cpu_info
+from stages.common.provenance import cpu_info
 
 THROUGHPUT = Path(__file__).resolve().parent / "throughput.py"
 

@@ -37,7 +37,8 @@ from stages.common.errors import TrainingDiverged, run_main, stop_signals_to_han
 from stages.common.models import check_trainable, gpu_names
 from stages.common.params import load_section
 from stages.common.paths import CLASSES, RUN_INFO, stage_paths
-from stages.common.recipe import EpochClock, compile_model, cpu_info, precision_policy, recipe_callbacks
+from stages.common.provenance import cpu_info
+from stages.common.recipe import EpochClock, compile_model, precision_policy, recipe_callbacks
 from stages.common.schemas import TrainParams
 
 BACKUP_ROOT = Path(".dvc/tmp/train-backup")
@@ -45,8 +46,8 @@ HISTORY_FILE = "history.jsonl"
 
 # tf.data's autotuner sleeps in doubling periods from 10 ms (waking 5.11, 10.23, ... 40.95, 81.91 s
 # after an iterator starts), and dropping an iterator waited for its next wake-up: with Keras' fresh
-# iterator per epoch, 50 s epochs took 82 s (2-core EPYC, TF 2.21; README, "Epochs that waited on
-# tf.data"). A cast and a one-hot per batch need no tuning.
+# iterator per epoch, each epoch waited for it (docs/benchmarks.md, "Epochs that waited on tf.data").
+# A cast and a one-hot per batch need no tuning.
 UNTUNED = tf.data.Options()
 UNTUNED.autotune.enabled = False
 

@@ -6,12 +6,12 @@ TensorFlow in the train stage and under JAX on a GPU machine (benchmarks/gpu_rec
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 
 from stages.common.models import AlternatingFlip, all_layers, augmentation, build_model, fit_whitening
+from stages.common.provenance import BF16_NATIVE
 from stages.common.schemas import ALTERNATING_FLIPS, TrainParams
 
 
@@ -30,23 +30,6 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self) -> dict:
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
-
-
-# The CPU features whose presence changes what training should do: bfloat16 pays off only where
-# the CPU computes it natively (AVX512_BF16 or AMX); elsewhere TensorFlow emulates it, slower.
-BF16_NATIVE = ("avx512_bf16", "amx_bf16")
-ISA_FLAGS = ("avx2", "avx512f", *BF16_NATIVE)
-
-
-def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
-    """The CPU's model name and which of ISA_FLAGS it has (Linux; unknown elsewhere)."""
-    if not cpuinfo.is_file():
-        return {"model": "unknown", "isa": []}
-    first_cpu = cpuinfo.read_text().split("\n\n", 1)[0]
-    fields = {key.strip(): value.strip() for key, _, value in
-              (line.partition(":") for line in first_cpu.splitlines())}
-    flags = fields.get("flags", "").split()
-    return {"model": fields.get("model name", "unknown"), "isa": [flag for flag in ISA_FLAGS if flag in flags]}
 
 
 def precision_policy(setting: bool | str, gpu: bool, isa: list[str]) -> str:

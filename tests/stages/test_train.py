@@ -32,6 +32,7 @@ def params(**changes) -> TrainParams:
 SMALL_TRANSFER = {"base": "resnet50v2", "size": 32, "weights": None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_zoo_model_builds_and_trains_one_step(name):
     options = SMALL_TRANSFER if name == "transfer" else {}
@@ -107,6 +108,7 @@ def test_a_warmup_longer_than_the_run_is_shortened_so_the_schedule_decays():
     assert params(epochs=16, schedule="onecycle", warmup_epochs=2.0).warnings() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["efficientnetb0", "xception"])
 def test_other_transfer_backbones_build(base):
     model = build_model("transfer", 3, NORM["mean"], NORM["std"], {"base": base, "size": 71, "weights": None})
@@ -120,6 +122,7 @@ def test_unknown_arch_option_is_a_config_error():
         check_arch({"resnet": {"depth": 3}}, "fast_vgg")  # also when another model is trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "plateau"])
 def test_schedules_augmentation_and_training_switches_run(schedule):
     p = params(epochs=2, schedule=schedule, warmup_epochs=0.5, step_every=1, label_smoothing=0.1, ema=True, lookahead=True,
@@ -196,6 +199,7 @@ def test_translated_tta_views_are_the_image_shifted_diagonally_with_half_the_wei
     assert not np.allclose(expected, seeing(10))
 
 
+@pytest.mark.slow
 def test_an_interrupt_swallowed_inside_training_still_stops_it():
     """Keras/TensorFlow code has bare `except:` clauses; a Ctrl-C landing in one must not be lost."""
     import os
@@ -264,6 +268,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_mirrored_training_splits_each_batch_across_two_devices_and_saves_a_plain_model(tmp_path):
     """train.distribute: mirrored on two logical CPU devices (set before TensorFlow starts: a
     subprocess): two replicas in sync, one step the same update as on one device (gradients
@@ -287,6 +292,7 @@ def test_mirrored_training_splits_each_batch_across_two_devices_and_saves_a_plai
     assert abs(result["mirrored"]["val_accuracy"] - result["none"]["val_accuracy"]) <= 0.1
 
 
+@pytest.mark.slow
 def test_the_whitening_stem_whitens_the_training_patches_and_stays_frozen(tmp_path):
     import keras
 
@@ -343,6 +349,7 @@ def test_mixed_precision_auto_uses_bfloat16_only_where_the_cpu_computes_it(setti
     assert precision_policy(setting, gpu, isa) == policy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "options"), [("fast_vgg", {"widths": [8, 16]}), ("transfer", SMALL_TRANSFER)])
 def test_cpu_bfloat16_computes_in_the_matmul_layers_only_and_loads_back_in_float32(tmp_path, model, options):
     import keras
@@ -370,7 +377,7 @@ def test_cpu_bfloat16_computes_in_the_matmul_layers_only_and_loads_back_in_float
 
 
 def test_cpu_info_reads_the_model_and_the_isa_flags_that_matter(tmp_path):
-    from stages.common.recipe import cpu_info
+    from stages.common.provenance import cpu_info
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
@@ -488,6 +495,7 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_none_at_in
     assert np.array_equal(np.asarray(layer(images, training=False)), images)
 
 
+@pytest.mark.slow
 def test_training_with_alternating_flips_counts_its_epochs_and_loads_back(tmp_path):
     from stages.common.models import AlternatingFlip, all_layers, load_trained
 
