@@ -25,7 +25,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")  # here on the CPU; gpu_rec
 
 from gpu_recipe import Data, Record, accuracy_on_test, fit_recipe, load_data, pick_policy, recipe
 
-# Each of the default's ingredients as the train.* keys that take it out (README, "Training recipe").
+# Each of the default's ingredients as the train.* keys that take it out (docs/pipeline.md, "Training recipe").
 WITHOUT: dict[str, list[str]] = {
     "full": [],
     "whiten": ["train.arch.fast_vgg.whiten=false"],

@@ -1,9 +1,10 @@
 """Validation accuracy against cumulative training seconds, one line per run, from the per-epoch
-records that gpu_recipe.py, ablation.py and default_vs_first.py write (JSON with `epochs`:
-epoch, seconds, val_accuracy). Compare only records from one machine: the title names it.
+outputs that gpu_recipe.py, ablation.py and default_vs_first.py write (JSON with `epochs`:
+epoch, seconds, val_accuracy), raw or wrapped as measurement records (benchmarks/records.py).
+Compare only records from one machine: the title names it.
 
-    python benchmarks/accuracy_vs_seconds.py benchmarks/results/xeon-amx/*.json \\
-        --title "2-core Xeon, AMX" --out benchmarks/results/xeon-amx/accuracy_vs_seconds.png
+    python benchmarks/accuracy_vs_seconds.py benchmarks/results/xeon-amx/2026-11-24/*.json \\
+        --title "2-core Xeon, AMX" --out accuracy_vs_seconds.png
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def read_record(path: Path) -> dict:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot be read as JSON ({err}); pass the per-epoch records the benchmarks wrote") from None
+    if isinstance(record, dict) and "record" in record and isinstance(record.get("figures"), dict):
+        record = record["figures"]  # a measurement record: its figures are the benchmark's output
     if not isinstance(record, dict) or not isinstance(record.get("epochs"), list) or \
             not all(is_epoch(row) for row in record["epochs"]):
         raise DataError(f"{path}: not a per-epoch record (no `epochs` list of seconds and val_accuracy); pass "

@@ -5,7 +5,7 @@ processes with TF_CONFIG (127.0.0.1, one cluster), each building the project's c
 (stages/common/recipe.py) in the strategy's scope and fitting two epochs of synthetic data, and
 records what each did: finished with its loss, failed with its error, or hung past the timeout.
 
-    python benchmarks/multiworker_probe.py [--timeout 300] [--out benchmarks/results/multiworker_probe.json]
+    python benchmarks/multiworker_probe.py [--timeout 300] [--out multiworker_probe.json]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def probe(timeout_s: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "multiworker_probe.json")
+    parser.add_argument("--out", type=Path, default=Path("multiworker_probe.json"))
     args = parser.parse_args()
     import keras
     import tensorflow as tf

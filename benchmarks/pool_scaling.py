@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=4, choices=[2, 4, 6, 8])
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pool_scaling.json")
+    parser.add_argument("--out", type=Path, default=Path("pool_scaling.json"))
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     args = parser.parse_args()
 
