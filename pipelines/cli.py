@@ -217,7 +217,8 @@ def compare(
 ) -> None:
     """Two runs side by side with bootstrap intervals and McNemar's test, or --all runs in one table."""
     from pipelines.compare import compare as compare_runs
-    from pipelines.compare import experiments_table, safe_name
+    from pipelines.compare import safe_name
+    from pipelines.runs import experiments_table
 
     repo = require_repo(repo)
     if all_runs:

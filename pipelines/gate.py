@@ -10,19 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.compare import (
-    ALPHA,
-    WORKSPACE,
-    Run,
-    check_comparable,
-    load_run,
-    mcnemar,
-    paired,
-    resolve,
-    uncertainty,
-)
 from pipelines.dvcrepo import git
 from pipelines.registry import Registered, register
+from pipelines.runs import WORKSPACE, Run, check_comparable, load_run, resolve
+from pipelines.statistics import ALPHA, mcnemar, paired, uncertainty
 from stages.common.errors import ConfigError, PipelineError
 from stages.common.paths import evaluation_files
 from stages.common.render import report_classes

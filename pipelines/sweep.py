@@ -24,8 +24,9 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipelines.compare import experiments_table, safe_name
+from pipelines.compare import safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
+from pipelines.runs import experiments_table
 from stages.common.errors import ConfigError
 from stages.common.run_params import check_overrides
 

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.compare import Run, bootstrap_interval, check_comparable, mcnemar, uncertainty, verdict
 from pipelines.gate import default_baseline, judge
+from pipelines.runs import Run, check_comparable
+from pipelines.statistics import bootstrap_interval, mcnemar, uncertainty, verdict
 from stages.common.errors import ConfigError
 from stages.common.schemas import GateParams
 from tests.helpers import REPO, cli, dvc, git_dvc_project, not_blank, set_params, tiny_params, visit
@@ -276,7 +277,7 @@ def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
 ])
 def test_hand_broken_result_files_are_data_errors_naming_the_file(tmp_path, what, text, message):
     """A metrics.json that was not JSON made compare and gate end in 'unexpected JSONDecodeError'."""
-    from pipelines.compare import load_run
+    from pipelines.runs import load_run
     from stages.common.errors import DataError
     from stages.common.paths import evaluation_files
 
