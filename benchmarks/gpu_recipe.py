@@ -28,7 +28,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # the GPU machine has JAX, not Te
 import keras
 
 from stages.common import dataio
-from stages.common.models import predict_probabilities
+from stages.common.inference import predict_probabilities
 from stages.common.params import parse_assignments, parse_section
 from stages.common.provenance import cpu_info
 from stages.common.recipe import EpochClock, compile_model, precision_policy, recipe_callbacks

@@ -33,7 +33,7 @@ from pipelines.gate import GateVerdict, gate_verdict
 from pipelines.pool import run_stages_on_pool
 from stages.common import dataio
 from stages.common.errors import StageFailed
-from stages.common.paths import evaluation_files
+from stages.common.paths import MANIFEST, evaluation_files
 
 REPORT_ARTIFACT = "cifar10-report"
 METRICS_ARTIFACT = "cifar10-metrics"
@@ -77,7 +77,7 @@ def check_stages_to_run(repo: Path, stage_plan: dict[str, str], gpu_pool: str | 
     from stages.common.run_params import check_train_section
 
     params_file = repo / "params.yaml"
-    manifest = repo / artifact_paths(repo)["raw"] / "manifest.json"
+    manifest = repo / artifact_paths(repo)["raw"] / MANIFEST
     if stage_plan.get("download") == "up to date" and manifest.is_file():
         from stages.download import check_source_unchanged
 

@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.common.errors import ConfigError
+from stages.common.schemas import IMAGE_SHAPE
 
-INPUT_SIZE = (32, 32)
+INPUT_SIZE = IMAGE_SHAPE[1::-1]  # (width, height), as Pillow names a size
 DEFAULT_TOP_K = 3  # classes shown per image by `predict` and the API alike
 
 

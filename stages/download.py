@@ -26,7 +26,7 @@ from tqdm import tqdm
 from stages.common import dataio
 from stages.common.errors import ConfigError, DataError, IntegrityError, PipelineError, TransientError, run_main
 from stages.common.params import load_section
-from stages.common.paths import stage_paths
+from stages.common.paths import MANIFEST, stage_paths
 from stages.common.schemas import DownloadParams
 
 CHUNK = 1 << 20
@@ -267,7 +267,7 @@ def download(params: DownloadParams, out_dir: Path) -> dict:
             manifest = {"source": params.source, "bytes": archive.stat().st_size, **digests,
                         "fingerprint": source_fingerprint(params.source)}
             manifest.update(inspect_archive(archive, params.classes))
-        dataio.write_json(tmp_dir / "manifest.json", manifest)
+        dataio.write_json(tmp_dir / MANIFEST, manifest)
     return manifest
 
 

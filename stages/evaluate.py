@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, EVALUATION, stage_paths
+from stages.common.paths import CLASSES, EVALUATION, split_file, stage_paths
 from stages.common.schemas import EvaluateParams
 
 
@@ -66,10 +66,10 @@ def main() -> None:
     prepared, model_path, out = paths["prepared"], paths["model"], paths["out"]
     params: EvaluateParams = load_section("evaluate")
     classes = dataio.read_json(prepared / CLASSES)
-    images, labels = dataio.load_split(prepared / f"{params.split}.npz")
+    images, labels = dataio.load_split(prepared / split_file(params.split))
     # Keras (and TensorFlow's native logging) only once params and data are known good: an error
     # before this point stays one line on stderr.
-    from stages.common.models import load_trained, predict_probabilities
+    from stages.common.inference import load_trained, predict_probabilities
 
     probabilities = predict_probabilities(load_trained(model_path), images, params.batch_size, params.tta_flip,
                                           params.tta_translate)

@@ -22,10 +22,10 @@ import numpy as np
 from stages.common import dataio
 from stages.common.errors import IntegrityError, run_main
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, EVALUATION, stage_paths
+from stages.common.paths import CLASSES, EVALUATION, EXPORT_METRICS, split_file, stage_paths
 from stages.common.provenance import code_revision, file_md5
-from stages.common.schemas import ExportParams
-from stages.common.serving import EXPORTED, INPUT_NAME, INPUT_SHAPE, OUTPUT_NAME, OnnxClassifier
+from stages.common.schemas import IMAGE_SHAPE, ExportParams
+from stages.common.serving import EXPORTED, INPUT_NAME, OUTPUT_NAME, OnnxClassifier
 
 
 def agreement(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:
@@ -70,7 +70,7 @@ def serving_function(model):
     check caught as a 0.86 probability difference."""
     import tensorflow as tf
 
-    spec = [tf.TensorSpec((None, *INPUT_SHAPE), tf.float32, name=INPUT_NAME)]
+    spec = [tf.TensorSpec((None, *IMAGE_SHAPE), tf.float32, name=INPUT_NAME)]
     return tf.function(lambda pixels: {OUTPUT_NAME: model(pixels, training=False)}, input_signature=spec), spec
 
 
@@ -123,7 +123,7 @@ def model_version(model_path: Path) -> dict[str, str]:
 def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dict[str, dict[str, float]]:
     """Write each format of `params.formats` into `folder` and return its agreement with `model`
     on `pixels` (raw 0..255); raises IntegrityError when one drifts beyond the limits."""
-    from stages.common.models import predictions
+    from stages.common.inference import predictions
 
     pixels = pixels.astype(np.float32)
     reference = predictions(model, pixels, params.batch_size)
@@ -143,7 +143,7 @@ def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dic
 
 def signature(classes: list[str], params: ExportParams, version: dict[str, str], metrics: dict[str, Any]) -> dict:
     return {
-        "input": {"name": INPUT_NAME, "shape": [None, *INPUT_SHAPE], "dtype": "float32",
+        "input": {"name": INPUT_NAME, "shape": [None, *IMAGE_SHAPE], "dtype": "float32",
                   "layout": "NHWC, RGB", "range": [0, 255]},
         "output": {"name": OUTPUT_NAME, "shape": [None, len(classes)], "dtype": "float32"},
         "classes": classes,
@@ -158,9 +158,9 @@ def main() -> None:
     paths = stage_paths("export", "prepared", "model", "evaluate", "exports", "out")
     params: ExportParams = load_section("export")
     classes = dataio.read_json(paths["prepared"] / CLASSES)
-    images, _ = dataio.load_split(paths["prepared"] / "test.npz")
+    images, _ = dataio.load_split(paths["prepared"] / split_file("test"))
     metrics = dataio.read_json(paths["evaluate"] / EVALUATION["metrics"])
-    from stages.common.models import load_trained
+    from stages.common.inference import load_trained
 
     model = load_trained(paths["model"])
     started = time.perf_counter()
@@ -169,7 +169,7 @@ def main() -> None:
         dataio.write_json(tmp / EXPORTED["signature"],
                           signature(classes, params, model_version(paths["model"]), metrics))
     result = {**figures, "images": len(images), "seconds": round(time.perf_counter() - started, 1)}
-    dataio.write_json(paths["out"] / "metrics.json", result)
+    dataio.write_json(paths["out"] / EXPORT_METRICS, result)
     summary = ", ".join(f"{fmt} max diff {f['max_probability_diff']:.2g} top-1 {f['top1_agreement']:.2%}"
                         for fmt, f in figures.items())
     print(f"export: {summary} on {len(images):,} test images -> {paths['exports']}")

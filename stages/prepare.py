@@ -19,11 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, stage_paths
-from stages.common.schemas import PrepareParams, smallest_class_size
-
-IMAGE_SHAPE = (32, 32, 3)
-
+from stages.common.paths import CLASSES, MANIFEST, METADATA, NORMALIZATION, split_file, stage_paths
+from stages.common.schemas import IMAGE_SHAPE, PrepareParams, smallest_class_size
 
 # --- pure parts ----------------------------------------------------------------------------
 
@@ -133,12 +130,12 @@ def read_raw(
     raw_dir: Path, convert: bool, conversions: list[dict] | None = None
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """{'train'|'test': (images, labels)} and the class names, as download recorded them."""
-    manifest = dataio.read_json(raw_dir / "manifest.json")
+    manifest = dataio.read_json(raw_dir / MANIFEST)
     needed = {"classes", "container", "layout"}
     if manifest.get("layout") == "pickle-batches":
         needed.add("source_classes")
     if missing := sorted(needed - set(manifest)):
-        raise DataError(f"{raw_dir / 'manifest.json'} lacks {', '.join(missing)} (written by an older download); "
+        raise DataError(f"{raw_dir / MANIFEST} lacks {', '.join(missing)} (written by an older download); "
                         "rerun `dvc repro -f download`")
     archive, classes = raw_dir / "archive", manifest["classes"]
     members = dataio.iter_members(archive, manifest["container"])
@@ -209,10 +206,10 @@ def write_prepared(
 ) -> None:
     with dataio.atomic_dir(out_dir) as tmp:
         for split, (images, labels) in splits.items():
-            dataio.save_split(tmp / f"{split}.npz", images, labels)
+            dataio.save_split(tmp / split_file(split), images, labels)
         dataio.write_json(tmp / CLASSES, classes)
-        dataio.write_json(tmp / "normalization.json", norm)
-        table.to_csv(tmp / "metadata.csv", index=False)
+        dataio.write_json(tmp / NORMALIZATION, norm)
+        table.to_csv(tmp / METADATA, index=False)
         dataio.write_json(tmp / "conversions.json", conversions)
 
 

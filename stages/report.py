@@ -18,7 +18,17 @@ import pandas as pd
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, CURVES, EVALUATION, REPORT_PAGE, RUN_INFO, VALIDATION, stage_paths
+from stages.common.paths import (
+    CLASSES,
+    CURVES,
+    EVALUATION,
+    MANIFEST,
+    REPORT_PAGE,
+    RUN_INFO,
+    VALIDATION,
+    split_file,
+    stage_paths,
+)
 from stages.common.provenance import code_revision, file_md5
 from stages.common.render import per_class_table, render_html, validation_table
 from stages.common.schemas import ReportParams
@@ -158,8 +168,8 @@ def main() -> None:
         raise DataError(f"{evaluate_dir / EVALUATION['predictions']} not found; run `dvc repro evaluate` first")
     predictions = pd.read_csv(evaluate_dir / EVALUATION["predictions"])
     confusion = pd.read_csv(evaluate_dir / EVALUATION["confusion"], index_col=0)
-    eval_images, _ = dataio.load_split(prepared / f"{split}.npz")
-    train_images, train_labels = dataio.load_split(prepared / "train.npz")
+    eval_images, _ = dataio.load_split(prepared / split_file(split))
+    train_images, train_labels = dataio.load_split(prepared / split_file("train"))
 
     wrong = misclassified_examples(predictions, params.misclassified)
     samples = samples_per_class(train_labels, classes, params.samples_per_class)
@@ -184,7 +194,7 @@ def main() -> None:
             plt.close(fig)
         md_text = render_markdown(metrics, report, {**run_info, "split": split},
                                   {t: f for t, (f, _) in figures.items()})
-        md_text += "\n" + model_card(dataio.read_json(paths["raw"] / "manifest.json"), _train_params(train_dir), metrics,
+        md_text += "\n" + model_card(dataio.read_json(paths["raw"] / MANIFEST), _train_params(train_dir), metrics,
                                      paths["model"], file_md5(paths["model"]), code_revision())
         validation = dataio.read_json(paths["validate"] / VALIDATION["results"])
         md_text += "\n## Data validation (Great Expectations)\n\n" + validation_table(validation) + "\n"

@@ -36,7 +36,7 @@ from stages.common import dataio
 from stages.common.errors import TrainingDiverged, run_main, stop_signals_to_handle
 from stages.common.models import check_trainable, gpu_names
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, RUN_INFO, stage_paths
+from stages.common.paths import CLASSES, NORMALIZATION, RUN_INFO, split_file, stage_paths
 from stages.common.provenance import cpu_info
 from stages.common.recipe import EpochClock, compile_model, precision_policy, recipe_callbacks
 from stages.common.schemas import TrainParams
@@ -171,7 +171,7 @@ def resume_history(backup_dir: Path) -> list[dict[str, float]]:
 def backup_key(params: TrainParams, prepared_dir: Path) -> str:
     """Changes whenever a train param or the prepared data does."""
     digest = hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode())
-    for name in ("train.npz", "val.npz", "normalization.json", CLASSES):
+    for name in (split_file("train"), split_file("val"), NORMALIZATION, CLASSES):
         with open(prepared_dir / name, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
     return digest.hexdigest()[:16]
@@ -249,8 +249,8 @@ def main() -> None:
         print(f"warning: {warning}")
     device = train_device()
     classes = dataio.read_json(prepared / CLASSES)
-    normalization = dataio.read_json(prepared / "normalization.json")
-    splits = {s: dataio.load_split(prepared / f"{s}.npz") for s in ("train", "val")}
+    normalization = dataio.read_json(prepared / NORMALIZATION)
+    splits = {s: dataio.load_split(prepared / split_file(s)) for s in ("train", "val")}
     backup_dir = BACKUP_ROOT / backup_key(params, prepared)
     previous = resume_history(backup_dir)
     resumed = f", resuming after epoch {len(previous)}" if previous else ""

@@ -17,7 +17,7 @@ import pandas as pd
 from stages.common import dataio
 from stages.common.errors import DataError, run_main
 from stages.common.params import load_section
-from stages.common.paths import CLASSES, VALIDATION, stage_paths
+from stages.common.paths import CLASSES, METADATA, NORMALIZATION, VALIDATION, stage_paths
 from stages.common.render import render_html, validation_table
 from stages.common.schemas import ExpectedPerClass, PrepareParams, ValidateParams
 
@@ -187,18 +187,18 @@ def main() -> None:
     prepared, out = paths["prepared"], paths["out"]
     params: ValidateParams = load_section("validate")
     prepare: PrepareParams = load_section("prepare")
-    images = pd.read_csv(prepared / "metadata.csv") if (prepared / "metadata.csv").is_file() else None
+    images = pd.read_csv(prepared / METADATA) if (prepared / METADATA).is_file() else None
     if images is None:
-        raise DataError(f"{prepared / 'metadata.csv'} not found; run `dvc repro prepare` first")
+        raise DataError(f"{prepared / METADATA} not found; run `dvc repro prepare` first")
     classes = dataio.read_json(prepared / CLASSES)
-    norm = dataio.read_json(prepared / "normalization.json")
+    norm = dataio.read_json(prepared / NORMALIZATION)
     conversions = dataio.read_json(prepared / "conversions.json")
 
     with dataio.atomic_dir(out) as tmp:
         results, failed = validate(images, classes, norm, params, prepare)
         summary = summarize(results, conversions)
         dataio.write_json(tmp / VALIDATION["results"], results)
-        dataio.write_json(tmp / "summary.json", summary)
+        dataio.write_json(tmp / VALIDATION["summary"], summary)
         verdict = "all passed" if not failed else f"{len(failed)} failed"
         page = f"# Data validation: {summary['evaluated']} expectations, {verdict}\n\n{validation_table(results)}\n"
         dataio.write_text(tmp / VALIDATION["page"], render_html(page, "CIFAR-10 data validation"))

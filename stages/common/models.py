@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers, regularizers
 
-from stages.common.errors import ConfigError, DataError, native_stderr_silenced
-from stages.common.schemas import ALTERNATING_FLIPS, MODEL_NAMES, TrainParams
-
-INPUT_SHAPE = (32, 32, 3)
+from stages.common.errors import ConfigError, native_stderr_silenced
+from stages.common.layers import WHITEN_LAYER, WHITEN_PATCH, PartialIdentity
+from stages.common.schemas import IMAGE_SHAPE, MODEL_NAMES, TrainParams
+from stages.common.serving import INPUT_NAME, OUTPUT_NAME
 
 Builder = Callable[..., keras.KerasTensor]
 
@@ -130,27 +129,6 @@ def resnet(x, num_classes: int, widths: tuple[int, ...] = (16, 32, 64), blocks_p
     return layers.Dense(num_classes)(x)
 
 
-@keras.saving.register_keras_serializable(package="cifar10_pipeline")
-class PartialIdentity(keras.initializers.Initializer):
-    """Keras' default conv kernel (Glorot uniform), except that the first min(in, out) filters pass
-    their own input channel through unchanged: airbench's identity ("dirac") initialisation, which
-    starts each block close to the identity."""
-
-    def __call__(self, shape, dtype=None):
-        height, width, channels_in, channels_out = shape
-        passed = min(channels_in, channels_out)
-        mask = np.zeros(shape, bool)
-        mask[..., :passed] = True
-        identity = np.zeros(shape, np.float32)
-        identity[height // 2, width // 2, np.arange(passed), np.arange(passed)] = 1.0
-        base = keras.initializers.GlorotUniform()(shape, dtype)
-        return keras.ops.where(mask, keras.ops.cast(identity, base.dtype), base)
-
-
-WHITEN_LAYER = "whiten"
-WHITEN_PATCH = 2  # pixels a side
-
-
 def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropout: float = 0.0,
              whiten: bool = False, identity_init: bool = False, bn_scale: bool = True, bn_momentum: float = 0.99,
              logit_scale: float = 1.0, activation: str = "gelu"):
@@ -169,7 +147,7 @@ def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropo
 
     kernels = {"kernel_initializer": PartialIdentity()} if identity_init else {}
     if whiten:
-        patch_values = WHITEN_PATCH * WHITEN_PATCH * INPUT_SHAPE[-1]  # a filter per eigenvector, and its negative
+        patch_values = WHITEN_PATCH * WHITEN_PATCH * IMAGE_SHAPE[-1]  # a filter per eigenvector, and its negative
         x = layers.Conv2D(2 * patch_values, WHITEN_PATCH, use_bias=False, trainable=False, name=WHITEN_LAYER)(x)
     else:
         x = layers.Conv2D(widths[0] // 2, 2, padding="same", use_bias=False)(x)
@@ -184,27 +162,6 @@ def fast_vgg(x, num_classes: int, widths: tuple[int, ...] = (48, 96, 192), dropo
     x = layers.GlobalMaxPooling2D()(x)
     x = layers.Dense(num_classes, use_bias=False)(x)
     return layers.Rescaling(logit_scale)(x) if logit_scale != 1 else x
-
-
-def fit_whitening(model: keras.Model, images: np.ndarray, mean: list[float], std: list[float],
-                  sample: int = 5000, eps: float = 5e-4) -> bool:
-    """Set the frozen whitening layer's kernel (if the model has one) from the covariance of the 2x2
-    patches of up to `sample` normalised training images: each eigenvector, scaled by 1/sqrt of its
-    eigenvalue, and its negative (airbench). Returns whether there was a layer to fit."""
-    try:
-        layer = model.get_layer(WHITEN_LAYER)
-    except ValueError:
-        return False
-    channels = images.shape[-1]
-    pixels = ((images[:sample] - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
-    windows = np.lib.stride_tricks.sliding_window_view(pixels, (WHITEN_PATCH, WHITEN_PATCH), axis=(1, 2))
-    # N, 31, 31, channel, row, col -> one row per patch in the kernel's (row, col, channel) order
-    patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, WHITEN_PATCH * WHITEN_PATCH * channels)
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
-    filters = eigenvectors / np.sqrt(eigenvalues + eps)  # one whitening filter per column
-    kernel = np.concatenate([filters, -filters], axis=1).reshape(WHITEN_PATCH, WHITEN_PATCH, channels, -1)
-    layer.kernel.assign(kernel.astype(np.float32))
-    return True
 
 
 TRANSFER_BASES = {
@@ -239,65 +196,6 @@ def arch_options(name: str) -> list[str]:
     return [p for p in inspect.signature(MODELS[name]).parameters if p not in ("x", "num_classes")]
 
 
-@keras.saving.register_keras_serializable(package="cifar10_pipeline")
-class AlternatingFlip(layers.Layer):
-    """airbench's deterministic flips: in training, each image is mirrored in every other epoch,
-    so any two epochs running show it both ways (independent random flips show half of the images
-    the same way round twice running). Which epochs mirror an image rests on one bit of the
-    image itself, the parity of the sum of a seeded half of its pixels, where airbench draws a random
-    bit per image in the first epoch: the layer sees batches, not which image is which. `epoch` is
-    set as each epoch begins (recipe.FlipEpochs); inference passes images through untouched."""
-
-    def __init__(self, seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = seed
-        # int32, not float: lookahead averages the float weights, and a half epoch has no parity.
-        self.epoch = self.add_weight(shape=(), initializer="zeros", dtype="int32", trainable=False, name="epoch")
-        self.pixel_mask = np.random.default_rng(seed).integers(0, 2, INPUT_SHAPE).astype(np.int32)
-
-    def call(self, inputs, training=None):
-        if not training:
-            return inputs
-        ops = keras.ops
-        # Integer arithmetic: exact in any dtype policy (a float16 sum of 3,072 pixels overflows).
-        parity = ops.sum(ops.cast(inputs, "int32") * self.pixel_mask, axis=(1, 2, 3)) % 2
-        mirrored = ops.equal((parity + self.epoch) % 2, 1)
-        return ops.where(ops.reshape(mirrored, (-1, 1, 1, 1)), ops.flip(inputs, axis=2), inputs)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "seed": self.seed}
-
-
-def augmentation(flip: bool | str, crop_pad: int, rotation: float, zoom: float, contrast: float, shear: float,
-                 seed: int, fill_value: float = 0.0, crop_interpolation: str = "bilinear") -> list[layers.Layer]:
-    """Training-only augmentation layers on raw pixels (Keras disables them at inference).
-
-    `flip`: true mirrors each image at random, "alternating" in every other epoch (AlternatingFlip).
-    `fill_value` fills what shifts, rotations, zooms and shears uncover; the mean pixel keeps the
-    fill close to 0 after standardisation, as it was when these layers ran after it.
-    """
-    fill = {"fill_mode": "constant", "fill_value": fill_value, "seed": seed}
-    out: list[layers.Layer] = []
-    if flip == ALTERNATING_FLIPS:
-        out.append(AlternatingFlip(seed))
-    elif flip:
-        out.append(layers.RandomFlip("horizontal", seed=seed))
-    if crop_pad:
-        out.append(layers.RandomTranslation(crop_pad / 32, crop_pad / 32, interpolation=crop_interpolation, **fill))
-    if rotation:
-        out.append(layers.RandomRotation(rotation, **fill))
-    if zoom:
-        out.append(layers.RandomZoom(zoom, **fill))
-    if contrast:
-        out.append(layers.RandomContrast(contrast, value_range=(0, 255), seed=seed))
-    if shear:
-        out.append(layers.RandomShear(x_factor=shear, y_factor=shear, **fill))
-    return out
-
-
 def check_options(name: str, options: dict[str, Any]) -> None:
     """Refuse options that are no keyword of the model's builder (model names: schemas.TrainParams)."""
     allowed = arch_options(name)
@@ -326,7 +224,7 @@ def check_builds(name: str, options: dict[str, Any], num_classes: int = 10) -> N
     """Build the model's body on a symbolic input, so a bad option is a config error before any
     stage runs, not a traceback from inside Keras after the data was prepared."""
     try:
-        body(name, keras.Input(shape=INPUT_SHAPE), num_classes, options)
+        body(name, keras.Input(shape=IMAGE_SHAPE), num_classes, options)
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"params.yaml: train.arch.{name} {options} does not build a {name} ({text}); "
@@ -344,7 +242,7 @@ def build_model(name: str, num_classes: int, mean: list[float], std: list[float]
                 options: dict[str, Any] | None = None, augment: list[layers.Layer] | None = None) -> keras.Model:
     """`MODELS[name]` (with `options`, its `train.arch` entry) behind the augmentation and the fitted
     normalisation, ending in softmax probabilities."""
-    inputs = keras.Input(shape=INPUT_SHAPE, name="pixels")
+    inputs = keras.Input(shape=IMAGE_SHAPE, name=INPUT_NAME)
     x = inputs
     for layer in augment or []:
         x = layer(x)
@@ -352,77 +250,8 @@ def build_model(name: str, num_classes: int, mean: list[float], std: list[float]
     if name != "transfer":
         x = layers.Normalization(mean=mean, variance=np.square(std).tolist(), name="normalize")(x)
     logits = body(name, x, num_classes, options or {})
-    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+    outputs = layers.Activation("softmax", dtype="float32", name=OUTPUT_NAME)(logits)
     return keras.Model(inputs, outputs, name=name)
-
-
-def predictions(model: keras.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's outputs, batch by batch. Not `model.predict`: on TensorFlow its tf.data
-    pipeline held each call until the autotuner's next wake-up (stages.train.UNTUNED), seconds for
-    every TTA view."""
-    batches = [np.asarray(model.predict_on_batch(pixels[start:start + batch_size]), dtype=np.float64)
-               for start in range(0, len(pixels), batch_size)]
-    return np.concatenate(batches) if batches else np.zeros((0, model.output_shape[-1]))
-
-
-def predict_probabilities(model: keras.Model, images: np.ndarray, batch_size: int, tta_flip: bool,
-                          tta_translate: int = 0) -> np.ndarray:
-    """Class probabilities, optionally averaged over test-time views (airbench's multi-crop TTA):
-    with `tta_flip`, each image and its mirror image; with `tta_translate` t, half the weight on
-    those and half on the same views shifted by t pixels diagonally both ways (edges reflected)."""
-    pixels = images.astype(np.float32)
-
-    def views(batch: np.ndarray) -> np.ndarray:
-        out = predictions(model, batch, batch_size)
-        if tta_flip:
-            out = (out + predictions(model, batch[:, :, ::-1], batch_size)) / 2
-        return out
-
-    probabilities = views(pixels)
-    if tta_translate:
-        t = tta_translate
-        padded = np.pad(pixels, ((0, 0), (t, t), (t, t), (0, 0)), mode="reflect")
-        shifted = [padded[:, :32, :32], padded[:, 2 * t:2 * t + 32, 2 * t:2 * t + 32]]
-        probabilities = (probabilities + sum(views(np.ascontiguousarray(v)) for v in shifted) / 2) / 2
-    return probabilities
-
-
-def all_layers(model: keras.Model):
-    """Every layer of the model, those of nested models (a transfer backbone) included."""
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from all_layers(layer)
-
-
-def load_trained(path: Path) -> keras.Model:
-    """The trained model, for inference (evaluate, export): compile=False skips the optimizer and
-    its custom learning-rate schedule, which predictions never need."""
-    if not path.is_file():
-        raise DataError(f"{path} not found; train first (`cifar10-pipeline run` or `dvc repro train`)")
-    try:
-        return in_float32(keras.models.load_model(path, compile=False))
-    except (ValueError, OSError, TypeError) as err:
-        raise DataError(f"{path} is not a loadable Keras model ({str(err).splitlines()[0]}); "
-                        "retrain it (`dvc repro -f train`)") from None
-
-
-def in_float32(model: keras.Model) -> keras.Model:
-    """The model with every layer computing in float32. Mixed precision is a way to train faster;
-    its weights are float32, and evaluation, exports (ONNX Runtime has no bfloat16 convolution
-    on the CPU) and serving all compute in float32, so they agree with each other."""
-    if all(layer.dtype_policy.name == "float32" for layer in all_layers(model)):
-        return model
-
-    def float32_layer(layer):
-        policy = getattr(layer, "dtype_policy", None)  # a functional graph's operations have none
-        if policy is None or policy.name == "float32":
-            return layer  # shared with the loaded model, which is not used again
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
-
-    copy = keras.models.clone_model(model, recursive=True, clone_function=float32_layer)
-    copy.set_weights(model.get_weights())
-    return copy
 
 
 def check_trainable(params: TrainParams, local: bool = True) -> None:

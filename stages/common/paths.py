@@ -2,8 +2,9 @@
 reads and writes as options (`python -m stages.evaluate --prepared PATH ...`), and the
 CLI, the flow and the benchmarks read the same mapping from dvc.yaml (`artifact_paths`).
 
-What a stage writes inside its own output folder (metrics.json, run_info.json) is that stage's
-layout and is named in its module.
+The files inside a stage's folder that another stage, the CLI or the flow reads (manifest.json,
+normalization.json, metrics.json, ...) are named once, below; a file only its own stage reads is
+named in that stage's module.
 """
 
 from __future__ import annotations
@@ -45,13 +46,23 @@ def artifact_paths(repo: Path) -> dict[str, Path]:
 
 
 # Files inside a stage's folder that other parts read, by what they hold.
+MANIFEST = "manifest.json"  # in the raw folder: the archive, its checksums, its source's fingerprint
+NORMALIZATION = "normalization.json"  # in the prepared folder: per-channel mean and std in pixel units
+METADATA = "metadata.csv"  # in the prepared folder: one row per image, which validate checks
+CLASSES = "classes.json"  # in the prepared folder: class names in label order
 EVALUATION = {"metrics": "metrics.json", "report": "classification_report.json",
               "confusion": "confusion_matrix.csv", "predictions": "predictions.csv"}
-VALIDATION = {"results": "result.json", "page": "validation.html"}  # Great Expectations' results, every one shown
-CLASSES = "classes.json"  # in the prepared folder: class names in label order
+# Great Expectations' results, every one shown, and the summary train reads (dvc.yaml names it too).
+VALIDATION = {"results": "result.json", "page": "validation.html", "summary": "summary.json"}
+EXPORT_METRICS = "metrics.json"  # in the export's results folder: the check of each format
 RUN_INFO = "run_info.json"  # in the train folder
 CURVES = "plots/metrics"  # in the train folder: DVCLive's per-epoch TSVs
 REPORT_PAGE = "report.html"  # in the report folder
+
+
+def split_file(split: str) -> str:
+    """A prepared split's arrays (train, val, test), in the prepared folder."""
+    return f"{split}.npz"
 
 
 def evaluation_files(repo: Path) -> dict[str, str]:

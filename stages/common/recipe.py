@@ -10,7 +10,8 @@ import time
 import keras
 import numpy as np
 
-from stages.common.models import AlternatingFlip, all_layers, augmentation, build_model, fit_whitening
+from stages.common.layers import AlternatingFlip, all_layers, augmentation, fit_whitening
+from stages.common.models import build_model
 from stages.common.provenance import BF16_NATIVE
 from stages.common.schemas import ALTERNATING_FLIPS, TrainParams
 

@@ -18,6 +18,9 @@ from typing import Any
 from stages.common.errors import ConfigError
 
 # The model zoo's names (builders of the same names live in stages/common/models.py).
+# Height, width and channels of every image the pipeline prepares, trains on, exports and serves.
+IMAGE_SHAPE = (32, 32, 3)
+
 MODEL_NAMES = ("tutorial_cnn", "leaky_bn_cnn", "vgg_blocks", "bn_cnn", "gap_cnn", "resnet", "fast_vgg", "transfer")
 OPTIMIZERS = ("adam", "adamw", "sgd", "nadam", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
@@ -221,7 +224,7 @@ class ReportParams:
 class GateParams:
     max_accuracy_drop: float = knob(min=0.0, max=1.0)
     max_recall_drop: float = knob(min=0.0, max=1.0)
-    require_significance: bool  # fail only drops McNemar finds significant (p < compare.ALPHA)
+    require_significance: bool  # fail only drops McNemar finds significant (p < pipelines/statistics.py's ALPHA)
 
 
 # Each params.yaml section and its schema; a section's name is also its stage's (gate: the

@@ -13,12 +13,12 @@ import numpy as np
 
 from stages.common import dataio
 from stages.common.errors import DataError
+from stages.common.schemas import IMAGE_SHAPE
 
 # What the export stage writes into its model folder (dvc.yaml's paths.exports).
 EXPORTED = {"saved_model": "saved_model", "onnx": "model.onnx", "signature": "signature.json"}
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
-INPUT_SHAPE = (32, 32, 3)
 
 
 class OnnxClassifier:
@@ -39,8 +39,8 @@ class OnnxClassifier:
     def probabilities(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(N, 32, 32, 3) pixels in 0..255 -> (N, classes) probabilities."""
         pixels = np.asarray(pixels, dtype=np.float32)
-        if pixels.ndim != 4 or pixels.shape[1:] != INPUT_SHAPE:
-            raise DataError(f"expected images of shape (N, 32, 32, 3), got {pixels.shape}")
+        if pixels.ndim != 4 or pixels.shape[1:] != IMAGE_SHAPE:
+            raise DataError(f"expected images of shape (N, {', '.join(map(str, IMAGE_SHAPE))}), got {pixels.shape}")
         batches = [self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + batch_size]})[0]
                    for i in range(0, len(pixels), batch_size)]
         return np.concatenate(batches) if batches else np.zeros((0, len(self.classes)), np.float32)

@@ -20,10 +20,10 @@ PARAMS = {"formats": ["saved_model", "onnx"], "onnx_opset": 17, "max_probability
 def trained_model():
     """fast_vgg (exact GELU, BatchNorm) behind augmentation and a fitted normalisation, after a
     few steps of training so BatchNorm's moving statistics differ from its batch statistics."""
-    from stages.common import models
+    from stages.common import layers, models
 
     # Both flips: the random one and (a custom layer with a variable) the alternating one.
-    augment = [models.AlternatingFlip(seed=1), *models.augmentation(True, 4, 0.05, 0.0, 0.1, 0.0, seed=1)]
+    augment = [layers.AlternatingFlip(seed=1), *layers.augmentation(True, 4, 0.05, 0.0, 0.1, 0.0, seed=1)]
     model = models.build_model("fast_vgg", 4, [120.0, 110.0, 100.0], [60.0, 55.0, 50.0], {"widths": [8, 16]}, augment)
     model.compile("adam", "sparse_categorical_crossentropy")
     rng = np.random.default_rng(0)
@@ -31,6 +31,7 @@ def trained_model():
     return model
 
 
+@pytest.mark.slow
 def test_each_format_predicts_raw_pixels_as_the_keras_model(trained_model, tmp_path):
     import tensorflow as tf
 
@@ -62,6 +63,7 @@ def test_formats_other_than_saved_model_and_onnx_are_config_errors(formats):
         parse_section({**PARAMS, "formats": formats}, ExportParams, "export")
 
 
+@pytest.mark.slow
 def test_the_stage_without_a_trained_model_is_one_line(in_tmp):
     from stages.common import dataio
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from stages.common.errors import ConfigError
-from stages.common.models import MODELS, augmentation, build_model, check_arch, check_builds
+from stages.common.layers import augmentation
+from stages.common.models import MODELS, build_model, check_arch, check_builds
 from stages.common.recipe import make_optimizer, make_schedule
 from stages.common.schemas import Augment, TrainParams
 from stages.train import train
@@ -139,7 +140,7 @@ def test_schedules_augmentation_and_training_switches_run(schedule):
 def test_flip_tta_changes_predictions_only_as_intended():
     import keras
 
-    from stages.common.models import predict_probabilities
+    from stages.common.inference import predict_probabilities
 
     images = synthetic.make_images(2, CLASSES)[0]
     # 1x1 convolutions and global pooling: the model cannot tell an image from its mirror image.
@@ -157,7 +158,7 @@ def test_flip_tta_changes_predictions_only_as_intended():
 
 
 def test_predictions_go_batch_by_batch_and_match_keras_predict_on_a_partial_batch_and_on_none():
-    from stages.common.models import predictions
+    from stages.common.inference import predictions
 
     images = synthetic.make_images(7, CLASSES)[0].astype(np.float32)
     model = build_model("tutorial_cnn", 3, NORM["mean"], NORM["std"])
@@ -180,7 +181,7 @@ def test_the_training_input_runs_without_tf_data_autotuning():
 def test_translated_tta_views_are_the_image_shifted_diagonally_with_half_the_weight():
     import keras
 
-    from stages.common.models import predict_probabilities
+    from stages.common.inference import predict_probabilities
 
     images = synthetic.make_images(2, CLASSES)[0].astype(np.float32)
     # A model that sees one pixel, (10, 10): a view shifted by one pixel shows it (9, 9) or (11, 11).
@@ -296,7 +297,8 @@ def test_mirrored_training_splits_each_batch_across_two_devices_and_saves_a_plai
 def test_the_whitening_stem_whitens_the_training_patches_and_stays_frozen(tmp_path):
     import keras
 
-    from stages.common.models import WHITEN_LAYER, fit_whitening, load_trained
+    from stages.common.inference import load_trained
+    from stages.common.layers import WHITEN_LAYER, fit_whitening
 
     images = splits()["train"][0]
     p = params(model="fast_vgg", arch={"fast_vgg": {"widths": [8, 16], "whiten": True, "identity_init": True,
@@ -324,7 +326,7 @@ def test_the_whitening_stem_whitens_the_training_patches_and_stays_frozen(tmp_pa
 def test_identity_init_passes_each_input_channel_through_its_own_filter():
     import keras
 
-    from stages.common.models import PartialIdentity
+    from stages.common.layers import PartialIdentity
 
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
     conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())
@@ -354,7 +356,8 @@ def test_mixed_precision_auto_uses_bfloat16_only_where_the_cpu_computes_it(setti
 def test_cpu_bfloat16_computes_in_the_matmul_layers_only_and_loads_back_in_float32(tmp_path, model, options):
     import keras
 
-    from stages.common.models import all_layers, load_trained
+    from stages.common.inference import load_trained
+    from stages.common.layers import all_layers
     from stages.common.recipe import compile_model
 
     p = params(model=model, arch={model: options}, batch_size=6)
@@ -476,7 +479,7 @@ def test_nearest_crops_shift_by_whole_pixels_and_bilinear_ones_blend_them(interp
 
 
 def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_none_at_inference():
-    from stages.common.models import AlternatingFlip
+    from stages.common.layers import AlternatingFlip
 
     images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
 
@@ -497,7 +500,8 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_none_at_in
 
 @pytest.mark.slow
 def test_training_with_alternating_flips_counts_its_epochs_and_loads_back(tmp_path):
-    from stages.common.models import AlternatingFlip, all_layers, load_trained
+    from stages.common.inference import load_trained
+    from stages.common.layers import AlternatingFlip, all_layers
 
     p = params(epochs=3, augment=Augment("alternating", 2, 0.0, 0.0, 0.0, 0.0, "nearest"))
     model, history = train(p, splits(), CLASSES, NORM)
