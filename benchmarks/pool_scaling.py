@@ -74,10 +74,10 @@ def cli(cwd: Path, env: dict, *args: str, may_fail: bool = False) -> tuple[float
     """Seconds taken and the last error line ("" when it succeeded); a sweep's failed point is a
     result (`may_fail`), anything else ends the benchmark."""
     started = time.perf_counter()
-    done = subprocess.run([str(BIN / "cifar10-pipeline"), *args], cwd=cwd, env=env, capture_output=True, text=True)
-    error = done.stderr.strip().splitlines()[-1] if done.returncode != 0 and done.stderr.strip() else ""
-    if done.returncode != 0 and not may_fail:
-        raise SystemExit(f"cifar10-pipeline {' '.join(args)} failed: {done.stderr[-2000:]}")
+    completed = subprocess.run([str(BIN / "cifar10-pipeline"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    error = completed.stderr.strip().splitlines()[-1] if completed.returncode != 0 and completed.stderr.strip() else ""
+    if completed.returncode != 0 and not may_fail:
+        raise SystemExit(f"cifar10-pipeline {' '.join(args)} failed: {completed.stderr[-2000:]}")
     return time.perf_counter() - started, error
 
 
@@ -113,12 +113,12 @@ def pull_into_fresh_clone(work: Path, origin: Path, env: dict, names: list[str])
     clone = work / "puller"
     git(work, "clone", "-q", str(origin), str(clone))
     started = time.perf_counter()
-    done = subprocess.run([str(BIN / "dvc"), "exp", "pull", "origin", *names], cwd=clone, env=env,
+    completed = subprocess.run([str(BIN / "dvc"), "exp", "pull", "origin", *names], cwd=clone, env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - started
     cache = clone / ".dvc" / "cache"
     files = [p for p in cache.rglob("*") if p.is_file()]
-    return {"experiments": len(names), "seconds": round(seconds, 1), "ok": done.returncode == 0,
+    return {"experiments": len(names), "seconds": round(seconds, 1), "ok": completed.returncode == 0,
             "cache_files": len(files), "cache_mb": round(sum(p.stat().st_size for p in files) / 1e6, 2)}
 
 

@@ -46,12 +46,12 @@ def label(setting: tuple[int, int]) -> str:
 def time_setting(setting: tuple[int, int], throughput_args: list[str]) -> dict:
     """One process of throughput.py --alone under these thread counts; its JSON result."""
     env = {**os.environ, "TF_NUM_INTRAOP_THREADS": str(setting[0]), "TF_NUM_INTEROP_THREADS": str(setting[1])}
-    done = subprocess.run([sys.executable, str(THROUGHPUT), "--alone", *throughput_args], env=env,
+    completed = subprocess.run([sys.executable, str(THROUGHPUT), "--alone", *throughput_args], env=env,
                           capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StageFailed(f"throughput.py ({label(setting)})", last.removeprefix("error: "), done.returncode)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if completed.returncode != 0:
+        last = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StageFailed(f"throughput.py ({label(setting)})", last.removeprefix("error: "), completed.returncode)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def summarise(rows: list[dict], settings: list[tuple[int, int]]) -> list[dict]:

@@ -385,8 +385,8 @@ def _run_stage(repo_dir: Path, stage: str, log: Callable[[str], None], timeout_s
 
 def git(repo_dir: Path, *args: str) -> str | None:
     """A git command's stripped stdout, or None when it fails (no such ref, no such file)."""
-    done = subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
+    completed = subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True)
+    return completed.stdout.strip() if completed.returncode == 0 else None
 
 
 class RemoteUnreachable(TransientError):
