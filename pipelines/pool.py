@@ -203,7 +203,7 @@ def remote_revision(repo: Path) -> tuple[str, str, str]:
         default = ""
     if not default:
         raise ConfigError("no default DVC remote; workers share data and models through one: "
-                          "`dvc remote add -d storage s3://bucket/path` (see README, Scaling out)")
+                          "`dvc remote add -d storage s3://bucket/path` (see docs/scaling.md)")
     rev = git(repo, "rev-parse", "HEAD") or ""
     git(repo, "fetch", "--quiet", "origin")
     branches = (git(repo, "branch", "-r", "--format=%(refname:short)", "--contains", rev) or "").split()

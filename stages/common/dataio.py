@@ -237,7 +237,7 @@ def detect_layout(names: list[str], archive: Path) -> RawLayout:
         sample = ", ".join(names[:3]) or "no files"
         raise DataError(
             f"{archive}: neither CIFAR-10 python batches nor train/<class>/<image> folders "
-            f"(found {sample}); see README, Data layouts"
+            f"(found {sample}); see docs/pipeline.md"
         )
     for split in SOURCE_SPLITS:
         if not counts[split]:

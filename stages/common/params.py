@@ -252,7 +252,7 @@ def load_section(name: str, path: Path = PARAMS_FILE) -> Any:
     """The `name` section of params.yaml, checked and converted into its schema (SECTIONS)."""
     params = read_params(path)
     if name not in params:
-        raise ConfigError(f"{path} has no '{name}:' section; add it (see README, Parameters)")
+        raise ConfigError(f"{path} has no '{name}:' section; add it (see docs/pipeline.md)")
     return parse_section(params[name], SECTIONS[name], name)
 
 
@@ -270,7 +270,7 @@ def parse_section(raw: Any, cls: type[T], prefix: str) -> T:
     for fname, fld in fields.items():
         key = f"{prefix}.{fname}"
         if fname not in raw:
-            raise ConfigError(f"params.yaml: '{key}' is missing; add it (see README, Parameters)")
+            raise ConfigError(f"params.yaml: '{key}' is missing; add it (see docs/pipeline.md)")
         values[fname] = _check_field(raw[fname], hints[fname], fld.metadata, key)
     return cls(**values)
 
