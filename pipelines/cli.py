@@ -304,24 +304,9 @@ def promote(
 ) -> None:
     """Keep an experiment: as a new branch whose model is registered with GTO, or applied to the
     workspace (then git commit it and `register`)."""
-    from pipelines.dvcrepo import dvc
-    from pipelines.registry import register as register_model
+    from pipelines.registry import promote as promote_experiment
 
-    repo = require_repo(repo)
-    experiments = dvc(repo, "exp", "list", "--all-commits", "--name-only").split()
-    if experiment not in experiments:
-        hint = difflib.get_close_matches(experiment, experiments, n=1)
-        raise ConfigError(f"no experiment named '{experiment}' in {repo}; "
-                          + (f"did you mean '{hint[0]}'?" if hint else "`dvc exp list --all-commits` lists them"))
-    if not branch:
-        if stage:
-            raise ConfigError("--stage registers a commit: pass --branch too, or apply, commit and `register --stage`")
-        output = dvc(repo, "exp", "apply", experiment)
-        typer.echo(output.strip() or f"{experiment} applied to the workspace; `git commit` it, then "
-                   "`cifar10-pipeline register` to version its model")
-        return
-    typer.echo(dvc(repo, "exp", "branch", experiment, branch).strip())
-    typer.echo(register_model(repo, branch, stage).describe())
+    typer.echo(promote_experiment(require_repo(repo), experiment, branch, stage))
 
 
 @app.command()
@@ -437,7 +422,7 @@ def usage_error_line(err: Exception) -> str:
 
 def main() -> None:
     """Every command's errors end here: one line on stderr and the exit code of their cause."""
-    # Prefect waits 20 s for its temporary API; a 2-core AVX2 machine under load took longer
+    # Prefect waits 20 s for its temporary API; a loaded 2-core machine can take longer
     # (seen in this project's tests). Set before Prefect is imported, which reads it then; a
     # user's own setting wins.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -61,3 +61,25 @@ def register(repo: Path, ref: str = "HEAD", stage: str | None = None) -> Registe
     except GTOException as err:
         raise ConfigError(f"GTO refused to register {name} at {ref} ({err}); check `gto show {name}`") from None
     return Registered(name, version, commit, stage)
+
+
+def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) -> str:
+    """Keep an experiment: applied to the workspace (then commit and `register` it), or as a new
+    branch whose model is registered (and assigned to `stage`). What happened, for the user."""
+    import difflib
+
+    from pipelines.dvcrepo import dvc
+
+    experiments = dvc(repo, "exp", "list", "--all-commits", "--name-only").split()
+    if experiment not in experiments:
+        hint = difflib.get_close_matches(experiment, experiments, n=1)
+        raise ConfigError(f"no experiment named '{experiment}' in {repo}; "
+                          + (f"did you mean '{hint[0]}'?" if hint else "`dvc exp list --all-commits` lists them"))
+    if not branch:
+        if stage:
+            raise ConfigError("--stage registers a commit: pass --branch too, or apply, commit and `register --stage`")
+        output = dvc(repo, "exp", "apply", experiment)
+        return output.strip() or (f"{experiment} applied to the workspace; `git commit` it, then "
+                                  "`cifar10-pipeline register` to version its model")
+    branched = dvc(repo, "exp", "branch", experiment, branch).strip()
+    return f"{branched}\n{register(repo, branch, stage).describe()}"

@@ -43,9 +43,8 @@ def precision_policy(setting: bool | str, gpu: bool, isa: list[str]) -> str:
 
 
 # On the CPU, bfloat16 goes to the layers that multiply matrices, which AMX / AVX512_BF16 speed up;
-# BatchNorm, activations and pooling stay float32. On a 2-core AMX Xeon a convolution's training
-# step took 2.9x less time in bfloat16, BatchNorm's and GELU's alone 1.2x and 2.4x more; the whole
-# default ran 235-245 ms a step either way (float32: 347-352 ms), so float32 statistics cost nothing.
+# BatchNorm, activations and pooling stay float32: in bfloat16 they ran slower, not faster, and the
+# whole step took the same time either way (docs/benchmarks.md).
 MATMUL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
                  keras.layers.Dense)
 
@@ -140,7 +139,7 @@ def compile_model(params: TrainParams, num_classes: int, normalization: dict, st
     if keras.backend.backend() == "jax":
         # Keras marks its shift/rotate/zoom/shear layers jit-incompatible on every backend, which
         # TensorFlow's image-transform op earns; their JAX versions are plain jax.numpy, which
-        # jax.jit traces. Left marked, the whole model runs op by op: 0.74 s a step on an H100.
+        # jax.jit traces. Left marked, the whole model runs op by op, about a hundred times slower.
         for layer in augment:
             layer.supports_jit = True
     model = build_model(params.model, num_classes, normalization["mean"], normalization["std"], params.options,
