@@ -4,6 +4,7 @@ Prefect API is down and the user asked for that fallback. The CLI parses; this m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -63,8 +64,6 @@ def run(request: RunRequest, api_url: str | None, say: Say, warn: Say) -> int:
 
 def deploy_pools(repo: Path, *pools: str | None) -> tuple[str, str]:
     """The deployments of each pool given, from HEAD on origin (see pool.deploy_head): (git URL, commit)."""
-    import os
-
     from pipelines import pool as work_pool
 
     require_server(os.environ.get("PREFECT_API_URL"))

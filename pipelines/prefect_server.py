@@ -4,6 +4,7 @@ temporary one a `run` without PREFECT_API_URL uses (Prefect's own temporary serv
 
 Each ends with the command that started it, however that command ends: Ctrl-C and SIGTERM stop it
 in order, and the kernel stops it when the command dies without a chance to (PR_SET_PDEATHSIG).
+`flow_api` is how a command picks the API its flow reports to: PREFECT_API_URL's, or a temporary one.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ def require_server(api_url: str | None) -> None:
 @contextlib.contextmanager
 def flow_api(repo: Path) -> Iterator[None]:
     """The Prefect API a command's flow reports to for the block: PREFECT_API_URL's, or else a
-    temporary one of the project's (pipelines/prefect_server.py) that ends with the block."""
+    temporary one of the project's (`temporary_api`) that ends with the block; and Prefect's console
+    logging set to show an expected failure as its one line."""
     if os.environ.get("PREFECT_API_URL"):
         expected_failures_in_one_line()
         yield
