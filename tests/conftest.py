@@ -18,6 +18,13 @@ os.environ.update(DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false", DO_NOT_TRA
 os.environ["PYTHONUNBUFFERED"] = "1"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """An end-to-end test is slow too: `make test-fast` (-m 'not slow') leaves it out."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """A real HTTP server on 127.0.0.1 serving tmp_path/www; yields (root dir, base URL)."""

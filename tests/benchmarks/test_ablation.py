@@ -11,6 +11,8 @@ import pytest
 from tests import synthetic
 from tests.helpers import REPO, run_benchmark
 
+pytestmark = pytest.mark.slow  # runs the benchmark script, which trains
+
 
 def test_the_ablation_scores_the_recipe_without_each_ingredient_under_each_tta_against_the_full_one(tmp_path):
     archive = synthetic.write_tar_gz(tmp_path / "tiny.tar.gz", synthetic.class_folder_files(20, 5))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests import synthetic
 from tests.helpers import REPO, run_benchmark
+
+pytestmark = pytest.mark.slow  # runs the benchmark script, which trains
 
 SCRIPT = REPO / "benchmarks" / "gpu_recipe.py"
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import REPO, run_benchmark
+
+pytestmark = pytest.mark.slow  # runs the benchmark script, which trains
 
 
 def test_each_setting_is_timed_in_its_own_process_and_compared_with_the_first(tmp_path):

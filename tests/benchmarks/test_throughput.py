@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import REPO, run_benchmark
+
+pytestmark = pytest.mark.slow  # runs the benchmark script, which trains
 
 
 def test_versus_times_two_settings_in_turns_and_reports_their_ratio():

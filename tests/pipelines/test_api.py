@@ -17,6 +17,8 @@ from stages.common import dataio
 from stages.common.serving import EXPORTED
 from tests.helpers import REPO, inference_api
 
+pytestmark = pytest.mark.slow  # starts the inference API
+
 CLASSES = ["airplane", "automobile", "bird", "cat"]
 
 

@@ -82,6 +82,7 @@ def test_help_shows_flags_as_flags(monkeypatch, capsys):
     assert "<bool>" not in out, out
 
 
+@pytest.mark.slow
 def test_server_serves_its_own_port_from_prefect_home_and_stops_whole(tmp_path):
     """`server --port 4311` left the UI pointing at 4200, ignored $PREFECT_HOME, and SIGTERM left
     its `prefect server start` child holding the port."""
@@ -113,6 +114,7 @@ def test_server_serves_its_own_port_from_prefect_home_and_stops_whole(tmp_path):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_dry_run_on_a_fresh_clone_says_never_run_once_without_prefect(tmp_path):
     """It said every dependency was 'modified' (there is no dvc.lock yet), twice (Prefect's log and
     the CLI), and took 37 s starting Prefect where `status` took 1.7 s."""

@@ -14,6 +14,8 @@ from pipelines.dvcrepo import StageGraph, StageOutcome
 from stages.common.errors import StageFailed
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # runs the flow on a temporary Prefect server
+
 GRAPH = StageGraph(order=["download", "prepare", "train"],
                    upstream={"download": [], "prepare": ["download"], "train": ["prepare"]})
 

@@ -6,6 +6,8 @@ import pytest
 
 from tests.helpers import BIN, dvc, git_dvc_project
 
+pytestmark = pytest.mark.slow  # against a Prefect server
+
 
 def pool_run(repo, env) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "cifar10-pipeline"), "run", "--pool", "cpu"], cwd=repo, env=env,

@@ -64,6 +64,7 @@ def test_unknown_or_invalid_preset(tmp_path):
     assert params.read_text() == before
 
 
+@pytest.mark.slow
 def test_gpu_fast_preset_trains_on_the_cpu_with_tiny_data():
     import numpy as np
 
