@@ -28,10 +28,11 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # the GPU machine has JAX, not Te
 import keras
 
 from stages.common import dataio
+from stages.common.callbacks import EpochClock
 from stages.common.inference import predict_probabilities
 from stages.common.params import parse_assignments, parse_section
 from stages.common.provenance import cpu_info
-from stages.common.recipe import EpochClock, compile_model, precision_policy, recipe_callbacks
+from stages.common.recipe import compile_model, precision_policy, recipe_callbacks
 from stages.common.run_params import effective_params
 from stages.common.schemas import EvaluateParams, PrepareParams, TrainParams
 from stages.prepare import decode_image, fit_normalization, stratified_split

@@ -32,9 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 
+from stages.common.callbacks import EpochClock
 from stages.common.errors import ConfigError, run_main
 from stages.common.params import parse_assignments, parse_section
-from stages.common.recipe import EpochClock
 from stages.common.run_params import effective_params
 from stages.common.schemas import TrainParams
 from stages.train import compiled_model, make_dataset

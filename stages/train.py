@@ -10,17 +10,13 @@ by the train params and the prepared data, so a changed param never resumes anot
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,12 +29,13 @@ import numpy as np
 import tensorflow as tf
 
 from stages.common import dataio
-from stages.common.errors import TrainingDiverged, run_main, stop_signals_to_handle
+from stages.common.callbacks import EpochClock, EpochLog, StopOnInterrupt
+from stages.common.errors import TrainingDiverged, run_main
 from stages.common.models import check_trainable, gpu_names
 from stages.common.params import load_section
 from stages.common.paths import CLASSES, NORMALIZATION, RUN_INFO, split_file, stage_paths
 from stages.common.provenance import cpu_info
-from stages.common.recipe import EpochClock, compile_model, precision_policy, recipe_callbacks
+from stages.common.recipe import compile_model, precision_policy, recipe_callbacks
 from stages.common.schemas import TrainParams
 
 BACKUP_ROOT = Path(".dvc/tmp/train-backup")
@@ -91,68 +88,6 @@ def training_precision(setting: bool | str) -> str:
     benchmarks/throughput.py --set mixed_precision=true)."""
     gpu = bool(gpu_names())
     return precision_policy(setting, gpu, cpu_info()["isa"])
-
-
-class StopOnInterrupt(keras.callbacks.Callback):
-    """Ctrl-C, SIGTERM or SIGHUP stops training at the next batch with a KeyboardInterrupt (the stage exits 130).
-
-    The signal handler only records the signal: a KeyboardInterrupt raised wherever Python happens
-    to be could land in Keras/TensorFlow code that swallows it (they have bare `except:` clauses).
-    Raised from here, between batches, it cannot be.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.interrupted = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        # Signal handlers belong to the main thread; and a process started with SIGINT ignored
-        # (a background job) keeps ignoring it, as Python itself does.
-        if threading.current_thread() is not threading.main_thread() or \
-                signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            yield
-            return
-        # SIGTERM and SIGHUP (a service manager's stop, a closed terminal) are handled as Ctrl-C is.
-        previous = {signum: signal.signal(signum, self._record) for signum in stop_signals_to_handle()}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        if self.interrupted:
-            raise KeyboardInterrupt
-
-    def _record(self, signum: int, frame: object) -> None:
-        if self.interrupted:  # a second Ctrl-C does not wait for the batch to end
-            raise KeyboardInterrupt
-        self.interrupted = True
-
-    def _stop_if_interrupted(self, *args: object, **kwargs: object) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt
-
-    # Not on_epoch_end: the epoch that just finished is still backed up for a resume.
-    on_train_batch_end = on_test_batch_end = on_epoch_begin = _stop_if_interrupted
-
-
-class EpochLog(keras.callbacks.Callback):
-    """Appends each finished epoch's metrics to a JSON-lines file, so a resumed run keeps them.
-
-    It runs before BackupAndRestore saves the epoch; a kill between the two leaves one row too
-    many, which `resume_history` drops.
-    """
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = path
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        row = {"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
 
 
 def resume_history(backup_dir: Path) -> list[dict[str, float]]:

@@ -60,7 +60,7 @@ class AlternatingFlip(layers.Layer):
     the same way round twice running). Which epochs mirror an image rests on one bit of the
     image itself, the parity of the sum of a seeded half of its pixels, where airbench draws a random
     bit per image in the first epoch: the layer sees batches, not which image is which. `epoch` is
-    set as each epoch begins (recipe.FlipEpochs); inference passes images through untouched."""
+    set as each epoch begins (callbacks.FlipEpochs); inference passes images through untouched."""
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)

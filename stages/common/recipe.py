@@ -5,12 +5,11 @@ TensorFlow in the train stage and under JAX on a GPU machine (benchmarks/gpu_rec
 
 from __future__ import annotations
 
-import time
-
 import keras
 import numpy as np
 
-from stages.common.layers import AlternatingFlip, all_layers, augmentation, fit_whitening
+from stages.common.callbacks import FlipEpochs, Lookahead
+from stages.common.layers import all_layers, augmentation, fit_whitening
 from stages.common.models import build_model
 from stages.common.provenance import BF16_NATIVE
 from stages.common.schemas import ALTERNATING_FLIPS, TrainParams
@@ -112,18 +111,6 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizer
             "adagrad": keras.optimizers.Adagrad}[params.optimizer](**common)
 
 
-class EpochClock(keras.callbacks.Callback):
-    """Adds each epoch's wall-clock seconds to its logs, so DVCLive's curves (train/epoch_seconds)
-    and the resume history carry them: time-to-accuracy is read from a run's own record."""
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self.started
-
-
 def compile_model(params: TrainParams, num_classes: int, normalization: dict, steps_per_epoch: int,
                   jit_compile: bool | str = "auto", train_images: np.ndarray | None = None,
                   precision: str = "float32") -> keras.Model:
@@ -154,46 +141,6 @@ def compile_model(params: TrainParams, num_classes: int, normalization: dict, st
         jit_compile=jit_compile,
     )
     return model
-
-
-class Lookahead(keras.callbacks.Callback):
-    """airbench's lookahead: every `every` optimizer steps the weights (BatchNorm's statistics
-    included) and a slow copy of them meet at their weighted mean, the slow copy's weight rising
-    from 0 to `base` with the cube of the run's progress; training ends on the slow copy. Steps are
-    the optimizer's own count, so a resumed run continues the ramp where it stopped."""
-
-    def __init__(self, total_steps: int, every: int = 5, base: float = 0.95**5):
-        super().__init__()
-        self.total_steps, self.every, self.base = max(total_steps, 1), every, base
-
-    def _floats(self) -> list:
-        return [v for v in self.model.weights if "float" in str(v.dtype)]
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.slow = [keras.ops.convert_to_numpy(v.value).copy() for v in self._floats()]
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if step % self.every:
-            return
-        weight = self.base * min(step / self.total_steps, 1.0) ** 3
-        for i, variable in enumerate(self._floats()):
-            self.slow[i] = weight * self.slow[i] + (1 - weight) * keras.ops.convert_to_numpy(variable.value)
-            variable.assign(self.slow[i])
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        for variable, slow in zip(self._floats(), self.slow):
-            variable.assign(slow)
-
-
-class FlipEpochs(keras.callbacks.Callback):
-    """Tells the model's AlternatingFlip layers which epoch begins (a resumed run's count goes on
-    from where it stopped, so its images keep alternating)."""
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        for layer in all_layers(self.model):
-            if isinstance(layer, AlternatingFlip):
-                layer.epoch.assign(epoch)
 
 
 def recipe_callbacks(params: TrainParams, monitor: str, steps_per_epoch: int) -> list[keras.callbacks.Callback]:

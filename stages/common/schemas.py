@@ -105,7 +105,7 @@ class ValidateParams:
     min_channel_std: float = knob(min=0.0, max=255.0, min_exclusive=True)
 
 
-# train.augment.flip's word for airbench's flips (models.AlternatingFlip, recipe.FlipEpochs).
+# train.augment.flip's word for airbench's flips (layers.AlternatingFlip, callbacks.FlipEpochs).
 ALTERNATING_FLIPS = "alternating"
 
 

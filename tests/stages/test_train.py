@@ -401,7 +401,7 @@ def test_mixed_precision_takes_auto_and_refuses_other_words():
 def test_lookahead_pulls_the_weights_toward_a_slow_copy_on_airbench_s_ramp():
     import keras
 
-    from stages.common.recipe import Lookahead
+    from stages.common.callbacks import Lookahead
 
     # One weight, a constant gradient: plain SGD moves it by lr each step, so the lookahead's
     # effect can be followed by hand.
