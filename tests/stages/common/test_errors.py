@@ -12,14 +12,32 @@ import psutil
 
 from tests.helpers import REPO
 
+# Imported first by Python (the folder leads PYTHONPATH): holds TensorFlow's import open for 30 s, so
+# a signal sent a second in lands inside `import tensorflow` however fast this machine imports it.
+SLOW_TENSORFLOW = """
+import importlib.abc, sys, time
+
+class SlowTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow":
+            print("importing tensorflow", file=sys.__stdout__, flush=True)
+            time.sleep(30)
+        return None
+
+sys.meta_path.insert(0, SlowTensorFlow())
+"""
+
 
 def test_a_stage_stopped_while_importing_its_libraries_prints_one_line(tmp_path):
     """Ctrl-C or SIGTERM during `import tensorflow` printed a traceback from inside the import."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_TENSORFLOW)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--prepared", "p", "--model", "m", "--out", "o"],
-                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # TensorFlow takes seconds to import
+                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "importing tensorflow\n"
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err
