@@ -178,6 +178,8 @@ def test_sigterm_and_sighup_stop_a_command_as_ctrl_c_does(monkeypatch, capsys, s
 
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        for signum in saved:  # as in a terminal: a suite run under nohup starts with SIGHUP ignored
+            signal.signal(signum, signal.SIG_DFL)
         code, err = run_main(monkeypatch, capsys, stopped)
     finally:
         for signum, handler in saved.items():

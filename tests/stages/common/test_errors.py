@@ -14,8 +14,14 @@ from tests.helpers import REPO
 
 # Imported first by Python (the folder leads PYTHONPATH): holds TensorFlow's import open for 30 s, so
 # a signal sent a second in lands inside `import tensorflow` however fast this machine imports it.
+# The stop signals start at their defaults, as a shell in a terminal starts a command: a suite run in
+# the background or under nohup would start the stage with SIGINT or SIGHUP ignored, and a stage
+# rightly keeps ignoring those.
 SLOW_TENSORFLOW = """
-import importlib.abc, sys, time
+import importlib.abc, signal, sys, time
+
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_DFL)
 
 class SlowTensorFlow(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
