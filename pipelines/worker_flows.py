@@ -40,7 +40,7 @@ from stages.common.errors import CommandFailed, ConfigError
 def clone(git_url: str, rev: str, into: Path) -> Path:
     """A full clone (DVC's experiments need the history a shallow one lacks), checked out at `rev`."""
     cloned = subprocess.run(["git", "clone", "--quiet", "--no-checkout", git_url, str(into)], capture_output=True,
-                          text=True)
+                            text=True)
     if cloned.returncode != 0:
         message = cloned.stderr.strip().splitlines()[-1] if cloned.stderr.strip() else f"exit {cloned.returncode}"
         raise RemoteUnreachable(f"git clone {git_url}: {message}; check the URL and that the remote is up")
