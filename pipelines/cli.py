@@ -7,12 +7,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from pipelines.predict import DEFAULT_TOP_K
-from pipelines.prefect_server import PREFECT_HOME, api_reachable, flow_api, require_server
 from stages.common.errors import (
     INTERRUPTED,
     USAGE,
@@ -138,6 +137,7 @@ def deploy(
     """Create the deployments cifar10-experiment/POOL (whole runs) and cifar10-stages/POOL (another
     run's GPU stages): workers clone origin and push experiments back."""
     from pipelines import pool as work_pool
+    from pipelines.prefect_server import require_server
 
     repo = require_repo(repo)
     require_server(os.environ.get("PREFECT_API_URL"))
@@ -153,6 +153,7 @@ def server(
         help="PREFECT_HOME (SQLite database and settings); default: $PREFECT_HOME, else .prefect")] = None,
 ) -> None:
     """Start a local Prefect server (SQLite under a project-local PREFECT_HOME)."""
+    from pipelines.prefect_server import PREFECT_HOME
     from pipelines.prefect_server import serve as serve_api
 
     home = (home or Path(os.environ.get("PREFECT_HOME") or PREFECT_HOME)).resolve()
@@ -172,13 +173,14 @@ def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
     """DVC's view of what is stale, stage by stage, and why; with PREFECT_API_URL, also the server's
     deployments, their schedules and the last flow runs."""
     from pipelines.dvcrepo import inspect_repo, plan
+    from pipelines.prefect_server import orchestration_status
     from stages.common.run_params import check_overrides
 
     repo = require_repo(repo)
     check_overrides(repo / "params.yaml", {})  # DVC itself would hang on some broken files
     graph, reasons = inspect_repo(repo)
     fates = plan(graph, reasons)
-    server = orchestration()
+    server = orchestration_status(os.environ.get("PREFECT_API_URL"), lambda line: typer.echo(line, err=True))
     if as_json:
         typer.echo(json.dumps({"stages": [{"stage": stage, "status": fate} for stage, fate in fates.items()],
                                **server}, indent=2))
@@ -188,20 +190,6 @@ def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
     for title, rows in server.items():
         typer.echo(f"\n{title.replace('_', ' ')} on {os.environ['PREFECT_API_URL']}:")
         typer.echo("\n".join("  " + "; ".join(f"{k}: {v}" for k, v in row.items()) for row in rows) or "  none")
-
-
-def orchestration() -> dict[str, Any]:
-    """With a Prefect server configured, what it holds of the project (deployments, schedules,
-    the last flow runs); nothing without one. An unreachable one is named, not fatal."""
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        return {}
-    if not api_reachable(url):
-        typer.echo(f"warning: the Prefect API at {url} is unreachable; showing DVC's view only", err=True)
-        return {}
-    from pipelines.prefect_server import orchestration_status
-
-    return orchestration_status()
 
 
 @app.command()
@@ -274,6 +262,7 @@ def sweep(
     gpu_pool: GpuPoolOption = None,
 ) -> None:
     """Run a grid, random or TPE (Optuna) search as DVC experiments; end with the ranked table and the best point."""
+    from pipelines.prefect_server import flow_api, require_server
     from stages.common.params import read_sweep_file
     from stages.common.run_params import check_overrides
 

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -124,9 +124,16 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> No
                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 
 
-def orchestration_status(flow_runs: int = 5) -> dict[str, list[dict[str, str]]]:
-    """What the Prefect server at PREFECT_API_URL holds of this project: every deployment with
-    its schedules and pool, and the newest flow runs with their states."""
+def orchestration_status(api_url: str | None, warn: Callable[[str], None],
+                         flow_runs: int = 5) -> dict[str, list[dict[str, str]]]:
+    """What the Prefect server at `api_url` holds of this project: every deployment with its
+    schedules and pool, and the newest flow runs with their states; nothing without a server, and
+    an unreachable one is named through `warn`, not fatal."""
+    if not api_url:
+        return {}
+    if not api_reachable(api_url):
+        warn(f"warning: the Prefect API at {api_url} is unreachable; showing DVC's view only")
+        return {}
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
