@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,20 +122,9 @@ def this_machine(kind: str) -> dict[str, Any]:
 
     cpu = cpu_info()
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.strip().splitlines() if _has("nvidia-smi") else []
-    return {"kind": kind, "cpu": f"{cpu['model']}, {_cores()} cores", "isa": cpu["isa"], "gpu": gpu[0] if gpu else None}
-
-
-def _has(command: str) -> bool:
-    import shutil
-
-    return shutil.which(command) is not None
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
+                         text=True).stdout.strip().splitlines() if shutil.which("nvidia-smi") else []
+    cores = len(os.sched_getaffinity(0))
+    return {"kind": kind, "cpu": f"{cpu['model']}, {cores} cores", "isa": cpu["isa"], "gpu": gpu[0] if gpu else None}
 
 
 def add(raw: Path, name: str, what: str, command: str, kind: str, files: list[Path]) -> Path:

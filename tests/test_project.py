@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.helpers import BIN
 
@@ -75,18 +76,14 @@ def test_each_stage_depends_on_exactly_the_code_it_runs():
     assert not mismatched, mismatched
 
 
-def normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
-
-
 def test_the_lock_file_satisfies_pyproject():
     """requirements.lock was refreshed (`make lock`) after pyproject.toml's last change of a range."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = [line.split(" ")[0] for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line]
-    locked = {normalized(Requirement(line).name): line.split("==")[1] for line in lines}
+    locked = {canonicalize_name(Requirement(line).name): line.split("==")[1] for line in lines}
     wanted = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]]
-    unmet = [f"{r} (locked: {locked.get(normalized(r.name))})" for r in wanted
-             if normalized(r.name) not in locked or locked[normalized(r.name)] not in r.specifier]
+    unmet = [f"{r} (locked: {locked.get(canonicalize_name(r.name))})" for r in wanted
+             if canonicalize_name(r.name) not in locked or locked[canonicalize_name(r.name)] not in r.specifier]
     assert not unmet, "requirements.lock does not satisfy pyproject.toml; run `make lock`: " + "; ".join(unmet)
 
 
