@@ -44,7 +44,8 @@ NORMALIZATION = {"mean": [125.0, 123.0, 114.0], "std": [63.0, 62.0, 66.0]}  # CI
 
 def train_params(preset: str | None, overrides: list[str]) -> TrainParams:
     """params.yaml's train section with the preset and KEY=VALUE overrides of train's keys on top."""
-    sets = {f"train.{key}": value for key, value in parse_assignments(overrides, "--set/--versus").items()}
+    pairs = parse_assignments(overrides, "--set/--versus", example="mixed_precision=true")
+    sets = {f"train.{key}": value for key, value in pairs.items()}
     return parse_section(effective_params(Path("params.yaml"), preset, sets)["train"], TrainParams, "train")
 
 

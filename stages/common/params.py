@@ -340,14 +340,15 @@ def _describe(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def parse_assignments(pairs: typing.Iterable[str], option: str = "--set") -> dict[str, Any]:
+def parse_assignments(pairs: typing.Iterable[str], option: str = "--set",
+                      example: str = "train.epochs=5") -> dict[str, Any]:
     """['train.epochs=5'] -> {'train.epochs': 5}: the one reader of KEY=VALUE, for the CLI and the
     benchmarks; values are YAML 1.2, as DVC reads them (1e-3 a number, null, lists)."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"{option} expects key=value (e.g. train.epochs=5), got '{pair}'")
+            raise ConfigError(f"{option} expects key=value (e.g. {example}), got '{pair}'")
         try:
             overrides[key.strip()] = load_yaml(value) if value.strip() else None
         except (yaml.YAMLError, ValueError) as err:

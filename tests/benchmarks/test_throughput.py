@@ -23,7 +23,8 @@ def test_versus_times_two_settings_in_turns_and_reports_their_ratio():
 
 def test_a_malformed_override_is_one_line_and_exit_2():
     done = run_benchmark("throughput.py", "--versus", "batch_size", cwd=REPO)
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: --set/--versus expects key=value")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        "error: --set/--versus expects key=value (e.g. mixed_precision=true), got 'batch_size'")
 
 
 def test_versus_preset_times_another_presets_model():
