@@ -102,7 +102,10 @@ def test_interrupted_repro_leaves_lock_and_outputs_as_they_were(prepared_project
     assert (repo / "dvc.lock").read_text() == lock_before
     leftovers = [p for p in repo.rglob("*.tmp*") if ".dvc" not in p.parts]
     assert leftovers == []
+    # The workspace takes the next run (a short one: the 30 epochs were only there to be interrupted).
+    set_params(repo / "params.yaml", train={"seed": 4, "epochs": 1})
     assert stages_run(dvc(repo, "repro", "train").stdout) == {"train"}
+    assert (repo / "dvc.lock").read_text() != lock_before
 
 
 def test_diverging_training_exits_5_and_writes_no_model(prepared_project):
