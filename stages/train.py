@@ -87,7 +87,7 @@ def training_precision(setting: bool | str) -> str:
     """The dtype policy `train.mixed_precision` picks on this machine (measure a CPU with
     benchmarks/throughput.py --set mixed_precision=true)."""
     gpu = bool(gpu_names())
-    return precision_policy(setting, gpu, cpu_info()["isa"])
+    return precision_policy(setting, gpu, cpu_info()["isa"], os.environ.get("ONEDNN_MAX_CPU_ISA"))
 
 
 def resume_history(backup_dir: Path) -> list[dict[str, float]]:

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from stages.common.callbacks import FlipEpochs, Lookahead
+from stages.common.errors import ConfigError
 from stages.common.layers import all_layers, augmentation, fit_whitening
 from stages.common.models import build_model
 from stages.common.provenance import BF16_NATIVE
@@ -32,13 +33,29 @@ class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-def precision_policy(setting: bool | str, gpu: bool, isa: list[str]) -> str:
+def precision_policy(setting: bool | str, gpu: bool, isa: list[str], onednn_max_isa: str | None = None) -> str:
     """The Keras dtype policy `train.mixed_precision` asks for on this device (on the CPU,
-    mixed_bfloat16 covers the matmul layers only: see `apply_precision`)."""
+    mixed_bfloat16 covers the matmul layers only: see `apply_precision`). `onednn_max_isa` is
+    ONEDNN_MAX_CPU_ISA: a cap below bfloat16 leaves oneDNN without its bfloat16 kernels, and
+    TensorFlow then fails to build the layers' primitives."""
     mixed = "mixed_float16" if gpu else "mixed_bfloat16"
     if setting == "auto":
-        return mixed if gpu or any(flag in isa for flag in BF16_NATIVE) else "float32"
+        bf16 = any(flag in isa for flag in BF16_NATIVE) and onednn_allows_bf16(onednn_max_isa)
+        return mixed if gpu or bf16 else "float32"
+    if setting and not gpu and not onednn_allows_bf16(onednn_max_isa):
+        raise ConfigError(f"train.mixed_precision is true, but ONEDNN_MAX_CPU_ISA={onednn_max_isa} leaves oneDNN "
+                          "no bfloat16 kernels; unset ONEDNN_MAX_CPU_ISA or set train.mixed_precision to auto")
     return mixed if setting else "float32"
+
+
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) that still hold its native bfloat16 kernels.
+ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                    "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
+                    "AVX10_2_512", "AVX10_2_512_AMX_2")
+
+
+def onednn_allows_bf16(onednn_max_isa: str | None) -> bool:
+    return not onednn_max_isa or onednn_max_isa.strip().upper() in ONEDNN_BF16_ISAS
 
 
 # On the CPU, bfloat16 goes to the layers that multiply matrices, which AMX / AVX512_BF16 speed up;

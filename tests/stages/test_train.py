@@ -351,6 +351,20 @@ def test_mixed_precision_auto_uses_bfloat16_only_where_the_cpu_computes_it(setti
     assert precision_policy(setting, gpu, isa) == policy
 
 
+@pytest.mark.parametrize(("cap", "policy"), [(None, "mixed_bfloat16"), ("", "mixed_bfloat16"),
+                                             ("avx512_core_amx", "mixed_bfloat16"), ("AVX2", "float32"),
+                                             ("AVX512_CORE", "float32")])
+def test_auto_precision_follows_a_onednn_isa_cap(cap, policy):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AMX machine: auto chose bfloat16, whose oneDNN kernels the cap
+    removes, and training failed with "could not create a primitive descriptor"."""
+    from stages.common.recipe import precision_policy
+
+    assert precision_policy("auto", False, ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], cap) == policy
+    if policy == "float32":  # asked for outright: one line with the fix, not TensorFlow's AbortedError
+        with pytest.raises(ConfigError, match=f"ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN no bfloat16 kernels; unset"):
+            precision_policy(True, False, ["avx2", "amx_bf16"], cap)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "options"), [("fast_vgg", {"widths": [8, 16]}), ("transfer", SMALL_TRANSFER)])
 def test_cpu_bfloat16_computes_in_the_matmul_layers_only_and_loads_back_in_float32(tmp_path, model, options):
