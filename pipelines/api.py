@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,24 +22,49 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
+from PIL import Image
 
+from pipelines.api_guards import BodyGuard, Limits, head_deadline_protocol, mib
 from pipelines.predict import DEFAULT_TOP_K, PredictError, decode_pixels
 from stages.common.serving import OnnxClassifier, load_exported
 
-MAX_FILES = 64  # images per request
-MAX_FILE_BYTES = 10 * 1024 * 1024  # per image; a 32x32 model gains nothing from larger uploads
+DEFAULT_LIMITS = Limits()
 
 
-def read_upload(upload: UploadFile) -> np.ndarray:
-    """One uploaded file -> model pixels, or an HTTPException naming the file and what is wrong."""
+def read_upload(upload: UploadFile, limits: Limits) -> tuple[str, bytes]:
+    """One uploaded file's name and bytes, or an HTTPException naming the file and what is wrong."""
     name = upload.filename or "upload"
-    data = upload.file.read(MAX_FILE_BYTES + 1)
+    data = upload.file.read(limits.max_file_bytes + 1)
     if not data:
         raise HTTPException(400, f"{name} is empty; send an image file")
-    if len(data) > MAX_FILE_BYTES:
-        raise HTTPException(413, f"{name} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; send a smaller image")
+    if len(data) > limits.max_file_bytes:
+        raise HTTPException(413, f"{name} is larger than {mib(limits.max_file_bytes)}; send a smaller image")
+    return name, data
+
+
+def pixel_count(data: bytes) -> int:
+    """Width times height from the image's header, without decoding it (0 when it is unreadable:
+    decoding then names the problem)."""
     try:
-        return decode_pixels(io.BytesIO(data), name)
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
+def decode_uploads(uploads: list[UploadFile], limits: Limits) -> np.ndarray:
+    """The request's images as model pixels; refused (413) before any is decoded when together they
+    hold more than `limits.max_pixels`, so one request costs bounded time and memory."""
+    files = [read_upload(upload, limits) for upload in uploads]
+    total = 0
+    for name, data in files:
+        total += pixel_count(data)
+        if total > limits.max_pixels:
+            raise HTTPException(413, f"the images up to {name} hold {total:,} pixels, more than the "
+                                     f"{limits.max_pixels:,} one request may; send fewer or smaller images "
+                                     "(the model sees 32x32)")
+    try:
+        return np.stack([decode_pixels(io.BytesIO(data), name) for name, data in files])
     except PredictError as err:
         raise HTTPException(415, str(err)) from None
 
@@ -57,12 +84,14 @@ def offline_redoc_script() -> str:
     return script.read_text().replace("https://cdn.redoc.ly/redoc/logo-mini.svg", f"{DOCS_ASSETS_URL}/favicon.png")
 
 
-def create_app(model: OnnxClassifier, signature: dict[str, Any]) -> FastAPI:
+def create_app(model: OnnxClassifier, signature: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> FastAPI:
     # /docs and /redoc with their scripts served from here: the CDN FastAPI loads them from is
     # out of reach offline, and the pages then draw blank.
     app = FastAPIOffline(title="cifar10-pipeline inference API", version=signature.get("version", "unknown"),
                          description="Class probabilities for images, from the pipeline's exported ONNX model.",
                          static_url=DOCS_ASSETS_URL, redoc_url=None)
+    app.add_middleware(BodyGuard, limits=limits)
+    decoder = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
 
     @app.get("/redoc", include_in_schema=False)
     def redoc() -> HTMLResponse:
@@ -108,10 +137,13 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any]) -> FastAPI:
                                                 description="The same, as a multipart field.")] = None,
     ) -> dict[str, Any]:
         top_k = top_k or top_k_field or DEFAULT_TOP_K
-        if len(files) > MAX_FILES:
-            raise HTTPException(413, f"{len(files)} files in one request; send at most {MAX_FILES}")
-        pixels = np.stack([read_upload(upload) for upload in files])
-        # ONNX Runtime releases the GIL: run it off the event loop so /health stays responsive.
+        if len(files) > limits.max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; send at most {limits.max_files}")
+        # Decoding and ONNX Runtime (both release the GIL) run off the event loop, so /health and
+        # other requests are answered meanwhile; decoding in a pool of its own bounds the memory
+        # that concurrent requests' decodes take together.
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(decoder, decode_uploads, files, limits)
         ranked = await asyncio.to_thread(model.top_k, pixels, min(top_k, len(model.classes)))
         return {"version": signature.get("version"), "predictions": [
             {"file": upload.filename, "class": best[0][0], "probability": round(best[0][1], 6),
@@ -142,26 +174,30 @@ def exports_at(repo: Path, rev: str, exports: Path, dest: Path) -> Path:
     return dest
 
 
-def serve(exports: Path, host: str, port: int, threads: int = 0, git_rev: str | None = None) -> None:
+def serve(exports: Path, host: str, port: int, threads: int = 0, git_rev: str | None = None,
+          limits: Limits = DEFAULT_LIMITS) -> None:
     """Serve the export in `exports`; `git_rev` is the commit that holds it (None: not known to be
     committed), reported by /metadata."""
     import uvicorn
 
     model, signature = load_exported(exports, threads)
-    uvicorn.run(create_app(model, {**signature, "git_rev": git_rev}), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, {**signature, "git_rev": git_rev}, limits), host=host, port=port, log_level="info",
+                http=head_deadline_protocol(limits.head_timeout_s))
 
 
-def serve_revision(repo: Path, rev: str, exports: Path, host: str, port: int, threads: int = 0) -> None:
+def serve_revision(repo: Path, rev: str, exports: Path, host: str, port: int, threads: int = 0,
+                   limits: Limits = DEFAULT_LIMITS) -> None:
     from pipelines.dvcrepo import git
 
     with tempfile.TemporaryDirectory(prefix="cifar10-api-") as tmp:
         folder = exports_at(repo, rev, exports, Path(tmp) / "export")
-        serve(folder, host, port, threads, git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}"))
+        serve(folder, host, port, threads, git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}"), limits)
 
 
-def serve_workspace(repo: Path, exports: Path, host: str, port: int, threads: int = 0) -> None:
+def serve_workspace(repo: Path, exports: Path, host: str, port: int, threads: int = 0,
+                    limits: Limits = DEFAULT_LIMITS) -> None:
     """The workspace's export, named by HEAD when HEAD's dvc.lock records this very export."""
-    serve(repo / exports, host, port, threads, committed_at_head(repo, exports))
+    serve(repo / exports, host, port, threads, committed_at_head(repo, exports), limits)
 
 
 def committed_at_head(repo: Path, exports: Path) -> str | None:

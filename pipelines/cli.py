@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from pipelines.api_guards import MIB, Limits
 from pipelines.predict import DEFAULT_TOP_K
 from stages.common.errors import (
     INTERRUPTED,
@@ -362,6 +363,15 @@ def api(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per request (0: one per core).")] = 0,
+    max_body_mib: Annotated[float, typer.Option(min=0.001, help="Largest request body, refused (413) as it arrives.")]
+    = Limits.max_body_bytes / MIB,
+    max_pixels: Annotated[int, typer.Option(min=1024, help="Pixels (width x height, summed) one request's images "
+                                                           "may hold; more is refused (413) before decoding.")]
+    = Limits.max_pixels,
+    head_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a connection has to send a request's "
+                                                              "headers before it is closed.")] = Limits.head_timeout_s,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request's body may take to arrive "
+                                                              "(then 408).")] = Limits.body_timeout_s,
     repo: RepoOption = Path("."),
 ) -> None:
     """Serve the exported model over HTTP: POST /predict, GET /health, GET /metadata, docs at /docs."""
@@ -370,15 +380,17 @@ def api(
 
     if model is not None and rev is not None:
         raise ConfigError("api takes --model or --rev, not both")
+    limits = Limits(max_body_bytes=int(max_body_mib * MIB), max_pixels=max_pixels, head_timeout_s=head_timeout,
+                    body_timeout_s=body_timeout)
     if model is not None:
-        inference_api.serve(model, host, port, threads)
+        inference_api.serve(model, host, port, threads, limits=limits)
         return
     repo = require_repo(repo)
     exports = artifact_paths(repo)["exports"]
     if rev is None:
-        inference_api.serve_workspace(repo, exports, host, port, threads)
+        inference_api.serve_workspace(repo, exports, host, port, threads, limits)
     else:
-        inference_api.serve_revision(repo, rev, exports, host, port, threads)
+        inference_api.serve_revision(repo, rev, exports, host, port, threads, limits)
 
 
 def version_callback(value: bool) -> None:

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import BIN, prefect_server
+
+CLASSES = ["airplane", "automobile", "bird", "cat"]  # the classes of the `exported` model
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +22,24 @@ def prefect_api(tmp_path_factory):
 def prefect_env(prefect_api, tmp_path):
     return {**os.environ, "PREFECT_API_URL": prefect_api, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "PREFECT_HOME": str(tmp_path / "client_home")}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """An export folder as the export stage writes it, from a small untrained model."""
+    from stages import export as stage
+    from stages.common import dataio, models
+    from stages.common.params import parse_section
+    from stages.common.schemas import ExportParams
+    from stages.common.serving import EXPORTED
+
+    folder = tmp_path_factory.mktemp("export")
+    params = parse_section({"formats": ["onnx"], "onnx_opset": 17, "max_probability_diff": 1e-4,
+                            "min_top1_agreement": 0.999, "batch_size": 16}, ExportParams, "export")
+    model = models.build_model("bn_cnn", len(CLASSES), [120.0] * 3, [60.0] * 3, {})
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    stage.export(model, pixels, params, folder)
+    version = {"code_rev": "0" * 40, "model_md5": "f" * 32, "version": "0000000-ffffffff"}
+    dataio.write_json(folder / EXPORTED["signature"],
+                      stage.signature(CLASSES, params, version, {"accuracy": 0.5, "split": "test"}))
+    return folder

@@ -13,33 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import dataio
-from stages.common.serving import EXPORTED
 from tests.helpers import REPO, inference_api
+from tests.pipelines.conftest import CLASSES
 
 pytestmark = pytest.mark.slow  # starts the inference API
 
-CLASSES = ["airplane", "automobile", "bird", "cat"]
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """An export folder as the export stage writes it, from a small untrained model."""
-    from stages import export as stage
-    from stages.common import models
-    from stages.common.params import parse_section
-    from stages.common.schemas import ExportParams
-
-    folder = tmp_path_factory.mktemp("export")
-    params = parse_section({"formats": ["onnx"], "onnx_opset": 17, "max_probability_diff": 1e-4,
-                            "min_top1_agreement": 0.999, "batch_size": 16}, ExportParams, "export")
-    model = models.build_model("bn_cnn", len(CLASSES), [120.0] * 3, [60.0] * 3, {})
-    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    stage.export(model, pixels, params, folder)
-    version = {"code_rev": "0" * 40, "model_md5": "f" * 32, "version": "0000000-ffffffff"}
-    dataio.write_json(folder / EXPORTED["signature"],
-                      stage.signature(CLASSES, params, version, {"accuracy": 0.5, "split": "test"}))
-    return folder
 
 
 @pytest.fixture(scope="module")
