@@ -18,11 +18,20 @@ os.environ.update(DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false", DO_NOT_TRA
 os.environ["PYTHONUNBUFFERED"] = "1"
 
 
+# `make test` hands whole files to its two processes in collection order, the next file to the
+# first process free: the longest files go first, so no process runs one alone at the end.
+LONGEST_FIRST = ("pipelines/test_cluster.py", "pipelines/test_flow.py", "pipelines/test_sweep.py",
+                 "test_reliability.py", "test_e2e.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """An end-to-end test is slow too: `make test-fast` (-m 'not slow') leaves it out."""
     for item in items:
         if item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.slow)
+    tests = Path(__file__).parent
+    ranks = {tests / name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: ranks.get(item.path, len(LONGEST_FIRST)))  # stable: each file keeps its order
 
 
 @pytest.fixture
