@@ -38,17 +38,18 @@ quick: setup
 	$(MAKE) --no-print-directory run ARGS="$(QUICK) $(ARGS)"
 
 # Two test processes (TEST_JOBS=0 for one): each takes whole test files, so a module's fixtures
-# (a pipeline run per module) are built once and its tests keep their order.
+# (a pipeline run per module) are built once and its tests keep their order. Files go out in
+# collection order, longest first (tests/conftest.py), not xdist's default of most tests first.
 TEST_JOBS ?= 2
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # The unit layer: no training, no Prefect server, no browser (docs/development.md, Tests).
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile -m 'not slow'
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m 'not slow'
 
 # Refresh requirements.lock from pyproject.toml with the newest releases its ranges allow (uv, in a
 # folder of its own so it stays out of the locked environment); then `make test` before committing.

@@ -18,8 +18,9 @@ os.environ.update(DVC_NO_ANALYTICS="1", GX_ANALYTICS_ENABLED="false", DO_NOT_TRA
 os.environ["PYTHONUNBUFFERED"] = "1"
 
 
-# `make test` hands whole files to its two processes in collection order, the next file to the
-# first process free: the longest files go first, so no process runs one alone at the end.
+# `make test` hands whole files to its two processes in collection order (--no-loadscope-reorder),
+# the next file to the first process free: the longest files go first, so no process runs one
+# alone at the end.
 LONGEST_FIRST = ("pipelines/test_cluster.py", "pipelines/test_flow.py", "pipelines/test_sweep.py",
                  "test_reliability.py", "test_e2e.py")
 
