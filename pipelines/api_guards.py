@@ -10,7 +10,6 @@ connection whose request head has not arrived within `head_timeout_s` is closed.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,15 +40,6 @@ def mib(n_bytes: int) -> str:
     return f"{n_bytes / MIB:g} MiB"
 
 
-async def refuse(send: Any, status: int, detail: str) -> None:
-    """A one-line JSON error sent straight from the ASGI layer, the connection closed after it."""
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
-
-
 class BodyGuard:
     """ASGI middleware: a body over the limit or slower than the timeout is refused while it arrives
     (413 or 408, one line) instead of being read, spooled and parsed whole."""
@@ -64,13 +54,16 @@ class BodyGuard:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
 
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
-            await refuse(send, 413, self.too_large(f"is {declared.decode(errors='replace')} bytes,"))
+            refusal = JSONResponse({"detail": self.too_large(f"is {declared.decode(errors='replace')} bytes,")}, 413,
+                                   headers=CLOSE)
+            await refusal(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
         received, deadline = 0, None
