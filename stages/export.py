@@ -2,7 +2,7 @@
 checked against Keras on the test split before it is written.
 
 Writes the model folder (dvc.yaml's paths.exports, cached by DVC): saved_model/, model.onnx and
-signature.json (input, classes, version = DVC's md5 of the Keras model, the code revision it was
+signature.json (input and the test split's colour statistics, classes, version = DVC's md5 of the Keras model, the code revision it was
 exported with, the evaluation's metrics); and its results folder (paths.export): metrics.json, the check's figures.
 Normalisation is inside the model, so every export takes raw 0..255 RGB pixels, NHWC.
 """
@@ -25,7 +25,7 @@ from stages.common.params import load_section
 from stages.common.paths import CLASSES, EVALUATION, EXPORT_METRICS, split_file, stage_paths
 from stages.common.provenance import code_revision, file_md5
 from stages.common.schemas import IMAGE_SHAPE, ExportParams
-from stages.common.serving import EXPORTED, INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from stages.common.serving import EXPORTED, INPUT_NAME, OUTPUT_NAME, OnnxClassifier, colour_statistics
 
 
 def agreement(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:
@@ -141,10 +141,13 @@ def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dic
     return figures
 
 
-def signature(classes: list[str], params: ExportParams, version: dict[str, str], metrics: dict[str, Any]) -> dict:
+def signature(classes: list[str], params: ExportParams, version: dict[str, str], metrics: dict[str, Any],
+              statistics: dict[str, Any]) -> dict:
+    """What serves the model needs to know: its input and output, classes, version and metrics, and
+    the colour statistics of the test split (the API's drift monitor compares its inputs with them)."""
     return {
         "input": {"name": INPUT_NAME, "shape": [None, *IMAGE_SHAPE], "dtype": "float32",
-                  "layout": "NHWC, RGB", "range": [0, 255]},
+                  "layout": "NHWC, RGB", "range": [0, 255], "statistics": {**statistics, "split": "test"}},
         "output": {"name": OUTPUT_NAME, "shape": [None, len(classes)], "dtype": "float32"},
         "classes": classes,
         "formats": {fmt: EXPORTED[fmt] for fmt in params.formats},
@@ -167,7 +170,8 @@ def main() -> None:
     with dataio.atomic_dir(paths["exports"]) as tmp:
         figures = export(model, images, params, tmp)
         dataio.write_json(tmp / EXPORTED["signature"],
-                          signature(classes, params, model_version(paths["model"]), metrics))
+                          signature(classes, params, model_version(paths["model"]), metrics,
+                                    colour_statistics(images)))
     result = {**figures, "images": len(images), "seconds": round(time.perf_counter() - started, 1)}
     dataio.write_json(paths["out"] / EXPORT_METRICS, result)
     summary = ", ".join(f"{fmt} max diff {f['max_probability_diff']:.2g} top-1 {f['top1_agreement']:.2%}"
