@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from pipelines.api_guards import MIB, Limits
+from pipelines.api.settings import MIB, Batching, Drift, Limits, Settings
 from pipelines.predict import DEFAULT_TOP_K
 from stages.common.errors import (
     INTERRUPTED,
@@ -362,7 +362,17 @@ def api(
     rev: Annotated[str | None, typer.Option(help="Serve the export of this git revision or GTO tag instead.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
-    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per request (0: one per core).")] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes on the port, each with its own model.")] = 1,
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads per model call (0: the cores, "
+                                                     "shared out between the workers).")] = 0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one model call, gathered from concurrent "
+                                                       "requests (1: no batching).")] = Batching.max_batch,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a batch waits for requests being decoded "
+                                                           "(a lone request never waits).")] = Batching.max_wait_ms,
+    drift_window: Annotated[int, typer.Option(min=2, help="Images over which input drift is judged.")] = Drift.window,
+    drift_threshold: Annotated[float, typer.Option(min=0, max=1, help="Drift score (Hellinger distance, 0..1) "
+                                                                      "past which /health says degraded.")]
+    = Drift.threshold,
     max_body_mib: Annotated[float, typer.Option(min=0.001, help="Largest request body, refused (413) as it arrives.")]
     = Limits.max_body_bytes / MIB,
     max_pixels: Annotated[int, typer.Option(min=1024, help="Pixels (width x height, summed) one request's images "
@@ -374,23 +384,27 @@ def api(
                                                               "(then 408).")] = Limits.body_timeout_s,
     repo: RepoOption = Path("."),
 ) -> None:
-    """Serve the exported model over HTTP: POST /predict, GET /health, GET /metadata, docs at /docs."""
-    from pipelines import api as inference_api
+    """Serve the exported model over HTTP: a demo page at /, POST /predict, GET /health, /metadata,
+    /metrics, docs at /docs."""
+    from pipelines.api import server
     from stages.common.paths import artifact_paths
 
     if model is not None and rev is not None:
         raise ConfigError("api takes --model or --rev, not both")
-    limits = Limits(max_body_bytes=int(max_body_mib * MIB), max_pixels=max_pixels, head_timeout_s=head_timeout,
-                    body_timeout_s=body_timeout)
+    settings = Settings(
+        exports=str(model), threads=threads, batching=Batching(max_batch, max_wait_ms),
+        drift=Drift(window=drift_window, min_images=min(Drift.min_images, drift_window), threshold=drift_threshold),
+        limits=Limits(max_body_bytes=int(max_body_mib * MIB), max_pixels=max_pixels, head_timeout_s=head_timeout,
+                      body_timeout_s=body_timeout))
     if model is not None:
-        inference_api.serve(model, host, port, threads, limits=limits)
+        server.serve(settings, host, port, workers)
         return
     repo = require_repo(repo)
     exports = artifact_paths(repo)["exports"]
     if rev is None:
-        inference_api.serve_workspace(repo, exports, host, port, threads, limits)
+        server.serve_workspace(repo, exports, settings, host, port, workers)
     else:
-        inference_api.serve_revision(repo, rev, exports, host, port, threads, limits)
+        server.serve_revision(repo, rev, exports, settings, host, port, workers)
 
 
 def version_callback(value: bool) -> None:

@@ -218,10 +218,12 @@ class PageVisit:
         return [url for url in self.requested if not LOCAL_URL.match(url)]
 
 
-def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | None = None, timeout_s: float = 60) -> PageVisit:
+def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | None = None, timeout_s: float = 60,
+          upload: tuple[str, list[Path], str] | None = None) -> PageVisit:
     """Open `url` in headless Chromium through the DevTools protocol: record every request the page
-    makes, let its scripts run (until `wait_for_text` shows, when given), count drawn charts and
-    take a screenshot."""
+    makes, let its scripts run (until `wait_for_text` shows, when given), then, with `upload`
+    (a file input's selector, files, text to wait for), pick those files in that input; count
+    drawn charts and take a screenshot."""
     import base64
     import json
 
@@ -267,6 +269,13 @@ def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | N
             deadline = time.monotonic() + timeout_s
             while wait_for_text and wait_for_text not in page_text() and time.monotonic() < deadline:
                 time.sleep(0.5)
+            if upload is not None:
+                selector, files, wait_for_text = upload
+                root = call("DOM.getDocument")["root"]["nodeId"]
+                node = call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+                call("DOM.setFileInputFiles", nodeId=node, files=[str(f) for f in files])
+                while wait_for_text not in page_text() and time.monotonic() < deadline:
+                    time.sleep(0.5)
             time.sleep(settle_s)
             charts = call("Runtime.evaluate", expression=CHARTS_JS, returnByValue=True)["result"]["value"]
             images = call("Runtime.evaluate", returnByValue=True, expression=(

@@ -1,7 +1,7 @@
-"""The inference API: FastAPI serving the exported ONNX model with ONNX Runtime (no TensorFlow).
+"""The inference API's routes: FastAPI serving the exported ONNX model with ONNX Runtime (no TensorFlow).
 
-`cifar10-pipeline api` starts it with uvicorn. Images arrive as multipart files of any size or mode
-and are decoded as `predict` decodes them (pipelines/predict.py); a bad file is a 4xx with a
+Images arrive as multipart files of any size or mode and are decoded as `predict` decodes them
+(pipelines/predict.py), or as arrays of pixels already decoded; a bad request is a 4xx with a
 one-line reason and the server keeps serving.
 """
 
@@ -11,8 +11,10 @@ import asyncio
 import functools
 import io
 import os
-import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,12 +25,21 @@ from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from pipelines.api_guards import BodyGuard, Limits, head_deadline_protocol, mib
+from pipelines.api.batching import Batcher
+from pipelines.api.guards import BodyGuard
+from pipelines.api.monitor import DriftMonitor, Metrics
+from pipelines.api.settings import Batching, Limits, Settings, mib
 from pipelines.predict import DEFAULT_TOP_K, PredictError, decode_pixels
-from stages.common.serving import OnnxClassifier, load_exported
+from stages.common.schemas import IMAGE_SHAPE
+from stages.common.serving import OnnxClassifier
 
-DEFAULT_LIMITS = Limits()
+PAGE = Path(__file__).with_name("page.html")
+NPY_TYPE = "application/x-npy"
+RAW_TYPE = "application/octet-stream"
+SHAPE_HEADER = "X-Shape"
+TOP_K_HELP = f"How many classes to return per image (default {DEFAULT_TOP_K})."
 
 
 def read_upload(upload: UploadFile, limits: Limits) -> tuple[str, bytes]:
@@ -69,6 +80,31 @@ def decode_uploads(uploads: list[UploadFile], limits: Limits) -> np.ndarray:
         raise HTTPException(415, str(err)) from None
 
 
+def pixels_from_body(body: bytes, content_type: str, shape_header: str | None) -> np.ndarray:
+    """An array of already-decoded images, (N, 32, 32, 3) uint8 RGB: a .npy file, or raw bytes in
+    C order with their shape in the X-Shape header ("N,32,32,3")."""
+    expected = f"(N, {', '.join(map(str, IMAGE_SHAPE))}) uint8"
+    if content_type == NPY_TYPE:
+        try:
+            array = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise HTTPException(415, f"the body is not a readable .npy array ({err}); send np.save's bytes") from None
+    elif content_type == RAW_TYPE:
+        try:
+            shape = tuple(int(n) for n in (shape_header or "").split(","))
+            array = np.frombuffer(body, dtype=np.uint8).reshape(shape)
+        except ValueError:
+            raise HTTPException(422, f"{SHAPE_HEADER} '{shape_header}' does not describe the {len(body)} bytes "
+                                     f"sent; send {SHAPE_HEADER}: N,32,32,3 with N*3072 bytes") from None
+    else:
+        raise HTTPException(415, f"Content-Type '{content_type}' is not taken here; send {NPY_TYPE} or "
+                                 f"{RAW_TYPE} with {SHAPE_HEADER}")
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != IMAGE_SHAPE or not len(array):
+        raise HTTPException(422, f"pixels of shape {array.shape} and dtype {array.dtype}; send {expected} "
+                                 "(resize and convert first, or send image files to /predict)")
+    return array
+
+
 # Where FastAPIOffline serves the Swagger UI, Redoc and favicon files it ships.
 DOCS_ASSETS_URL = "/static-offline-docs"
 REDOC_SCRIPT_URL = "/redoc-offline.js"
@@ -84,14 +120,68 @@ def offline_redoc_script() -> str:
     return script.read_text().replace("https://cdn.redoc.ly/redoc/logo-mini.svg", f"{DOCS_ASSETS_URL}/favicon.png")
 
 
-def create_app(model: OnnxClassifier, signature: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> FastAPI:
+class Model:
+    """The model as requests reach it: batched with other requests' images, or alone (max_batch 1);
+    every image answered is counted by class and added to the drift window."""
+
+    def __init__(self, model: OnnxClassifier, batching: Batching, metrics: Metrics, drift: DriftMonitor) -> None:
+        self.model, self.metrics, self.drift = model, metrics, drift
+        self.batcher = Batcher(model.probabilities, batching, metrics.observe_batch) if batching.max_batch > 1 else None
+        self.decoder = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
+
+    async def answer(self, decode: Callable[[], np.ndarray], top_k: int) -> list[list[tuple[str, float]]]:
+        """Decode off the event loop (a pool of one thread per core bounds the memory concurrent
+        decodes take), then run the model, also off it: /health and others are answered meanwhile."""
+        loop = asyncio.get_running_loop()
+        if self.batcher is None:
+            pixels = await loop.run_in_executor(self.decoder, decode)
+            self.metrics.observe_batch(len(pixels))
+            probabilities = await asyncio.to_thread(self.model.probabilities, pixels)
+        else:
+            async with self.batcher.decoding():
+                pixels = await loop.run_in_executor(self.decoder, decode)
+            probabilities = await self.batcher.submit(pixels)
+        self.drift.add(pixels)
+        self.metrics.observe_answers(probabilities, self.model.classes)
+        return self.model.rank(probabilities, min(top_k, len(self.model.classes)))
+
+
+def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Settings) -> FastAPI:
+    """The app for `model`; `signature` is the export's signature.json."""
+    signature = {**signature, "git_rev": settings.git_rev}
+    limits = settings.limits
+    drift = DriftMonitor((signature.get("input") or {}).get("statistics"), settings.drift)
+    metrics = Metrics(model.classes, signature, drift)
+    served = Model(model, settings.batching, metrics, drift)
+    version = signature.get("version", "unknown")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if served.batcher is not None:
+            served.batcher.start()  # on the loop that serves the requests
+        yield
+        if served.batcher is not None:
+            await served.batcher.stop()
+
     # /docs and /redoc with their scripts served from here: the CDN FastAPI loads them from is
     # out of reach offline, and the pages then draw blank.
-    app = FastAPIOffline(title="cifar10-pipeline inference API", version=signature.get("version", "unknown"),
+    app = FastAPIOffline(title="cifar10-pipeline inference API", version=version, lifespan=lifespan,
                          description="Class probabilities for images, from the pipeline's exported ONNX model.",
                          static_url=DOCS_ASSETS_URL, redoc_url=None)
     app.add_middleware(BodyGuard, limits=limits)
-    decoder = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # templates only: bounded labels
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
 
     @app.get("/redoc", include_in_schema=False)
     def redoc() -> HTMLResponse:
@@ -110,111 +200,63 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], limits: Limits 
         return JSONResponse(status_code=422, content={"detail": f"{where}: {first.get('msg', 'invalid')}"})
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "version": signature.get("version", "unknown")}
+    def health() -> dict[str, Any]:
+        """"ok", or "degraded" with the reason when the inputs drift from the test split's colours."""
+        return {**drift.state(), "version": version}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/metadata")
     def metadata() -> dict[str, Any]:
-        metrics = signature.get("metrics") or {}
+        scores = signature.get("metrics") or {}
         return {
             "classes": model.classes,
             "version": signature.get("version"),
             "git_rev": signature.get("git_rev"),  # the commit holding this export, None if uncommitted
             "code_rev": signature.get("code_rev"),
             "model_md5": signature.get("model_md5"),
-            "test_accuracy": metrics.get("accuracy") if metrics.get("split") == "test" else None,
-            "metrics": metrics,
+            "test_accuracy": scores.get("accuracy") if scores.get("split") == "test" else None,
+            "metrics": scores,
             "input": signature.get("input"),
             "onnx_opset": signature.get("onnx_opset"),
         }
 
+    def answers(names: list[str | None], ranked: list[list[tuple[str, float]]]) -> dict[str, Any]:
+        return {"version": signature.get("version"), "predictions": [
+            {"file": name, "class": best[0][0], "probability": round(best[0][1], 6),
+             "top_k": [{"class": label, "probability": round(p, 6)} for label, p in best]}
+            for name, best in zip(names, ranked)]}
+
     @app.post("/predict")
     async def predict(
         files: Annotated[list[UploadFile], File(description="One or more images, any size or mode.")],
-        top_k: Annotated[int | None, Query(ge=1, description="How many classes to return per image "
-                                                            f"(default {DEFAULT_TOP_K}).")] = None,
+        top_k: Annotated[int | None, Query(ge=1, description=TOP_K_HELP)] = None,
         top_k_field: Annotated[int | None, Form(alias="top_k", ge=1,
                                                 description="The same, as a multipart field.")] = None,
     ) -> dict[str, Any]:
-        top_k = top_k or top_k_field or DEFAULT_TOP_K
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; send at most {limits.max_files}")
-        # Decoding and ONNX Runtime (both release the GIL) run off the event loop, so /health and
-        # other requests are answered meanwhile; decoding in a pool of its own bounds the memory
-        # that concurrent requests' decodes take together.
-        loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(decoder, decode_uploads, files, limits)
-        ranked = await asyncio.to_thread(model.top_k, pixels, min(top_k, len(model.classes)))
-        return {"version": signature.get("version"), "predictions": [
-            {"file": upload.filename, "class": best[0][0], "probability": round(best[0][1], 6),
-             "top_k": [{"class": name, "probability": round(p, 6)} for name, p in best]}
-            for upload, best in zip(files, ranked)]}
+        ranked = await served.answer(functools.partial(decode_uploads, files, limits),
+                                     top_k or top_k_field or DEFAULT_TOP_K)
+        return answers([upload.filename for upload in files], ranked)
+
+    @app.post("/predict/pixels", openapi_extra={"requestBody": {"required": True, "content": {
+        NPY_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        RAW_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
+    async def predict_pixels(
+        request: Request,
+        top_k: Annotated[int | None, Query(ge=1, description=TOP_K_HELP)] = None,
+    ) -> dict[str, Any]:
+        """Images already decoded, as (N, 32, 32, 3) uint8 RGB: a .npy body (`application/x-npy`),
+        or raw bytes in C order (`application/octet-stream`) with an `X-Shape: N,32,32,3` header.
+        Each answer's `file` is the image's index."""
+        body = await request.body()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        shape = request.headers.get(SHAPE_HEADER)
+        ranked = await served.answer(lambda: pixels_from_body(body, content_type, shape).astype(np.float32),
+                                     top_k or DEFAULT_TOP_K)
+        return answers([str(i) for i in range(len(ranked))], ranked)
 
     return app
-
-
-def exports_at(repo: Path, rev: str, exports: Path, dest: Path) -> Path:
-    """The export folder as it was at a git revision (a commit, a branch, a GTO tag such as
-    cifar10-classifier@v0.0.1), from DVC's cache or remote."""
-    from dvc.api import DVCFileSystem
-    from dvc.exceptions import DvcException
-    from scmrepo.exceptions import SCMError
-
-    from stages.common.errors import ConfigError, DataError
-
-    try:
-        fs = DVCFileSystem(str(repo), rev=rev)
-    except (SCMError, DvcException) as err:
-        raise ConfigError(f"revision '{rev}' not found in {repo} ({err}); pass a commit, branch or tag") from None
-    try:
-        fs.get(exports.as_posix(), str(dest), recursive=True)
-    except (FileNotFoundError, DvcException) as err:
-        raise DataError(f"{exports} at '{rev}' cannot be read ({err}); that revision has no export, "
-                        "or its files are in no cache: `dvc pull` first") from None
-    return dest
-
-
-def serve(exports: Path, host: str, port: int, threads: int = 0, git_rev: str | None = None,
-          limits: Limits = DEFAULT_LIMITS) -> None:
-    """Serve the export in `exports`; `git_rev` is the commit that holds it (None: not known to be
-    committed), reported by /metadata."""
-    import uvicorn
-
-    model, signature = load_exported(exports, threads)
-    uvicorn.run(create_app(model, {**signature, "git_rev": git_rev}, limits), host=host, port=port, log_level="info",
-                http=head_deadline_protocol(limits.head_timeout_s))
-
-
-def serve_revision(repo: Path, rev: str, exports: Path, host: str, port: int, threads: int = 0,
-                   limits: Limits = DEFAULT_LIMITS) -> None:
-    from pipelines.dvcrepo import git
-
-    with tempfile.TemporaryDirectory(prefix="cifar10-api-") as tmp:
-        folder = exports_at(repo, rev, exports, Path(tmp) / "export")
-        serve(folder, host, port, threads, git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}"), limits)
-
-
-def serve_workspace(repo: Path, exports: Path, host: str, port: int, threads: int = 0,
-                    limits: Limits = DEFAULT_LIMITS) -> None:
-    """The workspace's export, named by HEAD when HEAD's dvc.lock records this very export."""
-    serve(repo / exports, host, port, threads, committed_at_head(repo, exports), limits)
-
-
-def committed_at_head(repo: Path, exports: Path) -> str | None:
-    import yaml
-
-    from pipelines.dvcrepo import git
-
-    def export_hash(lock_text: str | None) -> object:
-        try:
-            lock = yaml.safe_load(lock_text or "") or {}
-            return next((out.get("md5") for entry in lock.get("stages", {}).values() for out in entry.get("outs", [])
-                         if out.get("path") == exports.as_posix()), None)
-        except (yaml.YAMLError, AttributeError):
-            return None
-
-    lock = repo / "dvc.lock"
-    here = export_hash(lock.read_text() if lock.is_file() else None)
-    if here is None or export_hash(git(repo, "show", "HEAD:dvc.lock")) != here:
-        return None
-    return git(repo, "rev-parse", "HEAD")

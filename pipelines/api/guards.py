@@ -10,34 +10,16 @@ connection whose request head has not arrived within `head_timeout_s` is closed.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-# Imported where used: the CLI reads Limits' defaults without loading the web stack.
-if TYPE_CHECKING:
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-MIB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_files: int = 64  # images per request
-    max_file_bytes: int = 10 * MIB  # per image; a 32x32 model gains nothing from larger uploads
-    max_body_bytes: int = 32 * MIB
-    # Decoded pixels per request: decoding costs time and memory by pixels, not by file size (a
-    # 16-bit PNG of 9000x9000 zeros is a small file and 81 million pixels).
-    max_pixels: int = 4096 * 4096
-    head_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-
+from pipelines.api.settings import Limits, mib
 
 # The rest of a refused body is never read: the connection cannot carry another request.
 CLOSE = {"Connection": "close"}
-
-
-def mib(n_bytes: int) -> str:
-    return f"{n_bytes / MIB:g} MiB"
 
 
 class BodyGuard:
@@ -53,9 +35,6 @@ class BodyGuard:
                 "send fewer or smaller images")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        from fastapi import HTTPException
-        from fastapi.responses import JSONResponse
-
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -86,34 +65,35 @@ class BodyGuard:
         await self.app(scope, guarded_receive, send)
 
 
-def head_deadline_protocol(timeout_s: float) -> type[H11Protocol]:
+class HeadDeadlineProtocol(H11Protocol):
     """Uvicorn's h11 protocol with a deadline for each request head: a connection that has not sent
-    a whole request line and headers within `timeout_s` (of opening, or of its last response) is
-    closed, so clients that trickle headers cannot hold connections."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    a whole request line and headers within `head_timeout_s` (of opening, or of its last response)
+    is closed, so clients that trickle headers cannot hold connections. Uvicorn takes it as
+    `functools.partial(HeadDeadlineProtocol, head_timeout_s=...)`, which pickles for its workers."""
 
-    class HeadDeadlineProtocol(H11Protocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm_head_deadline()
+    def __init__(self, *args: Any, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
 
-        def _arm_head_deadline(self) -> None:
-            waiting_since = self.cycle  # a new request head replaces the cycle
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
 
-            def close_if_still_waiting() -> None:
-                idle = self.cycle is None or self.cycle.response_complete
-                if self.cycle is waiting_since and idle and not self.transport.is_closing():
-                    self.transport.close()
+    def _arm_head_deadline(self) -> None:
+        waiting_since = self.cycle  # a new request head replaces the cycle
 
-            self._head_deadline = self.loop.call_later(timeout_s, close_if_still_waiting)
+        def close_if_still_waiting() -> None:
+            idle = self.cycle is None or self.cycle.response_complete
+            if self.cycle is waiting_since and idle and not self.transport.is_closing():
+                self.transport.close()
 
-        def on_response_complete(self) -> None:
-            self._head_deadline.cancel()
-            super().on_response_complete()
-            self._arm_head_deadline()
+        self._head_deadline = self.loop.call_later(self.head_timeout_s, close_if_still_waiting)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._head_deadline.cancel()
-            super().connection_lost(exc)
+    def on_response_complete(self) -> None:
+        self._head_deadline.cancel()
+        super().on_response_complete()
+        self._arm_head_deadline()
 
-    return HeadDeadlineProtocol
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_deadline.cancel()
+        super().connection_lost(exc)

@@ -26,20 +26,26 @@ def prefect_env(prefect_api, tmp_path):
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> Path:
-    """An export folder as the export stage writes it, from a small untrained model."""
+    """An export folder as the export stage writes it, from a small model fitted for a few epochs to
+    tell the synthetic classes apart (tests.synthetic.make_images), so pages and clients can check
+    that an image comes back as its class."""
     from stages import export as stage
     from stages.common import dataio, models
     from stages.common.params import parse_section
     from stages.common.schemas import ExportParams
-    from stages.common.serving import EXPORTED
+    from stages.common.serving import EXPORTED, colour_statistics
+    from tests.synthetic import make_images
 
     folder = tmp_path_factory.mktemp("export")
     params = parse_section({"formats": ["onnx"], "onnx_opset": 17, "max_probability_diff": 1e-4,
                             "min_top1_agreement": 0.999, "batch_size": 16}, ExportParams, "export")
+    images, labels = make_images(40, CLASSES)
     model = models.build_model("bn_cnn", len(CLASSES), [120.0] * 3, [60.0] * 3, {})
-    pixels = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    stage.export(model, pixels, params, folder)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(images.astype(np.float32), labels, epochs=4, batch_size=32, verbose=0)
+    stage.export(model, images[::10], params, folder)
     version = {"code_rev": "0" * 40, "model_md5": "f" * 32, "version": "0000000-ffffffff"}
     dataio.write_json(folder / EXPORTED["signature"],
-                      stage.signature(CLASSES, params, version, {"accuracy": 0.5, "split": "test"}))
+                      stage.signature(CLASSES, params, version, {"accuracy": 0.5, "split": "test"},
+                                      colour_statistics(images)))
     return folder

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -35,7 +36,8 @@ def png(image: Image.Image) -> bytes:
 
 def test_health_metadata_and_docs(server):
     url, _ = server
-    assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": "0000000-ffffffff"}
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["version"] == "0000000-ffffffff"
     meta = httpx.get(f"{url}/metadata").json()
     assert meta["classes"] == CLASSES and meta["test_accuracy"] == 0.5 and meta["onnx_opset"] == 17
     assert meta["input"]["shape"] == [None, 32, 32, 3] and meta["input"]["range"] == [0, 255]
@@ -122,3 +124,135 @@ def test_top_k_as_a_multipart_field_and_one_default_with_the_cli(server):
     help_text = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", "--help"], capture_output=True,
                                text=True, env={"COLUMNS": "200", "PATH": ""}).stdout
     assert f"[default: {DEFAULT_TOP_K}]" in help_text, help_text
+
+
+def synthetic_test_images(n_per_class: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    from tests.synthetic import make_images
+
+    return make_images(n_per_class, CLASSES, seed=seed)
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of a Prometheus exposition, by its full name and labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_concurrent_requests_are_batched_and_answered_as_one_at_a_time(server, exported):
+    """Requests sent at once share model calls (the batch histogram says so), and each image's answer
+    is the one the model gives it alone."""
+    import asyncio
+
+    from stages.common.serving import load_exported
+
+    images, _ = synthetic_test_images(8)
+    url = server[0]
+    before = httpx.get(f"{url}/metrics").text
+
+    async def send_all() -> list[dict]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(http.post(f"{url}/predict", params={"top_k": 4},
+                                                    files=[("files", (f"{i}.png", png(Image.fromarray(image))))])
+                                          for i, image in enumerate(images)))
+
+    responses = asyncio.run(send_all())
+    model, _ = load_exported(exported)
+    for image, response in zip(images, responses):
+        assert response.status_code == 200, response.text
+        alone = model.probabilities(image[None].astype(np.float32))[0]
+        served = {c["class"]: c["probability"] for c in response.json()["predictions"][0]["top_k"]}
+        assert served == {name: round(float(p), 6) for name, p in zip(CLASSES, alone)}
+    after = httpx.get(f"{url}/metrics").text
+    calls = metric(after, "cifar10_api_batch_images_count") - metric(before, "cifar10_api_batch_images_count")
+    answered = metric(after, "cifar10_api_batch_images_sum") - metric(before, "cifar10_api_batch_images_sum")
+    assert answered == len(images) and calls < len(images), (calls, answered)
+
+
+def test_pixels_as_npy_or_raw_bytes_are_answered_as_the_same_images_are(server):
+    images, _ = synthetic_test_images(2)
+    url = server[0]
+    as_files = httpx.post(f"{url}/predict", files=[("files", (f"{i}.png", png(Image.fromarray(image))))
+                                                   for i, image in enumerate(images)]).json()["predictions"]
+    npy = io.BytesIO()
+    np.save(npy, images)
+    as_npy = httpx.post(f"{url}/predict/pixels", content=npy.getvalue(), headers={"Content-Type": "application/x-npy"})
+    as_raw = httpx.post(f"{url}/predict/pixels", params={"top_k": 1}, content=images.tobytes(),
+                        headers={"Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, images.shape))})
+    assert as_npy.status_code == 200 and as_raw.status_code == 200, (as_npy.text, as_raw.text)
+    assert [p["top_k"] for p in as_npy.json()["predictions"]] == [p["top_k"] for p in as_files]
+    assert [p["file"] for p in as_npy.json()["predictions"]] == [str(i) for i in range(len(images))]
+    assert [p["top_k"] for p in as_raw.json()["predictions"]] == [p["top_k"][:1] for p in as_files]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("body, headers, status, detail", [
+    (b"not an array", {"Content-Type": "application/x-npy"}, 415, "the body is not a readable .npy array"),
+    (npy_bytes(np.zeros((2, 28, 28, 3), np.uint8)), {"Content-Type": "application/x-npy"}, 422,
+     "pixels of shape (2, 28, 28, 3) and dtype uint8; send (N, 32, 32, 3) uint8"),
+    (npy_bytes(np.zeros((2, 32, 32, 3), np.float32)), {"Content-Type": "application/x-npy"}, 422,
+     "pixels of shape (2, 32, 32, 3) and dtype float32"),
+    (b"\0" * 3000, {"Content-Type": "application/octet-stream", "X-Shape": "1,32,32,3"}, 422,
+     "X-Shape '1,32,32,3' does not describe the 3000 bytes sent"),
+    (b"\0" * 3072, {"Content-Type": "application/octet-stream"}, 422, "X-Shape 'None' does not describe"),
+    (b"{}", {"Content-Type": "application/json"}, 415, "Content-Type 'application/json' is not taken here"),
+])
+def test_bad_pixels_are_a_4xx_with_one_line(server, body, headers, status, detail):
+    response = httpx.post(f"{server[0]}/predict/pixels", content=body, headers=headers)
+    assert response.status_code == status and response.json()["detail"].startswith(detail), response.text
+    assert "\n" not in response.json()["detail"]
+
+
+def test_drift_turns_health_degraded_and_metrics_show_it(exported):
+    """A stream of test-like images keeps /health "ok"; darkened ones, then grayscale ones, turn it
+    "degraded" with the reason; /metrics counts the requests, batches and classes answered."""
+    images, labels = synthetic_test_images(16)  # 64 images, the window
+    with inference_api("--model", str(exported), "--drift-window", "64", "--drift-threshold", "0.4") as (url, _):
+        def send(pixels: np.ndarray) -> dict:
+            response = httpx.post(f"{url}/predict/pixels", content=npy_bytes(pixels.astype(np.uint8)),
+                                  headers={"Content-Type": "application/x-npy"})
+            assert response.status_code == 200, response.text
+            return httpx.get(f"{url}/health").json()
+
+        healthy = send(images)
+        assert healthy["status"] == "ok" and healthy["drift"]["images"] == 64 and healthy["drift"]["score"] < 0.2
+        dark = send(images * 0.4)
+        assert dark["status"] == "degraded" and dark["reason"].startswith("input drift: the last 64 images")
+        gray = send((images @ np.array([0.299, 0.587, 0.114]))[..., None].repeat(3, axis=-1))
+        assert gray["status"] == "degraded" and gray["drift"]["score"] > 0.9
+        text = httpx.get(f"{url}/metrics").text
+    print("\n".join(line for line in text.splitlines() if line.startswith("cifar10_api") and " 0.0" not in line))
+    assert metric(text, 'cifar10_api_requests_total{route="/predict/pixels",status="200"}') == 3
+    assert metric(text, 'cifar10_api_requests_total{route="/health",status="200"}') >= 3  # and the start-up probes
+    assert metric(text, "cifar10_api_batch_images_sum") == 3 * len(images)
+    per_class = [metric(text, f'cifar10_api_predictions_total{{class="{name}"}}') for name in CLASSES]
+    assert sum(per_class) == 3 * len(images) and per_class[labels[0]] >= 16
+    assert metric(text, "cifar10_api_drift_score") > 0.9
+    assert 'cifar10_api_model_info{git_rev="None",test_accuracy="0.5",version="0000000-ffffffff"} 1.0' in text
+
+
+def test_the_demo_page_shows_an_uploaded_image_s_class_offline(server, tmp_path):
+    from tests.helpers import not_blank, visit
+
+    images, labels = synthetic_test_images(1)
+    upload = tmp_path / "test-image.png"
+    Image.fromarray(images[2]).save(upload)
+    seen = visit(server[0] + "/", tmp_path / "browser", wait_for_text="Model version",
+                 upload=("#files", [upload], f"test-image.png: {CLASSES[labels[2]]}"))
+    assert seen.external() == [] and seen.failed == [], (seen.external(), seen.failed)
+    assert f"test-image.png: {CLASSES[labels[2]]}" in seen.text, seen.text
+    assert "test accuracy 50.00%" in seen.text and seen.images == (1, 1) and not_blank(seen.screenshot)
+
+
+def test_workers_share_the_port_and_their_metrics(exported):
+    with inference_api("--model", str(exported), "--workers", "2") as (url, pid):
+        answered = [httpx.post(f"{url}/predict", files=[("files", ("a.png", png(Image.new("RGB", (32, 32)))))])
+                    for _ in range(8)]
+        assert all(r.status_code == 200 for r in answered)
+        workers = [p for p in psutil.Process(pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
+        text = httpx.get(f"{url}/metrics").text
+    assert len(workers) == 2
+    assert metric(text, 'cifar10_api_requests_total{route="/predict",status="200"}') == 8
