@@ -11,8 +11,7 @@ import asyncio
 import functools
 import io
 import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipelines.api.batching import Batcher
 from pipelines.api.guards import BodyGuard
-from pipelines.api.monitor import DriftMonitor, Metrics
+from pipelines.api.monitor import DriftMonitor, Metrics, RequestMetrics
 from pipelines.api.settings import Batching, Limits, Settings, mib
 from pipelines.predict import DEFAULT_TOP_K, PredictError, decode_pixels
 from stages.common.schemas import IMAGE_SHAPE
@@ -40,6 +39,10 @@ NPY_TYPE = "application/x-npy"
 RAW_TYPE = "application/octet-stream"
 SHAPE_HEADER = "X-Shape"
 TOP_K_HELP = f"How many classes to return per image (default {DEFAULT_TOP_K})."
+# Requests this small are read, and decoded when their images hold this few pixels, on the event
+# loop itself: handing them to a thread costs more than decoding a few thumbnails.
+INLINE_BYTES = 256 * 1024
+INLINE_PIXELS = 16 * 32 * 32
 
 
 def read_upload(upload: UploadFile, limits: Limits) -> tuple[str, bytes]:
@@ -63,9 +66,10 @@ def pixel_count(data: bytes) -> int:
         return 0
 
 
-def decode_uploads(uploads: list[UploadFile], limits: Limits) -> np.ndarray:
-    """The request's images as model pixels; refused (413) before any is decoded when together they
-    hold more than `limits.max_pixels`, so one request costs bounded time and memory."""
+def read_uploads(uploads: list[UploadFile], limits: Limits) -> tuple[list[tuple[str, bytes]], int]:
+    """The request's files as (name, bytes) and the pixels they hold by their headers; refused (413)
+    when those pass `limits.max_pixels`, before any image is decoded, so one request costs bounded
+    time and memory."""
     files = [read_upload(upload, limits) for upload in uploads]
     total = 0
     for name, data in files:
@@ -74,10 +78,19 @@ def decode_uploads(uploads: list[UploadFile], limits: Limits) -> np.ndarray:
             raise HTTPException(413, f"the images up to {name} hold {total:,} pixels, more than the "
                                      f"{limits.max_pixels:,} one request may; send fewer or smaller images "
                                      "(the model sees 32x32)")
+    return files, total
+
+
+def decode_files(files: list[tuple[str, bytes]]) -> np.ndarray:
     try:
         return np.stack([decode_pixels(io.BytesIO(data), name) for name, data in files])
     except PredictError as err:
         raise HTTPException(415, str(err)) from None
+
+
+def decode_uploads(uploads: list[UploadFile], limits: Limits) -> np.ndarray:
+    """The request's images as model pixels (see read_uploads for what is refused)."""
+    return decode_files(read_uploads(uploads, limits)[0])
 
 
 def pixels_from_body(body: bytes, content_type: str, shape_header: str | None) -> np.ndarray:
@@ -122,26 +135,40 @@ def offline_redoc_script() -> str:
 
 class Model:
     """The model as requests reach it: batched with other requests' images, or alone (max_batch 1);
-    every image answered is counted by class and added to the drift window."""
+    every image decoded is added to the drift window, every one answered counted by class."""
 
     def __init__(self, model: OnnxClassifier, batching: Batching, metrics: Metrics, drift: DriftMonitor) -> None:
         self.model, self.metrics, self.drift = model, metrics, drift
         self.batcher = Batcher(model.probabilities, batching, metrics.observe_batch) if batching.max_batch > 1 else None
         self.decoder = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
 
-    async def answer(self, decode: Callable[[], np.ndarray], top_k: int) -> list[list[tuple[str, float]]]:
-        """Decode off the event loop (a pool of one thread per core bounds the memory concurrent
-        decodes take), then run the model, also off it: /health and others are answered meanwhile."""
-        loop = asyncio.get_running_loop()
+    def watched(self, pixels: np.ndarray) -> np.ndarray:
+        self.drift.add(pixels)
+        return pixels
+
+    async def pixels(self, decode: Callable[[], np.ndarray]) -> np.ndarray:
+        """Decoded off the event loop (a pool of one thread per core bounds the memory concurrent
+        decodes take), so /health and others are answered meanwhile; added to the drift window."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, lambda: self.watched(decode()))
+
+    async def uploaded_pixels(self, files: list[UploadFile], limits: Limits) -> np.ndarray:
+        if sum(upload.size or 0 for upload in files) <= INLINE_BYTES:
+            named, pixels = read_uploads(files, limits)
+            if pixels <= INLINE_PIXELS:
+                return self.watched(decode_files(named))
+            return await self.pixels(functools.partial(decode_files, named))
+        return await self.pixels(functools.partial(decode_uploads, files, limits))
+
+    async def answer(self, pixels: Awaitable[np.ndarray], top_k: int) -> list[list[tuple[str, float]]]:
+        """The top-k classes of each image; the model runs off the event loop too."""
         if self.batcher is None:
-            pixels = await loop.run_in_executor(self.decoder, decode)
-            self.metrics.observe_batch(len(pixels))
-            probabilities = await asyncio.to_thread(self.model.probabilities, pixels)
+            images = await pixels
+            self.metrics.observe_batch(len(images))
+            probabilities = await asyncio.to_thread(self.model.probabilities, images)
         else:
             async with self.batcher.decoding():
-                pixels = await loop.run_in_executor(self.decoder, decode)
-            probabilities = await self.batcher.submit(pixels)
-        self.drift.add(pixels)
+                images = await pixels
+            probabilities = await self.batcher.submit(images)
         self.metrics.observe_answers(probabilities, self.model.classes)
         return self.model.rank(probabilities, min(top_k, len(self.model.classes)))
 
@@ -169,15 +196,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
                          description="Class probabilities for images, from the pipeline's exported ONNX model.",
                          static_url=DOCS_ASSETS_URL, redoc_url=None)
     app.add_middleware(BodyGuard, limits=limits)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # templates only: bounded labels
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outside the guard: its refusals count too
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
@@ -238,8 +257,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
     ) -> dict[str, Any]:
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; send at most {limits.max_files}")
-        ranked = await served.answer(functools.partial(decode_uploads, files, limits),
-                                     top_k or top_k_field or DEFAULT_TOP_K)
+        ranked = await served.answer(served.uploaded_pixels(files, limits), top_k or top_k_field or DEFAULT_TOP_K)
         return answers([upload.filename for upload in files], ranked)
 
     @app.post("/predict/pixels", openapi_extra={"requestBody": {"required": True, "content": {
@@ -255,8 +273,8 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
         body = await request.body()
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
         shape = request.headers.get(SHAPE_HEADER)
-        ranked = await served.answer(lambda: pixels_from_body(body, content_type, shape).astype(np.float32),
-                                     top_k or DEFAULT_TOP_K)
+        decode = functools.partial(pixels_from_body, body, content_type, shape)
+        ranked = await served.answer(served.pixels(lambda: decode().astype(np.float32)), top_k or DEFAULT_TOP_K)
         return answers([str(i) for i in range(len(ranked))], ranked)
 
     return app

@@ -93,7 +93,7 @@ def test_latency_benchmark_reports_each_concurrency(server):
                              "--concurrency", "1", "--concurrency", "8", "--json"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert [r["concurrency"] for r in rows] == [1, 8]
     for row in rows:
         assert row["requests"] == 16 and row["errors"] == 0
