@@ -28,12 +28,16 @@ from stages.common.schemas import IMAGE_SHAPE, ExportParams
 from stages.common.serving import EXPORTED, INPUT_NAME, OUTPUT_NAME, OnnxClassifier, colour_statistics
 
 
-def agreement(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:
-    """How closely an export's probabilities follow the Keras model's on the same images."""
-    return {
+def agreement(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    """How closely an export's probabilities follow the Keras model's on the same images, and with
+    the images' labels the export's own accuracy (one view per image: what a server answers)."""
+    figures = {
         "max_probability_diff": float(np.abs(reference - exported).max()),
         "top1_agreement": float((reference.argmax(axis=1) == exported.argmax(axis=1)).mean()),
     }
+    if labels is not None:
+        figures["accuracy"] = float((exported.argmax(axis=1) == labels).mean())
+    return figures
 
 
 def check_agreement(figures: dict[str, dict[str, float]], params: ExportParams) -> None:
@@ -120,9 +124,11 @@ def model_version(model_path: Path) -> dict[str, str]:
     return {"code_rev": rev, "model_md5": md5, "version": md5[:12]}
 
 
-def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dict[str, dict[str, float]]:
+def export(model, pixels: np.ndarray, params: ExportParams, folder: Path,
+           labels: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Write each format of `params.formats` into `folder` and return its agreement with `model`
-    on `pixels` (raw 0..255); raises IntegrityError when one drifts beyond the limits."""
+    on `pixels` (raw 0..255), and its accuracy with `labels`; raises IntegrityError when one
+    drifts beyond the limits."""
     from stages.common.inference import predictions
 
     pixels = pixels.astype(np.float32)
@@ -132,19 +138,21 @@ def export(model, pixels: np.ndarray, params: ExportParams, folder: Path) -> dic
     if "saved_model" in params.formats:
         write_saved_model(served, folder / EXPORTED["saved_model"])
         figures["saved_model"] = agreement(
-            reference, saved_model_probabilities(folder / EXPORTED["saved_model"], pixels, params.batch_size))
+            reference, saved_model_probabilities(folder / EXPORTED["saved_model"], pixels, params.batch_size), labels)
     if "onnx" in params.formats:
         write_onnx(served, folder / EXPORTED["onnx"], params.onnx_opset)
         onnx_model = OnnxClassifier(folder / EXPORTED["onnx"], [str(k) for k in range(reference.shape[1])])
-        figures["onnx"] = agreement(reference, onnx_model.probabilities(pixels, params.batch_size))
+        figures["onnx"] = agreement(reference, onnx_model.probabilities(pixels, params.batch_size), labels)
     check_agreement(figures, params)
     return figures
 
 
 def signature(classes: list[str], params: ExportParams, version: dict[str, str], metrics: dict[str, Any],
-              statistics: dict[str, Any]) -> dict:
-    """What serves the model needs to know: its input and output, classes, version and metrics, and
-    the colour statistics of the test split (the API's drift monitor compares its inputs with them)."""
+              statistics: dict[str, Any], served_accuracy: float | None) -> dict:
+    """What serves the model needs to know: its input and output, classes, version, the evaluation's
+    metrics and the export's own test accuracy (one view per image: the evaluation may average
+    several views, test-time augmentation, which a server does not), and the colour statistics of
+    the test split (the API's drift monitor compares its inputs with them)."""
     return {
         "input": {"name": INPUT_NAME, "shape": [None, *IMAGE_SHAPE], "dtype": "float32",
                   "layout": "NHWC, RGB", "range": [0, 255], "statistics": {**statistics, "split": "test"}},
@@ -154,6 +162,7 @@ def signature(classes: list[str], params: ExportParams, version: dict[str, str],
         "onnx_opset": params.onnx_opset if "onnx" in params.formats else None,
         **version,
         "metrics": metrics,
+        "served": {"accuracy": served_accuracy, "split": "test", "views": 1},
     }
 
 
@@ -161,21 +170,22 @@ def main() -> None:
     paths = stage_paths("export", "prepared", "model", "evaluate", "exports", "out")
     params: ExportParams = load_section("export")
     classes = dataio.read_json(paths["prepared"] / CLASSES)
-    images, _ = dataio.load_split(paths["prepared"] / split_file("test"))
+    images, labels = dataio.load_split(paths["prepared"] / split_file("test"))
     metrics = dataio.read_json(paths["evaluate"] / EVALUATION["metrics"])
     from stages.common.inference import load_trained
 
     model = load_trained(paths["model"])
     started = time.perf_counter()
     with dataio.atomic_dir(paths["exports"]) as tmp:
-        figures = export(model, images, params, tmp)
+        figures = export(model, images, params, tmp, labels)
+        served = figures.get("onnx", figures.get("saved_model", {})).get("accuracy")
         dataio.write_json(tmp / EXPORTED["signature"],
                           signature(classes, params, model_version(paths["model"]), metrics,
-                                    colour_statistics(images)))
+                                    colour_statistics(images), served))
     result = {**figures, "images": len(images), "seconds": round(time.perf_counter() - started, 1)}
     dataio.write_json(paths["out"] / EXPORT_METRICS, result)
-    summary = ", ".join(f"{fmt} max diff {f['max_probability_diff']:.2g} top-1 {f['top1_agreement']:.2%}"
-                        for fmt, f in figures.items())
+    summary = ", ".join(f"{fmt} max diff {f['max_probability_diff']:.2g} top-1 {f['top1_agreement']:.2%} "
+                        f"accuracy {f['accuracy']:.2%}" for fmt, f in figures.items())
     print(f"export: {summary} on {len(images):,} test images -> {paths['exports']}")
 
 

@@ -118,6 +118,14 @@ def pixels_from_body(body: bytes, content_type: str, shape_header: str | None) -
     return array
 
 
+def served_test_accuracy(signature: dict[str, Any]) -> float | None:
+    """The test accuracy of the model as served (one view per image); exports made before the
+    export stage measured it have only the evaluation's, which may average several views."""
+    served = (signature.get("served") or {}).get("accuracy")
+    scores = signature.get("metrics") or {}
+    return served if served is not None else scores.get("accuracy") if scores.get("split") == "test" else None
+
+
 # Where FastAPIOffline serves the Swagger UI, Redoc and favicon files it ships.
 DOCS_ASSETS_URL = "/static-offline-docs"
 REDOC_SCRIPT_URL = "/redoc-offline.js"
@@ -178,7 +186,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
     signature = {**signature, "git_rev": settings.git_rev}
     limits = settings.limits
     drift = DriftMonitor((signature.get("input") or {}).get("statistics"), settings.drift)
-    metrics = Metrics(model.classes, signature, drift)
+    metrics = Metrics(model.classes, signature, served_test_accuracy(signature), drift)
     served = Model(model, settings.batching, metrics, drift)
     version = signature.get("version", "unknown")
 
@@ -229,15 +237,14 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
 
     @app.get("/metadata")
     def metadata() -> dict[str, Any]:
-        scores = signature.get("metrics") or {}
         return {
             "classes": model.classes,
             "version": signature.get("version"),
             "git_rev": signature.get("git_rev"),  # the commit holding this export, None if uncommitted
             "code_rev": signature.get("code_rev"),
             "model_md5": signature.get("model_md5"),
-            "test_accuracy": scores.get("accuracy") if scores.get("split") == "test" else None,
-            "metrics": scores,
+            "test_accuracy": served_test_accuracy(signature),
+            "metrics": signature.get("metrics") or {},
             "input": signature.get("input"),
             "onnx_opset": signature.get("onnx_opset"),
         }

@@ -92,7 +92,8 @@ class Metrics:
     """The server's Prometheus metrics. With several worker processes, PROMETHEUS_MULTIPROC_DIR is
     set (pipelines/api/server.py) and /metrics adds up every worker's files."""
 
-    def __init__(self, classes: list[str], signature: dict[str, Any], drift: DriftMonitor) -> None:
+    def __init__(self, classes: list[str], signature: dict[str, Any], test_accuracy: float | None,
+                 drift: DriftMonitor) -> None:
         self.registry = CollectorRegistry()
         self.drift = drift
         reg = self.registry
@@ -108,9 +109,7 @@ class Metrics:
             self.predictions.labels(name)
         info = Gauge("cifar10_api_model_info", "The model served (1), its version, commit and test accuracy",
                      ["version", "git_rev", "test_accuracy"], registry=reg, multiprocess_mode="max")
-        metrics = signature.get("metrics") or {}
-        accuracy = metrics.get("accuracy") if metrics.get("split") == "test" else None
-        info.labels(str(signature.get("version")), str(signature.get("git_rev")), str(accuracy)).set(1)
+        info.labels(str(signature.get("version")), str(signature.get("git_rev")), str(test_accuracy)).set(1)
         self.channel_mean = Gauge("cifar10_api_input_channel_mean", "Mean pixel value (0..255) of the drift window",
                                   ["channel"], registry=reg, multiprocess_mode="all")
         self.channel_std = Gauge("cifar10_api_input_channel_std", "Pixel standard deviation of the drift window",

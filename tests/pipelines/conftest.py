@@ -47,5 +47,5 @@ def exported(tmp_path_factory) -> Path:
     version = {"code_rev": "0" * 40, "model_md5": "f" * 32, "version": "0000000-ffffffff"}
     dataio.write_json(folder / EXPORTED["signature"],
                       stage.signature(CLASSES, params, version, {"accuracy": 0.5, "split": "test"},
-                                      colour_statistics(images)))
+                                      colour_statistics(images), None))
     return folder

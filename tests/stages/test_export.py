@@ -36,11 +36,14 @@ def test_each_format_predicts_raw_pixels_as_the_keras_model(trained_model, tmp_p
     import tensorflow as tf
 
     pixels = np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    figures = export(trained_model, pixels, parse_section(PARAMS, ExportParams, "export"), tmp_path)
+    labels = np.random.default_rng(2).integers(0, 4, 40)
+    figures = export(trained_model, pixels, parse_section(PARAMS, ExportParams, "export"), tmp_path, labels)
     assert set(figures) == {"saved_model", "onnx"}
+    reference = trained_model.predict(pixels.astype(np.float32), verbose=0)
     for fmt in figures.values():
         assert fmt["max_probability_diff"] < 1e-5 and fmt["top1_agreement"] == 1.0
-    reference = trained_model.predict(pixels.astype(np.float32), verbose=0)
+        # The export's own accuracy, one view per image, which a server answers with.
+        assert fmt["accuracy"] == pytest.approx((reference.argmax(axis=1) == labels).mean())
     onnx = OnnxClassifier(tmp_path / EXPORTED["onnx"], ["a", "b", "c", "d"]).probabilities(pixels)
     np.testing.assert_allclose(onnx, reference, atol=1e-5)
     # TF Serving's view: the default signature takes `pixels` and returns `probabilities`.
