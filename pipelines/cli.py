@@ -333,25 +333,43 @@ def preset(
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode, or folders of them.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files of any size or mode, folders of them, or archives "
+                                                     "(tar, tar.gz, zip) of them.")],
     model: Annotated[Path | None, typer.Option(help="Export folder (default: the pipeline's, dvc.yaml's paths.exports).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image, likeliest first.")] = DEFAULT_TOP_K,
+    out: Annotated[Path | None, typer.Option(help="Write the predictions to this CSV file (written whole at the "
+                                                  "end) instead of printing them.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images decoded and predicted at a time.")] = 256,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", show_default="when stderr is a "
+                                                  "terminal", help="Show a progress bar on stderr.")] = None,
     repo: RepoOption = Path("."),
 ) -> None:
-    """Class and probability for each image, from the exported ONNX model (no TensorFlow)."""
-    from pipelines.predict import PredictError, predict_files
+    """Class and probability for each image, from the exported ONNX model (no TensorFlow). An image
+    that cannot be read is named and skipped; the exit code is then 2."""
+    from tqdm import tqdm
+
+    from pipelines.predict import PredictError, image_sources, predict_sources, write_predictions
     from stages.common.paths import artifact_paths
+    from stages.common.serving import load_exported
 
     if model is not None and not model.is_dir():
         raise ConfigError(f"--model {model} is not a folder; pass an export folder (dvc.yaml's paths.exports)")
-    exports = model or repo / artifact_paths(require_repo(repo))["exports"]
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; pass a CSV file name")
+    classifier, _ = load_exported(model or repo / artifact_paths(require_repo(repo))["exports"])
+    top_k = min(top_k, len(classifier.classes))
+    sources, total = image_sources(paths)
+    shown = tqdm(total=total, unit=" images", file=sys.stderr, disable=None if progress is None else not progress,
+                 dynamic_ncols=True)
     unreadable: list[PredictError] = []
-    for path, ranked in predict_files(paths, exports, top_k):
+    for name, ranked in write_predictions(predict_sources(sources, classifier, top_k, batch_size), out, top_k):
+        shown.update()
         if isinstance(ranked, PredictError):
             unreadable.append(ranked)
-            typer.echo(f"warning: skipped {ranked}", err=True)
-            continue
-        typer.echo(f"{path}: " + ", ".join(f"{label} ({probability:.4f})" for label, probability in ranked))
+            shown.write(f"warning: skipped {ranked}", file=sys.stderr)
+        elif out is None:
+            shown.write(f"{name}: " + ", ".join(f"{label} ({p:.4f})" for label, p in ranked), file=sys.stdout)
+    shown.close()
     if unreadable:
         raise PredictError(f"{len(unreadable)} image(s) could not be read and were skipped, the first: {unreadable[0]}")
 
