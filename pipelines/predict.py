@@ -190,6 +190,12 @@ def decode_source(source: Source) -> tuple[str, np.ndarray | PredictError]:
 Prediction = tuple[str, list[tuple[str, float]] | PredictError]
 
 
+def rank(probabilities: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:
+    """For each row of probabilities its k likeliest classes, best first, as (name, probability)."""
+    order = np.argsort(-probabilities, axis=1)[:, :k]
+    return [[(classes[j], float(row[j])) for j in best] for row, best in zip(probabilities, order)]
+
+
 def predict_sources(sources: Iterator[Source], model: OnnxClassifier, top_k: int = DEFAULT_TOP_K,
                     batch_size: int = 256) -> Iterator[Prediction]:
     """For each image its `top_k` likeliest classes with probabilities, or the error that kept it from
@@ -199,7 +205,7 @@ def predict_sources(sources: Iterator[Source], model: OnnxClassifier, top_k: int
     def finish(batch: list[Future[tuple[str, np.ndarray | PredictError]]]) -> Iterator[Prediction]:
         decoded = [future.result() for future in batch]
         readable = [pixels for _, pixels in decoded if not isinstance(pixels, PredictError)]
-        ranked = iter(model.top_k(np.stack(readable), top_k) if readable else [])
+        ranked = iter(rank(model.probabilities(np.stack(readable)), model.classes, top_k) if readable else [])
         for name, pixels in decoded:
             yield name, pixels if isinstance(pixels, PredictError) else next(ranked)
 

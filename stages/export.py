@@ -20,12 +20,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from stages.common import dataio
+from stages.common.colour import colour_statistics
 from stages.common.errors import IntegrityError, run_main
 from stages.common.params import load_section
 from stages.common.paths import CLASSES, EVALUATION, EXPORT_METRICS, split_file, stage_paths
 from stages.common.provenance import code_revision, file_md5
 from stages.common.schemas import IMAGE_SHAPE, ExportParams
-from stages.common.serving import EXPORTED, INPUT_NAME, OUTPUT_NAME, OnnxClassifier, colour_statistics
+from stages.common.serving import EXPORTED, INPUT_NAME, OUTPUT_NAME, OnnxClassifier
 
 
 def agreement(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:

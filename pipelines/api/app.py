@@ -30,7 +30,7 @@ from pipelines.api.batching import Batcher
 from pipelines.api.guards import BodyGuard
 from pipelines.api.monitor import DriftMonitor, Metrics, RequestMetrics
 from pipelines.api.settings import Batching, Limits, Settings, mib
-from pipelines.predict import DEFAULT_TOP_K, PredictError, decode_pixels
+from pipelines.predict import DEFAULT_TOP_K, PredictError, decode_pixels, rank
 from stages.common.schemas import IMAGE_SHAPE
 from stages.common.serving import OnnxClassifier
 
@@ -178,7 +178,7 @@ class Model:
                 images = await pixels
             probabilities = await self.batcher.submit(images)
         self.metrics.observe_answers(probabilities, self.model.classes)
-        return self.model.rank(probabilities, min(top_k, len(self.model.classes)))
+        return rank(probabilities, self.model.classes, top_k)
 
 
 def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Settings) -> FastAPI:

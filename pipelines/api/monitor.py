@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipelines.api.settings import Drift
-from stages.common.serving import pixel_moments
+from stages.common.colour import pixel_moments
 
 CHANNELS = ("red", "green", "blue")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

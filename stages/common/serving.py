@@ -47,31 +47,9 @@ class OnnxClassifier:
 
     def top_k(self, pixels: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """For each image its k likeliest classes, best first, as (name, probability)."""
-        return self.rank(self.probabilities(pixels), k)
-
-    def rank(self, probabilities: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        probabilities = self.probabilities(pixels)
         order = np.argsort(-probabilities, axis=1)[:, :k]
         return [[(self.classes[j], float(row[j])) for j in best] for row, best in zip(probabilities, order)]
-
-
-def pixel_moments(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per image, the sum of its RGB pixel values (N, 3) and of their outer products (N, 3, 3), and
-    the pixels per image: what a Gaussian fit of the pixels' colour distribution needs, additive
-    across images."""
-    flat = np.asarray(pixels, dtype=np.float64).reshape(len(pixels), -1, 3)
-    return flat.sum(axis=1), np.einsum("npi,npj->nij", flat, flat), flat.shape[1]
-
-
-def colour_statistics(images: np.ndarray, chunk: int = 1000) -> dict[str, Any]:
-    """The mean and covariance of the images' RGB pixels (0..255), shipped with the export so that
-    the API can tell when what it is sent stops looking like what the model was tested on."""
-    sums, outer, count = np.zeros(3), np.zeros((3, 3)), 0
-    for start in range(0, len(images), chunk):
-        s, o, per_image = pixel_moments(images[start:start + chunk])
-        sums, outer, count = sums + s.sum(axis=0), outer + o.sum(axis=0), count + per_image * len(s)
-    mean = sums / max(count, 1)
-    covariance = outer / max(count, 1) - np.outer(mean, mean)
-    return {"mean": mean.round(4).tolist(), "covariance": covariance.round(4).tolist(), "images": len(images)}
 
 
 def load_exported(folder: Path, threads: int = 0) -> tuple[OnnxClassifier, dict[str, Any]]:

@@ -31,9 +31,10 @@ def exported(tmp_path_factory) -> Path:
     that an image comes back as its class."""
     from stages import export as stage
     from stages.common import dataio, models
+    from stages.common.colour import colour_statistics
     from stages.common.params import parse_section
     from stages.common.schemas import ExportParams
-    from stages.common.serving import EXPORTED, colour_statistics
+    from stages.common.serving import EXPORTED
     from tests.synthetic import make_images
 
     folder = tmp_path_factory.mktemp("export")

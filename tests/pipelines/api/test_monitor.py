@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.api.monitor import DriftMonitor, hellinger_gaussians
 from pipelines.api.settings import Drift
-from stages.common.serving import colour_statistics
+from stages.common.colour import colour_statistics
 from tests.synthetic import make_images
 
 REFERENCE_IMAGES, _ = make_images(20)
