@@ -142,28 +142,31 @@ def offline_redoc_script() -> str:
 
 
 class Model:
-    """The model as requests reach it: batched with other requests' images, or alone (max_batch 1);
-    every image decoded is added to the drift window, every one answered counted by class."""
+    """The model as requests reach it: batched with other requests' images, or alone (max_batch 1).
+    Each model call also adds its images to the drift window and counts its answers by class, on
+    the model's thread: the event loop only parses, decodes small uploads and answers."""
 
     def __init__(self, model: OnnxClassifier, batching: Batching, metrics: Metrics, drift: DriftMonitor) -> None:
         self.model, self.metrics, self.drift = model, metrics, drift
-        self.batcher = Batcher(model.probabilities, batching, metrics.observe_batch) if batching.max_batch > 1 else None
+        self.batcher = Batcher(self.infer, batching, metrics.observe_batch) if batching.max_batch > 1 else None
         self.decoder = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
 
-    def watched(self, pixels: np.ndarray) -> np.ndarray:
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        probabilities = self.model.probabilities(pixels)
         self.drift.add(pixels)
-        return pixels
+        self.metrics.observe_answers(probabilities, self.model.classes)
+        return probabilities
 
     async def pixels(self, decode: Callable[[], np.ndarray]) -> np.ndarray:
         """Decoded off the event loop (a pool of one thread per core bounds the memory concurrent
-        decodes take), so /health and others are answered meanwhile; added to the drift window."""
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, lambda: self.watched(decode()))
+        decodes take), so /health and others are answered meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, decode)
 
     async def uploaded_pixels(self, files: list[UploadFile], limits: Limits) -> np.ndarray:
         if sum(upload.size or 0 for upload in files) <= INLINE_BYTES:
             named, pixels = read_uploads(files, limits)
             if pixels <= INLINE_PIXELS:
-                return self.watched(decode_files(named))
+                return decode_files(named)
             return await self.pixels(functools.partial(decode_files, named))
         return await self.pixels(functools.partial(decode_uploads, files, limits))
 
@@ -172,12 +175,11 @@ class Model:
         if self.batcher is None:
             images = await pixels
             self.metrics.observe_batch(len(images))
-            probabilities = await asyncio.to_thread(self.model.probabilities, images)
+            probabilities = await asyncio.to_thread(self.infer, images)
         else:
             async with self.batcher.decoding():
                 images = await pixels
             probabilities = await self.batcher.submit(images)
-        self.metrics.observe_answers(probabilities, self.model.classes)
         return rank(probabilities, self.model.classes, top_k)
 
 
@@ -249,11 +251,12 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
             "onnx_opset": signature.get("onnx_opset"),
         }
 
-    def answers(names: list[str | None], ranked: list[list[tuple[str, float]]]) -> dict[str, Any]:
-        return {"version": signature.get("version"), "predictions": [
+    def answers(names: list[str | None], ranked: list[list[tuple[str, float]]]) -> JSONResponse:
+        # Plain JSON types already: a JSONResponse skips FastAPI's encoding pass over them.
+        return JSONResponse({"version": signature.get("version"), "predictions": [
             {"file": name, "class": best[0][0], "probability": round(best[0][1], 6),
              "top_k": [{"class": label, "probability": round(p, 6)} for label, p in best]}
-            for name, best in zip(names, ranked)]}
+            for name, best in zip(names, ranked)]})
 
     @app.post("/predict")
     async def predict(
@@ -261,7 +264,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
         top_k: Annotated[int | None, Query(ge=1, description=TOP_K_HELP)] = None,
         top_k_field: Annotated[int | None, Form(alias="top_k", ge=1,
                                                 description="The same, as a multipart field.")] = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         if len(files) > limits.max_files:
             raise HTTPException(413, f"{len(files)} files in one request; send at most {limits.max_files}")
         ranked = await served.answer(served.uploaded_pixels(files, limits), top_k or top_k_field or DEFAULT_TOP_K)
@@ -273,7 +276,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
     async def predict_pixels(
         request: Request,
         top_k: Annotated[int | None, Query(ge=1, description=TOP_K_HELP)] = None,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Images already decoded, as (N, 32, 32, 3) uint8 RGB: a .npy body (`application/x-npy`),
         or raw bytes in C order (`application/octet-stream`) with an `X-Shape: N,32,32,3` header.
         Each answer's `file` is the image's index."""
