@@ -200,8 +200,19 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy header claiming `shape` uint8, followed by one image's bytes."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + bytes(3072)
+
+
 @pytest.mark.parametrize("body, headers, status, detail", [
     (b"not an array", {"Content-Type": "application/x-npy"}, 415, "the body is not a readable .npy array"),
+    # A header that claims 3 TB: np.load would try to allocate it before reading what follows.
+    (npy_header((10**9, 32, 32, 3)), {"Content-Type": "application/x-npy"}, 415,
+     ("the body is not a readable .npy array (its header describes (1000000000, 32, 32, 3) uint8 but 3072 "
+      "bytes follow)")),
     (npy_bytes(np.zeros((2, 28, 28, 3), np.uint8)), {"Content-Type": "application/x-npy"}, 422,
      "pixels of shape (2, 28, 28, 3) and dtype uint8; send (N, 32, 32, 3) uint8"),
     (npy_bytes(np.zeros((2, 32, 32, 3), np.float32)), {"Content-Type": "application/x-npy"}, 422,
