@@ -378,6 +378,9 @@ def predict(
 def api(
     model: Annotated[Path | None, typer.Option(help="Export folder (default: the pipeline's, dvc.yaml's paths.exports).")] = None,
     rev: Annotated[str | None, typer.Option(help="Serve the export of this git revision or GTO tag instead.")] = None,
+    stage: Annotated[str | None, typer.Option(help="Serve the version GTO assigns to this stage (e.g. prod), and "
+                                                   "switch when the stage moves.")] = None,
+    poll: Annotated[float, typer.Option(min=0.1, help="With --stage: seconds between looks at origin's tags.")] = 30.0,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Server processes on the port, each with its own model.")] = 1,
@@ -407,8 +410,8 @@ def api(
     from pipelines.api import server
     from stages.common.paths import artifact_paths
 
-    if model is not None and rev is not None:
-        raise ConfigError("api takes --model or --rev, not both")
+    if sum(option is not None for option in (model, rev, stage)) > 1:
+        raise ConfigError("api takes one of --model, --rev and --stage")
     settings = Settings(
         exports=str(model), threads=threads, batching=Batching(max_batch, max_wait_ms),
         drift=Drift(window=drift_window, min_images=min(Drift.min_images, drift_window), threshold=drift_threshold),
@@ -419,10 +422,12 @@ def api(
         return
     repo = require_repo(repo)
     exports = artifact_paths(repo)["exports"]
-    if rev is None:
-        server.serve_workspace(repo, exports, settings, host, port, workers)
-    else:
+    if stage is not None:
+        server.serve_stage(repo, stage, exports, settings, host, port, workers, poll)
+    elif rev is not None:
         server.serve_revision(repo, rev, exports, settings, host, port, workers)
+    else:
+        server.serve_workspace(repo, exports, settings, host, port, workers)
 
 
 def version_callback(value: bool) -> None:

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,20 +170,24 @@ def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]
 @contextlib.contextmanager
 def inference_api(*args: str, env: dict | None = None, startup_s: float = 90) -> Iterator[tuple[str, int]]:
     """`cifar10-pipeline api ARGS` on a free port of 127.0.0.1, once it answers /health; yields
-    (base URL, pid) and stops it after."""
+    (base URL, pid) and stops it after. Its log goes to a file: a pipe nobody reads fills up under
+    a loop of requests (one access-log line each), and the server then blocks writing to it."""
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "cifar10-pipeline"), "api", *args, "--port", str(port)], env=env or ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not serving(f"{url}/health", proc, startup_s):
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"the API did not start:\n{proc.communicate()[0][-3000:]}")
-        yield url, proc.pid
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen([str(BIN / "cifar10-pipeline"), "api", *args, "--port", str(port)], env=env or ENV,
+                                stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if not serving(f"{url}/health", proc, startup_s):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                output.seek(0)
+                raise RuntimeError(f"the API did not start:\n{output.read()[-3000:]}")
+            yield url, proc.pid
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
 
 
 # Debian's Chromium, headless, with its own background traffic off.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +28,16 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipelines.api.batching import Batcher
+from pipelines.api.follow import StageFollower
 from pipelines.api.guards import BodyGuard
 from pipelines.api.monitor import DriftMonitor, Metrics, RequestMetrics
-from pipelines.api.settings import Batching, Limits, Settings, mib
+from pipelines.api.settings import Batching, Drift, Limits, Settings, mib
 from pipelines.predict import DEFAULT_TOP_K, PredictError, decode_pixels, rank
+from stages.common.errors import DataError
 from stages.common.schemas import IMAGE_SHAPE
 from stages.common.serving import OnnxClassifier
+
+log = logging.getLogger("uvicorn.error")
 
 PAGE = Path(__file__).with_name("page.html")
 NPY_TYPE = "application/x-npy"
@@ -163,10 +168,22 @@ class Model:
     Each model call also adds its images to the drift window and counts its answers by class, on
     the model's thread: the event loop only parses, decodes small uploads and answers."""
 
-    def __init__(self, model: OnnxClassifier, batching: Batching, metrics: Metrics, drift: DriftMonitor) -> None:
-        self.model, self.metrics, self.drift = model, metrics, drift
-        self.batcher = Batcher(self.infer, batching, metrics.observe_batch) if batching.max_batch > 1 else None
+    def __init__(self, model: OnnxClassifier, signature: dict[str, Any], batching: Batching, drift: Drift) -> None:
+        self.drift = DriftMonitor(None, drift)
+        self.metrics = Metrics(model.classes, self.drift)
+        self.swap(model, signature)
+        self.batcher = Batcher(self.infer, batching, self.metrics.observe_batch) if batching.max_batch > 1 else None
         self.decoder = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="decode")
+
+    def swap(self, model: OnnxClassifier, signature: dict[str, Any]) -> None:
+        """Serve another model from the next model call on; the drift window starts anew against its
+        export's statistics. One of other classes is refused: clients read classes from /metadata."""
+        if hasattr(self, "model") and model.classes != self.model.classes:
+            raise DataError(f"version {signature.get('version')} has other classes ({', '.join(model.classes)}) "
+                            "than the one served; start a new server for it")
+        self.model, self.signature = model, signature
+        self.drift.compare_with((signature.get("input") or {}).get("statistics"))
+        self.metrics.show_model(signature, served_test_accuracy(signature))
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         probabilities = self.model.probabilities(pixels)
@@ -200,26 +217,43 @@ class Model:
         return rank(probabilities, self.model.classes, top_k)
 
 
-def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Settings) -> FastAPI:
-    """The app for `model`; `signature` is the export's signature.json."""
-    signature = {**signature, "git_rev": settings.git_rev}
+async def follow_stage(served: Model, follower: StageFollower, every_s: float) -> None:
+    """Poll the registry stage off the event loop; swap in the version it moves to."""
+    while True:
+        await asyncio.sleep(every_s)
+        moved = await asyncio.to_thread(follower.poll)
+        if moved is not None:
+            try:
+                served.swap(*moved)
+            except DataError as err:
+                log.warning("%s", err)
+
+
+def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Settings,
+               follower: StageFollower | None = None) -> FastAPI:
+    """The app for `model`; `signature` is the export's signature.json. With `follower`, the app
+    follows a registry stage (settings.follow)."""
     limits = settings.limits
-    drift = DriftMonitor((signature.get("input") or {}).get("statistics"), settings.drift)
-    metrics = Metrics(model.classes, signature, served_test_accuracy(signature), drift)
-    served = Model(model, settings.batching, metrics, drift)
-    version = signature.get("version", "unknown")
+    served = Model(model, {**signature, "git_rev": settings.git_rev}, settings.batching, settings.drift)
+    drift, metrics = served.drift, served.metrics
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if served.batcher is not None:
             served.batcher.start()  # on the loop that serves the requests
+        polling = None
+        if follower is not None and settings.follow is not None:
+            polling = asyncio.create_task(follow_stage(served, follower, settings.follow.poll_s))
         yield
+        if polling is not None:
+            polling.cancel()
         if served.batcher is not None:
             await served.batcher.stop()
 
     # /docs and /redoc with their scripts served from here: the CDN FastAPI loads them from is
     # out of reach offline, and the pages then draw blank.
-    app = FastAPIOffline(title="cifar10-pipeline inference API", version=version, lifespan=lifespan,
+    app = FastAPIOffline(title="cifar10-pipeline inference API", version=served.signature.get("version", "unknown"),
+                         lifespan=lifespan,
                          description="Class probabilities for images, from the pipeline's exported ONNX model.",
                          static_url=DOCS_ASSETS_URL, redoc_url=None)
     app.add_middleware(BodyGuard, limits=limits)
@@ -248,7 +282,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
     @app.get("/health")
     def health() -> dict[str, Any]:
         """"ok", or "degraded" with the reason when the inputs drift from the test split's colours."""
-        return {**drift.state(), "version": version}
+        return {**drift.state(), "version": served.signature.get("version", "unknown")}
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
@@ -256,6 +290,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
 
     @app.get("/metadata")
     def metadata() -> dict[str, Any]:
+        signature = served.signature
         return {
             "classes": model.classes,
             "version": signature.get("version"),
@@ -266,11 +301,12 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
             "metrics": signature.get("metrics") or {},
             "input": signature.get("input"),
             "onnx_opset": signature.get("onnx_opset"),
+            "registry": signature.get("registry"),  # the stage followed and its version (--stage), else None
         }
 
     def answers(names: list[str | None], ranked: list[list[tuple[str, float]]]) -> JSONResponse:
         # Plain JSON types already: a JSONResponse skips FastAPI's encoding pass over them.
-        return JSONResponse({"version": signature.get("version"), "predictions": [
+        return JSONResponse({"version": served.signature.get("version"), "predictions": [
             {"file": name, "class": best[0][0], "probability": round(best[0][1], 6),
              "top_k": [{"class": label, "probability": round(p, 6)} for label, p in best]}
             for name, best in zip(names, ranked)]})

@@ -46,11 +46,17 @@ class DriftMonitor:
 
     def __init__(self, reference: dict[str, Any] | None, policy: Drift) -> None:
         self.policy = policy
-        self.reference = None if not reference else (np.asarray(reference["mean"], dtype=np.float64),
-                                                     np.asarray(reference["covariance"], dtype=np.float64))
         self.images: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=policy.window)
         self.pixels_per_image = 1
         self.lock = threading.Lock()
+        self.compare_with(reference)
+
+    def compare_with(self, reference: dict[str, Any] | None) -> None:
+        """A new reference (another model's export) and an empty window."""
+        with self.lock:
+            self.reference = None if not reference else (np.asarray(reference["mean"], dtype=np.float64),
+                                                         np.asarray(reference["covariance"], dtype=np.float64))
+            self.images.clear()
 
     def add(self, pixels: np.ndarray) -> None:
         sums, outer, self.pixels_per_image = pixel_moments(pixels)
@@ -92,8 +98,7 @@ class Metrics:
     """The server's Prometheus metrics. With several worker processes, PROMETHEUS_MULTIPROC_DIR is
     set (pipelines/api/server.py) and /metrics adds up every worker's files."""
 
-    def __init__(self, classes: list[str], signature: dict[str, Any], test_accuracy: float | None,
-                 drift: DriftMonitor) -> None:
+    def __init__(self, classes: list[str], drift: DriftMonitor) -> None:
         self.registry = CollectorRegistry()
         self.drift = drift
         reg = self.registry
@@ -107,9 +112,9 @@ class Metrics:
                                    registry=reg)
         for name in classes:
             self.predictions.labels(name)
-        info = Gauge("cifar10_api_model_info", "The model served (1), its version, commit and test accuracy",
-                     ["version", "git_rev", "test_accuracy"], registry=reg, multiprocess_mode="max")
-        info.labels(str(signature.get("version")), str(signature.get("git_rev")), str(test_accuracy)).set(1)
+        self.model_info = Gauge("cifar10_api_model_info", "The model served (1; 0 for one served before), its "
+                                "version, commit and test accuracy", ["version", "git_rev", "test_accuracy"],
+                                registry=reg, multiprocess_mode="max")
         self.channel_mean = Gauge("cifar10_api_input_channel_mean", "Mean pixel value (0..255) of the drift window",
                                   ["channel"], registry=reg, multiprocess_mode="all")
         self.channel_std = Gauge("cifar10_api_input_channel_std", "Pixel standard deviation of the drift window",
@@ -118,8 +123,16 @@ class Metrics:
                                     ["channel"], registry=reg, multiprocess_mode="max")
         self.drift_score = Gauge("cifar10_api_drift_score", "Hellinger distance of the drift window to the test "
                                  "split (NaN before enough images)", registry=reg, multiprocess_mode="all")
-        if drift.reference is not None:
-            for channel, value in zip(CHANNELS, drift.reference[0]):
+        self.model_labels: tuple[str, str, str] | None = None
+
+    def show_model(self, signature: dict[str, Any], test_accuracy: float | None) -> None:
+        """The model now served, in model_info and the reference gauges."""
+        if self.model_labels is not None:
+            self.model_info.labels(*self.model_labels).set(0)
+        self.model_labels = (str(signature.get("version")), str(signature.get("git_rev")), str(test_accuracy))
+        self.model_info.labels(*self.model_labels).set(1)
+        if self.drift.reference is not None:
+            for channel, value in zip(CHANNELS, self.drift.reference[0]):
                 self.reference_mean.labels(channel).set(value)
 
     def observe_batch(self, images: int) -> None:

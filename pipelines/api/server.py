@@ -1,5 +1,6 @@
 """The inference API's server: uvicorn serving an export folder, one process or `--workers N`, and
-which export that is (a folder, the workspace's, or a git revision's from DVC's cache).
+which export that is (a folder, the workspace's, a git revision's from DVC's cache, or a registry
+stage's, followed).
 
 `cifar10-pipeline api` starts it."""
 
@@ -14,8 +15,9 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from pipelines.api.app import create_app
+from pipelines.api.follow import StageFollower, exports_at
 from pipelines.api.guards import HeadDeadlineProtocol
-from pipelines.api.settings import Settings
+from pipelines.api.settings import Follow, Settings
 from stages.common.serving import load_exported
 
 # How the settings reach worker processes, which uvicorn starts afresh (spawned) and which build
@@ -25,7 +27,10 @@ SETTINGS_ENV = "CIFAR10_API_SETTINGS"
 
 def build_app(settings: Settings) -> FastAPI:
     model, signature = load_exported(Path(settings.exports), settings.threads)
-    return create_app(model, signature, settings)
+    if settings.follow is None:
+        return create_app(model, signature, settings)
+    signature["registry"] = {"stage": settings.follow.stage, "version": settings.follow.version}
+    return create_app(model, signature, settings, StageFollower(settings.follow, settings.threads))
 
 
 def app_from_environment() -> FastAPI:
@@ -53,27 +58,6 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
                     log_level="info", http=protocol)
 
 
-def exports_at(repo: Path, rev: str, exports: Path, dest: Path) -> Path:
-    """The export folder as it was at a git revision (a commit, a branch, a GTO tag such as
-    cifar10-classifier@v0.0.1), from DVC's cache or remote."""
-    from dvc.api import DVCFileSystem
-    from dvc.exceptions import DvcException
-    from scmrepo.exceptions import SCMError
-
-    from stages.common.errors import ConfigError, DataError
-
-    try:
-        fs = DVCFileSystem(str(repo), rev=rev)
-    except (SCMError, DvcException) as err:
-        raise ConfigError(f"revision '{rev}' not found in {repo} ({err}); pass a commit, branch or tag") from None
-    try:
-        fs.get(exports.as_posix(), str(dest), recursive=True)
-    except (FileNotFoundError, DvcException) as err:
-        raise DataError(f"{exports} at '{rev}' cannot be read ({err}); that revision has no export, "
-                        "or its files are in no cache: `dvc pull` first") from None
-    return dest
-
-
 def serve_revision(repo: Path, rev: str, exports: Path, settings: Settings, host: str, port: int,
                    workers: int = 1) -> None:
     from pipelines.dvcrepo import git
@@ -82,6 +66,18 @@ def serve_revision(repo: Path, rev: str, exports: Path, settings: Settings, host
         folder = exports_at(repo, rev, exports, Path(tmp) / "export")
         commit = git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
         serve(replace(settings, exports=str(folder), git_rev=commit), host, port, workers)
+
+
+def serve_stage(repo: Path, stage: str, exports: Path, settings: Settings, host: str, port: int, workers: int = 1,
+                poll_s: float = 30.0) -> None:
+    """The version GTO assigns to `stage`, followed: each server process polls origin's tags every
+    `poll_s` seconds and switches to the version the stage moves to."""
+    follow = Follow(str(repo), stage, exports.as_posix(), poll_s)
+    found = StageFollower(follow, settings.threads).current()
+    with tempfile.TemporaryDirectory(prefix="cifar10-api-") as tmp:
+        folder = exports_at(repo, found.commit, exports, Path(tmp) / "export")
+        serve(replace(settings, exports=str(folder), git_rev=found.commit, follow=replace(follow, version=found.version)),
+              host, port, workers)
 
 
 def serve_workspace(repo: Path, exports: Path, settings: Settings, host: str, port: int, workers: int = 1) -> None:

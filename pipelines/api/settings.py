@@ -48,6 +48,18 @@ class Drift:
 
 
 @dataclass(frozen=True)
+class Follow:
+    """Serve the model version GTO assigns to `stage` in `repo`, and switch when the stage moves:
+    every `poll_s` seconds origin's tags are fetched (when the repo has an origin) and read."""
+
+    repo: str
+    stage: str
+    exports: str  # dvc.yaml's paths.exports, the folder read at each version's commit
+    poll_s: float = 30.0
+    version: str | None = None  # the version served at start
+
+
+@dataclass(frozen=True)
 class Settings:
     exports: str  # the export folder served
     git_rev: str | None = None  # the commit holding it, None when not known to be committed
@@ -55,6 +67,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
     drift: Drift = field(default_factory=Drift)
+    follow: Follow | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -63,4 +76,5 @@ class Settings:
     def from_json(cls, text: str) -> Settings:
         raw = json.loads(text)
         return cls(raw["exports"], raw["git_rev"], raw["threads"], Limits(**raw["limits"]),
-                   Batching(**raw["batching"]), Drift(**raw["drift"]))
+                   Batching(**raw["batching"]), Drift(**raw["drift"]),
+                   Follow(**raw["follow"]) if raw.get("follow") else None)
