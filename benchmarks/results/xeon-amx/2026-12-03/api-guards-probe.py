@@ -8,7 +8,7 @@ import time
 sys.path.insert(0, ".")  # run from the repository root
 import httpx
 
-from tests.pipelines.test_api_guards import connect, png16
+from tests.pipelines.api.test_guards import connect, png16  # tests/pipelines/test_api_guards.py when measured
 
 url = sys.argv[1]
 # 1. Content-Length 2 GB
