@@ -9,7 +9,7 @@ With `--model EXPORT` the script starts the servers itself, one after the other 
 cores: the batched server (the default) and the unbatched path (`--max-batch 1`), and measures
 bare ONNX Runtime on the same model at the server's batch size, the ceiling:
 
-    python benchmarks/api_latency.py --model models/export --json > api-latency.json
+    python benchmarks/api_latency.py --model EXPORT --json > api-latency.json   # EXPORT: dvc.yaml's paths.exports
 
 With `--url` it measures a server that is already running:
 
@@ -181,7 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="an API already running (default http://127.0.0.1:8000)")
-    where.add_argument("--model", type=Path, help="an export folder: start the batched and unbatched servers on it")
+    where.add_argument("--model", type=Path, help="an export folder (dvc.yaml's paths.exports): start the batched and "
+                                                       "unbatched servers on it")
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, action="append", help=f"clients at once (repeatable; default "
                                                                          f"{' '.join(map(str, LEVELS))})")
@@ -200,7 +201,7 @@ def main() -> None:
         result = {"rows": measure_levels(url, None, args.requests, levels)}
     else:
         if not args.model.is_dir():
-            raise ConfigError(f"--model {args.model} is not a folder; pass an export folder (models/export)")
+            raise ConfigError(f"--model {args.model} is not a folder; pass an export folder (dvc.yaml's paths.exports)")
         servers = dict(spec.partition("=")[::2] for spec in args.server) if args.server else SERVERS
         rows = []
         for path, options in servers.items():

