@@ -42,7 +42,7 @@ def hellinger_gaussians(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarra
 
 class DriftMonitor:
     """The running colour statistics of the last `policy.window` images and their distance to the
-    reference; thread-safe (images are added from the decode threads)."""
+    reference; thread-safe (images are added on the model's thread, read on the event loop)."""
 
     def __init__(self, reference: dict[str, Any] | None, policy: Drift) -> None:
         self.policy = policy
