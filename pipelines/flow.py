@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.tasks import exponential_backoff
 
+from pipelines import progress
 from pipelines.dvcrepo import (
     StageGraph,
     StageOutcome,
@@ -102,10 +110,27 @@ def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | N
     if up_to_date:
         # `dvc status` already said so and nothing upstream ran: `dvc repro` would only skip it.
         outcome = StageOutcome(stage, ran=False, seconds=0.0)
+    elif stage == progress.STAGE:
+        with training_progress(Path(repo_dir), logger.info):
+            outcome = run_stage(Path(repo_dir), stage, log=logger.info, timeout_s=timeout_s, pull=pull)
     else:
         outcome = run_stage(Path(repo_dir), stage, log=logger.info, timeout_s=timeout_s, pull=pull)
     logger.info(outcome.describe())
     return outcome
+
+
+def training_progress(repo: Path, log: Callable[[str], None]) -> progress.Watcher:
+    """The train stage's epochs as they end, from DVCLive's files: a Prefect progress artifact
+    (the UI draws a bar) and a log line each."""
+    from stages.common.paths import artifact_paths
+
+    artifact_id = create_progress_artifact(0.0, key=progress.ARTIFACT_KEY, description="Training: epochs done")
+
+    def report(epoch: progress.Epoch) -> None:
+        update_progress_artifact(artifact_id, epoch.percent)
+        log(epoch.describe())
+
+    return progress.Watcher(repo / artifact_paths(repo)["train"], time.time(), report)
 
 
 @task(name="dvc-download", task_run_name="{stage}", retries=3, retry_condition_fn=_transient_only,

@@ -67,6 +67,10 @@ def test_flow_runs_then_finds_everything_up_to_date(first_run, flow_project, pre
     artifacts = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-report", "cifar10-metrics"]}}})
     assert {a["key"] for a in artifacts} == {"cifar10-report", "cifar10-metrics"}
     assert any("Accuracy" in (a.get("data") or "") for a in artifacts if a["key"] == "cifar10-report")
+    # Training shows its epochs while it runs: a progress artifact and a log line per epoch.
+    progress = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-train-progress"]}}})
+    assert [a["type"] for a in progress][:1] == ["progress"] and any(a["data"] == 100.0 for a in progress), progress
+    assert "train: epoch 1/1, loss " in first.stdout + first.stderr
 
 
 def test_the_prefect_ui_shows_the_run_and_its_report_artifact(first_run, prefect_api, tmp_path):
