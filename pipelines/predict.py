@@ -83,11 +83,11 @@ Source = tuple[str, Path | bytes | PredictError]  # an image's name and its file
 
 
 def is_image_name(name: str) -> bool:
-    """An image file by its name; dot files and macOS' resource forks are not the user's images."""
-    from stages.common.dataio import IMAGE_SUFFIXES
+    """An image file by its name; dot files and macOS' resource forks are not the user's images
+    (the prepare stage's rule, dataio's, which every stage imports: it stays where it is)."""
+    from stages.common.dataio import _HIDDEN, IMAGE_SUFFIXES
 
-    hidden = any(part.startswith(".") or part == "__MACOSX" for part in Path(name).parts)
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not hidden
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not _HIDDEN.search(Path(name).as_posix())
 
 
 def archive_kind(path: Path) -> str | None:
@@ -162,7 +162,9 @@ def image_sources(paths: list[Path]) -> tuple[Iterator[Source], int | None]:
         if path.is_dir():
             inside = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(str(p.relative_to(path))))
             if not inside:
-                raise PredictError(f"{path} is a folder with no image files (.jpg, .jpeg, .png) in it")
+                from stages.common.dataio import IMAGE_SUFFIXES
+
+                raise PredictError(f"{path} is a folder with no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
             parts.append([(str(p), p) for p in inside])
             total = None if total is None else total + len(inside)
         elif (kind := archive_kind(path)) is not None:
