@@ -292,7 +292,7 @@ def create_app(model: OnnxClassifier, signature: dict[str, Any], settings: Setti
     def metadata() -> dict[str, Any]:
         signature = served.signature
         return {
-            "classes": model.classes,
+            "classes": served.model.classes,
             "version": signature.get("version"),
             "git_rev": signature.get("git_rev"),  # the commit holding this export, None if uncommitted
             "code_rev": signature.get("code_rev"),

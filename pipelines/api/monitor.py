@@ -74,12 +74,12 @@ class DriftMonitor:
         mean = sums / count
         return seen, mean, outer / count - np.outer(mean, mean)
 
-    def state(self) -> dict[str, Any]:
-        """For /health: the verdict and what it rests on."""
+    def state(self, fit: tuple[int, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+        """For /health: the verdict and what it rests on (`fit`: the window's, when already taken)."""
         if self.reference is None:
             return {"status": "ok", "drift": None,
                     "reason": "the export has no colour statistics (exported before they were added): re-export it"}
-        fit = self.window_fit()
+        fit = fit or self.window_fit()
         seen = fit[0] if fit else 0
         if fit is None or seen < self.policy.min_images:
             return {"status": "ok", "drift": {"score": None, "images": seen, "threshold": self.policy.threshold}}
@@ -149,7 +149,7 @@ class Metrics:
             for channel, mean, var in zip(CHANNELS, fit[1], np.diag(fit[2])):
                 self.channel_mean.labels(channel).set(mean)
                 self.channel_std.labels(channel).set(np.sqrt(max(var, 0.0)))
-        score = (self.drift.state().get("drift") or {}).get("score")
+        score = (self.drift.state(fit).get("drift") or {}).get("score")
         self.drift_score.set(float("nan") if score is None else score)
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             combined = CollectorRegistry()
