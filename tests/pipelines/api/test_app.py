@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.helpers import REPO, inference_api
 from tests.pipelines.conftest import CLASSES
+from tests.synthetic import png_bytes
 
 pytestmark = pytest.mark.slow  # starts the inference API
 
@@ -162,7 +163,7 @@ def test_concurrent_requests_are_batched_and_answered_as_one_at_a_time(server, e
     async def send_all() -> list[dict]:
         async with httpx.AsyncClient(timeout=60) as http:
             return await asyncio.gather(*(http.post(f"{url}/predict", params={"top_k": 4},
-                                                    files=[("files", (f"{i}.png", png(Image.fromarray(image))))])
+                                                    files=[("files", (f"{i}.png", png_bytes(image)))])
                                           for i, image in enumerate(images)))
 
     responses = asyncio.run(send_all())
@@ -181,7 +182,7 @@ def test_concurrent_requests_are_batched_and_answered_as_one_at_a_time(server, e
 def test_pixels_as_npy_or_raw_bytes_are_answered_as_the_same_images_are(server):
     images, _ = synthetic_test_images(2)
     url = server[0]
-    as_files = httpx.post(f"{url}/predict", files=[("files", (f"{i}.png", png(Image.fromarray(image))))
+    as_files = httpx.post(f"{url}/predict", files=[("files", (f"{i}.png", png_bytes(image)))
                                                    for i, image in enumerate(images)]).json()["predictions"]
     npy = io.BytesIO()
     np.save(npy, images)

@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.helpers import ENV, cli, inference_api
+from tests.synthetic import png_bytes
 
 pytestmark = pytest.mark.slow  # starts the inference API
 
+PNG = png_bytes(np.full((32, 32, 3), (10, 120, 200), np.uint8))
 DVC_YAML = """\
 vars:
   - paths:
@@ -107,16 +110,3 @@ def test_a_stage_with_no_version_is_one_line(origin):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: no version of the model is assigned to stage 'staging' in {origin}; "
                                      "assign one (`cifar10-pipeline register --stage staging`)")
-
-
-def png_bytes() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (10, 120, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PNG = png_bytes()
