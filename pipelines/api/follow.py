@@ -57,8 +57,6 @@ def exports_at(repo: Path, rev: str, exports: Path, dest: Path) -> Path:
     from dvc.exceptions import DvcException
     from scmrepo.exceptions import SCMError
 
-    from stages.common.errors import ConfigError, DataError
-
     try:
         fs = DVCFileSystem(str(repo), rev=rev)
     except (SCMError, DvcException) as err:
@@ -86,26 +84,28 @@ class StageFollower:
         self.follow, self.threads = follow, threads
         self.serving = follow.version
 
-    def current(self) -> StageVersion:
-        """The stage's version now; a one-line error when the stage holds none."""
+    def look(self) -> StageVersion | None:
+        """The stage's version on origin now (its tags fetched first), None when it holds none."""
         repo = Path(self.follow.repo)
         fetch_origin_tags(repo)
-        found = stage_version(repo, self.follow.stage)
+        return stage_version(repo, self.follow.stage)
+
+    def current(self) -> StageVersion:
+        """The stage's version now; a one-line error when the stage holds none."""
+        found = self.look()
         if found is None:
-            raise ConfigError(f"no version of the model is assigned to stage '{self.follow.stage}' in {repo}; "
+            raise ConfigError(f"no version of the model is assigned to stage '{self.follow.stage}' in {self.follow.repo}; "
                               f"assign one (`cifar10-pipeline register --stage {self.follow.stage}`)")
         return found
 
     def poll(self) -> tuple[OnnxClassifier, dict[str, Any]] | None:
         """The new version's model when the stage moved since the last poll, else None. A failed
         poll is logged and changes nothing: the server keeps answering with what it has."""
-        repo = Path(self.follow.repo)
         try:
-            fetch_origin_tags(repo)
-            found = stage_version(repo, self.follow.stage)
+            found = self.look()
             if found is None or found.version == self.serving:
                 return None
-            model, signature = load_version(repo, Path(self.follow.exports), found, self.threads)
+            model, signature = load_version(Path(self.follow.repo), Path(self.follow.exports), found, self.threads)
         except (ConfigError, DataError) as err:
             log.warning("stage %s: %s; still serving %s", self.follow.stage, err, self.serving)
             return None
