@@ -197,29 +197,34 @@ def status(repo: RepoOption = Path("."), as_json: JsonOption = False) -> None:
 def compare(
     a: Annotated[str | None, typer.Argument(help="Git revision, branch, tag or experiment name.")] = None,
     b: Annotated[str | None, typer.Argument(help="Another one (default: the workspace).")] = None,
-    all_runs: Annotated[bool, typer.Option("--all", help="One table of every commit and experiment.")] = False,
-    sort_by: Annotated[str, typer.Option(help="Metric to sort --all by.")] = "accuracy",
+    all_runs: Annotated[bool, typer.Option(
+        "--all", help="Every commit and experiment with metrics: a table, and the history page history.html.")] = False,
+    sort_by: Annotated[str, typer.Option(help="Metric to sort --all's table by, and to pick its --pages by.")] = "accuracy",
+    pages: Annotated[int, typer.Option(
+        min=0, help="With --all: write the compare page against main of this many best runs (each row of "
+                    "the others shows the command that writes its page).")] = 3,
     csv: Annotated[Path | None, typer.Option(help="Also write the --all table as CSV here.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for compare.md/.html and figures.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for compare.md/.html and figures (with --all: for history.html; default comparisons/).")] = None,
     repo: RepoOption = Path("."),
     as_json: JsonOption = False,
 ) -> None:
-    """Two runs side by side with bootstrap intervals and McNemar's test, or --all runs in one table."""
+    """Two runs side by side with bootstrap intervals and McNemar's test, or --all runs as a table and a page."""
     from pipelines.compare import compare as compare_runs
     from pipelines.compare import safe_name
-    from pipelines.runs import experiments_table
+    from pipelines.history import history_json, write_history
 
     repo = require_repo(repo)
     if all_runs:
-        table = experiments_table(repo, sort_by=sort_by)
+        history, page = write_history(repo, out or repo / "comparisons", pages, sort_by)
+        table = history.table(sort_by)
         if csv:
             table.to_csv(csv, index=False)
         if as_json:
-            typer.echo(table.to_json(orient="records", indent=2))
-        else:
-            typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
-            if csv:
-                typer.echo(f"written: {csv}")
+            typer.echo(history_json(history, sort_by, page))
+            return
+        typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
+        typer.echo(f"written: {page}" + (f" and {csv}" if csv else ""))
         return
     if a is None:
         raise ConfigError("compare needs a revision or experiment (or --all)")

@@ -17,34 +17,85 @@ from typing import Any
 import pandas as pd
 
 from pipelines.dvcrepo import dvc
-from pipelines.runs import WORKSPACE, check_comparable, load_run
+from pipelines.runs import WORKSPACE, check_comparable, load_curves, load_run
 from pipelines.statistics import per_class_changes, uncertainty
 from stages.common.errors import CommandFailed
 from stages.common.render import render_html
 
+# Figures are drawn at the size they are shown (the page is 60em, 960 px, wide), so a count in a
+# cell is 11 px text at 100% zoom: never scaled down by the browser.
+FIGURE_DPI = 100
+PAGE_WIDTH_IN = 9.4
+CELL_FONT_PT = 9
+LINE_STYLES = ("-", "--", ":", "-.")
 
-def confusion_figure(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str):
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    diff = b.to_numpy() - a.to_numpy()
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    limit = max(abs(diff).max(), 1)
-    for ax, values, title, cmap, kwargs in (
-        (axes[0], a.to_numpy(), name_a, "Blues", {}),
-        (axes[1], b.to_numpy(), name_b, "Blues", {}),
-        (axes[2], diff, f"{name_b} − {name_a}", "RdBu", {"vmin": -limit, "vmax": limit}),
-    ):
-        ax.imshow(values, cmap=cmap, **kwargs)
-        ax.set_xticks(range(len(a)), a.columns, rotation=45, ha="right")
-        ax.set_yticks(range(len(a)), a.index)
-        ax.set(title=title, xlabel="predicted", ylabel="actual")
-        for i in range(len(a)):
-            for j in range(len(a)):
-                ax.text(j, i, int(values[i, j]), ha="center", va="center", fontsize=7)
-    fig.tight_layout()
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write a figure and let it go: `compare --all` draws several pages in one process."""
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
+def _matrix(ax, values, labels: list[str], title: str, cmap: str, vmin: float, vmax: float):
+    """One confusion matrix drawn as the report draws it: actual down the side, predicted along the
+    bottom, every count written in its cell in a colour that reads on the cell's shade."""
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax)
+    k = len(labels)
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set(title=title, xlabel="predicted", ylabel="actual")
+    for i in range(k):
+        for j in range(k):
+            shade = (values[i, j] - vmin) / ((vmax - vmin) or 1)
+            dark = shade > 0.6 if cmap == "Blues" else abs(shade - 0.5) > 0.35
+            ax.text(j, i, int(values[i, j]), ha="center", va="center", fontsize=CELL_FONT_PT,
+                    color="white" if dark else "black")
+    return image
+
+
+def confusion_figures(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str):
+    """Both matrices on one colour scale with one colour bar, then their difference on a diverging
+    scale centred on zero with its own."""
+    plt = _pyplot()
+    labels = [str(c) for c in a.columns]
+    top = max(a.to_numpy().max(), b.to_numpy().max(), 1)
+    pair, axes = plt.subplots(1, 2, figsize=(PAGE_WIDTH_IN, 4.5), dpi=FIGURE_DPI, layout="constrained")
+    for ax, frame, name in ((axes[0], a, name_a), (axes[1], b, name_b)):
+        image = _matrix(ax, frame.to_numpy(), labels, name, "Blues", 0, top)
+    pair.colorbar(image, ax=axes, shrink=0.8, label="images")
+    diff_values = b.to_numpy() - a.to_numpy()
+    limit = max(abs(diff_values).max(), 1)
+    diff, ax = plt.subplots(figsize=(PAGE_WIDTH_IN * 0.62, 5.2), dpi=FIGURE_DPI, layout="constrained")
+    image = _matrix(ax, diff_values, labels, f"{name_b} − {name_a}", "RdBu", -limit, limit)
+    diff.colorbar(image, ax=ax, shrink=0.8, label="change in images")
+    return pair, diff
+
+
+def curves_figure(curves_a: dict, curves_b: dict, name_a: str, name_b: str):
+    """Each declared per-epoch plot with both runs on the same axes: one colour per run, one line
+    style per file (train, eval)."""
+    plt = _pyplot()
+    titles = [t for t in curves_a if t in curves_b]
+    fig, axes = plt.subplots(1, len(titles), figsize=(PAGE_WIDTH_IN, 3.6), dpi=FIGURE_DPI, layout="constrained",
+                             squeeze=False)
+    for ax, title in zip(axes[0], titles):
+        for colour, name, curves in (("tab:blue", name_a, curves_a), ("tab:orange", name_b, curves_b)):
+            for style, (file, frame) in zip(LINE_STYLES, curves[title]):
+                ax.plot(frame["step"], frame["value"], style, color=colour, marker="o", markersize=3,
+                        label=f"{name} {Path(file).parent.name}")
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -61,6 +112,11 @@ def _md_table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _label(name: str) -> str:
+    """How a run is named on the page: a full commit sha as git shortens it."""
+    return name[:7] if re.fullmatch(r"[0-9a-f]{40}", name) else name
+
+
 def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple[str, dict[str, Any]]:
     """Write compare.md/.html (and figures) to `out_dir`; return the Markdown and the same
     findings as data (what `compare --json` prints)."""
@@ -68,6 +124,7 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
     run_a, run_b = load_run(repo, name_a), load_run(repo, name_b)
     notes = check_comparable(run_a, run_b)
     revs = [name_a] + ([] if name_b == WORKSPACE else [name_b])
+    name_a, name_b = _label(name_a), _label(name_b)
     params = json.loads(dvc(repo, "params", "diff", *revs, "--json") or "{}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -92,17 +149,27 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
                       (f"- McNemar (exact): {stats.only_a} images only {name_a} got right, {stats.only_b} only "
                       f"{name_b}; p = {stats.p_value:.3g}")]
         lines += ["", f"**Verdict: {stats.verdict}**"]
+    per_class = pd.DataFrame()
     if run_a.report and run_b.report:
-        lines += ["", "## Per class", "", _md_table(per_class_changes(run_a.report, run_b.report))]
+        per_class = per_class_changes(run_a.report, run_b.report)
+        per_class = per_class.loc[per_class["Δ F1"].abs().sort_values(ascending=False, kind="stable").index]
+        lines += ["", "## Per class, largest change in F1 first", "", _md_table(per_class)]
     if run_a.confusion is not None and run_b.confusion is not None and run_a.confusion.shape == run_b.confusion.shape:
-        fig = confusion_figure(run_a.confusion, run_b.confusion, name_a, name_b)
-        fig.savefig(out_dir / "confusion.png", dpi=90)
-        lines += ["", "## Confusion matrices and their difference", "", "![confusion](confusion.png)"]
+        pair, diff = confusion_figures(run_a.confusion, run_b.confusion, name_a, name_b)
+        _save(pair, out_dir / "confusion.png")
+        _save(diff, out_dir / "confusion_difference.png")
+        lines += ["", "## Confusion matrices", "", "![confusion matrices](confusion.png)", "",
+                  "![their difference](confusion_difference.png)"]
+    lines += ["", "## Training curves", ""]
+    curves_a, curves_b = load_curves(repo, run_a.sha), load_curves(repo, run_b.sha)
+    if set(curves_a) & set(curves_b):
+        _save(curves_figure(curves_a, curves_b, name_a, name_b), out_dir / "curves.png")
+        lines += ["![training curves](curves.png)", ""]
     try:
         dvc(repo, "plots", "diff", *revs, "-o", str(out_dir / "plots"), "--html-template", str(offline_plots_template(repo)))
-        lines += ["", "## Training curves", "", "Overlaid by `dvc plots diff`: [plots/index.html](plots/index.html)"]
+        lines += ["Interactive, from `dvc plots diff`: [plots/index.html](plots/index.html)"]
     except CommandFailed as err:
-        lines += ["", f"Training curves: not available ({err})"]
+        lines += [f"`dvc plots diff` could not draw them ({err})"]
     text = "\n".join(lines) + "\n"
     (out_dir / "compare.md").write_text(text)
     (out_dir / "compare.html").write_text(render_html(text, f"{name_a} vs {name_b}"))
@@ -112,6 +179,7 @@ def compare(repo: Path, name_a: str, name_b: str | None, out_dir: Path) -> tuple
         "metrics": {k: {"a": run_a.metrics[k], "b": run_b.metrics[k], "change": run_b.metrics[k] - run_a.metrics[k]}
                     for k in keys},
         "uncertainty": dataclasses.asdict(stats) if stats else None,
+        "per_class": per_class.to_dict("records"),
         "page": str(out_dir / "compare.html"),
     }
     return text, findings

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipelines.dvcrepo import git
 from pipelines.registry import Registered, register
-from pipelines.runs import WORKSPACE, Run, check_comparable, load_run, resolve
+from pipelines.runs import UPSTREAM_MAIN, WORKSPACE, Run, check_comparable, load_run, resolve
 from pipelines.statistics import ALPHA, mcnemar, paired, uncertainty
 from stages.common.errors import ConfigError, PipelineError
 from stages.common.paths import evaluation_files
@@ -47,9 +47,6 @@ def load_gate_params(repo: Path) -> GateParams:
     from stages.common.params import load_section
 
     return load_section("gate", repo / "params.yaml")
-
-
-UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")
 
 
 def default_baseline(repo: Path, candidate: str | None = None) -> tuple[str, str]:

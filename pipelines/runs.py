@@ -18,6 +18,8 @@ from stages.common.params import flatten
 from stages.common.paths import evaluation_files
 
 WORKSPACE = "workspace"
+# Where main's runs are: origin's first (a CI checkout has no local main), then the clone's own.
+UPSTREAM_MAIN = ("origin/main", "main", "origin/master", "master")
 
 
 def resolve(repo: Path, rev: str | None) -> str | None:
@@ -33,6 +35,19 @@ def resolve(repo: Path, rev: str | None) -> str | None:
         if ref.rsplit("/", 1)[-1] == rev:
             return sha
     raise ConfigError(f"'{rev}' is neither a git revision nor a DVC experiment here; see `git log` and `dvc exp show`")
+
+
+def lower_is_better(metric: str) -> bool:
+    """How runs rank by a metric: a loss falls as a run gets better, anything else rises."""
+    return "loss" in metric
+
+
+def main_branch(repo: Path) -> str | None:
+    """The user's own main before origin's: what a person looks at here, their unpushed runs included."""
+    for ref in sorted(UPSTREAM_MAIN, key=lambda ref: ref.startswith("origin/")):
+        if git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"):
+            return ref
+    return None
 
 
 def read_at(repo: Path, path: str, sha: str | None) -> str | None:
@@ -103,10 +118,10 @@ def parse_report(text: str, where: str) -> dict[str, Any]:
     return report
 
 
-def parse_table(text: str, where: str, columns: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A CSV table with the given columns or, without them, a matrix of counts (row labels first)."""
+def parse_table(text: str, where: str, columns: tuple[str, ...] = (), sep: str = ",") -> pd.DataFrame:
+    """A CSV (or TSV) table with the given columns or, without them, a matrix of counts (row labels first)."""
     try:
-        table = pd.read_csv(io.StringIO(text), index_col=None if columns else 0)
+        table = pd.read_csv(io.StringIO(text), index_col=None if columns else 0, sep=sep)
     except (ValueError, pd.errors.ParserError) as err:
         raise BrokenResult(f"{where} is not a CSV table ({str(err).splitlines()[0]}); restore it") from None
     if columns:
@@ -117,6 +132,40 @@ def parse_table(text: str, where: str, columns: tuple[str, ...] = ()) -> pd.Data
         what = f"column(s) {', '.join(broken)}" if columns else f"counts in column(s) {', '.join(broken) or 'any'}"
         raise BrokenResult(f"{where} lacks {what}; restore it (`git checkout` it, or rerun `dvc repro -f evaluate`)")
     return table
+
+
+def curve_plots(repo: Path) -> dict[str, list[tuple[str, str]]]:
+    """dvc.yaml's per-epoch plots: {title: [(TSV path, column), ...]}, paths filled in from `paths`."""
+    import re
+
+    import yaml
+
+    from stages.common.paths import DVC_YAML, artifact_paths
+
+    paths = {name: path.as_posix() for name, path in artifact_paths(repo).items()}
+    plots = (yaml.safe_load((repo / DVC_YAML).read_text()) or {}).get("plots") or []
+    curves = {}
+    for entry in plots:
+        for title, spec in (entry.items() if isinstance(entry, dict) else ()):
+            if isinstance(spec, dict) and spec.get("x") == "step" and isinstance(spec.get("y"), dict):
+                curves[title] = [(re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], file), column)
+                                 for file, column in spec["y"].items()]
+    return curves
+
+
+def load_curves(repo: Path, sha: str | None) -> dict[str, list[tuple[str, pd.DataFrame]]]:
+    """Each declared curve of a run as (its file, a step/value frame); a file the run lacks is left out."""
+    found = {}
+    for title, files in curve_plots(repo).items():
+        frames = []
+        for file, column in files:
+            text = read_at(repo, file, sha)
+            if text is not None:
+                frame = parse_table(text, file, ("step", column), sep="\t")
+                frames.append((file, frame[["step", column]].rename(columns={column: "value"})))
+        if frames:
+            found[title] = frames
+    return found
 
 
 def load_run(repo: Path, name: str) -> Run:
@@ -134,34 +183,60 @@ def load_run(repo: Path, name: str) -> Run:
     )
 
 
-def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFrame:
-    """One row per commit and experiment from `dvc exp show`: varying params and eval metrics."""
+@dataclass
+class ShownRun:
+    """One row of `dvc exp show -A`: a commit, one of its experiments, or the workspace."""
+
+    name: str  # DVC's: a branch or tag at the commit, the experiment's name, else the short sha
+    rev: str  # the full sha, or "workspace"
+    kind: str  # "commit", "experiment" or "workspace"
+    baseline: str | None  # an experiment's commit (full sha)
+    timestamp: str | None
+    params: dict[str, Any]  # params.yaml, flattened to dotted keys
+    metrics: dict[str, Any]  # evaluate's metrics.json
+    failed: bool
+
+
+def shown_runs(repo: Path) -> list[ShownRun]:
+    """Every commit of every branch, each experiment and the workspace, as `dvc exp show -A` lists them."""
     shown = json.loads(dvc(repo, "exp", "show", "--json", "-A") or "[]")
     metrics_file = evaluation_files(repo)["metrics"]
-    rows = []
 
-    def add(entry: dict, parent: str | None) -> None:
+    def run(entry: dict, kind: str, baseline: str | None) -> ShownRun:
         data = entry.get("data") or {}
         rev = data.get("rev") or entry.get("rev", "")
-        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {}
-        failed = entry.get("error") or data.get("status") == "Failed"
-        row: dict[str, Any] = {
-            # "workspace" is DVC's name for the working tree, not a commit hash to shorten.
-            "name": entry.get("name") or (rev if rev == "workspace" else rev[:7]),
-            "rev": rev if rev == "workspace" else rev[:7],
-            "baseline": parent or "",
-            "status": "failed" if failed else ("ok" if metrics else "no metrics"),
-        }
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-        row.update({f"param {k}": v for k, v in flatten(params).items() if not isinstance(v, list)})
-        row.update(metrics)
-        rows.append(row)
+        return ShownRun(
+            # "workspace" is DVC's name for the working tree, not a commit hash to shorten.
+            entry.get("name") or (rev if rev == WORKSPACE else rev[:7]), rev,
+            WORKSPACE if rev == WORKSPACE else kind, baseline, data.get("timestamp"), flatten(params),
+            ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {},
+            bool(entry.get("error")) or data.get("status") == "Failed")
 
+    runs = []
     for entry in shown:
-        add(entry, None)
-        for exp in entry.get("experiments") or []:
-            for run in exp.get("revs") or []:
-                add(run, entry.get("name") or entry.get("rev", "")[:7])
+        commit = run(entry, "commit", None)
+        runs.append(commit)
+        runs += [run(exp_run, "experiment", commit.rev) for exp in entry.get("experiments") or []
+                 for exp_run in exp.get("revs") or []]
+    return runs
+
+
+def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFrame:
+    """One row per commit and experiment from `dvc exp show`: varying params and eval metrics."""
+    runs = shown_runs(repo)
+    names = {run.rev: run.name for run in runs}
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {
+            "name": run.name,
+            "rev": run.rev if run.rev == WORKSPACE else run.rev[:7],
+            "baseline": names.get(run.baseline, "") if run.baseline else "",
+            "status": "failed" if run.failed else ("ok" if run.metrics else "no metrics"),
+        }
+        row.update({f"param {k}": v for k, v in run.params.items() if not isinstance(v, list)})
+        row.update(run.metrics)
+        rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
         return table
@@ -170,5 +245,5 @@ def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFr
                                                               and c not in ("name", "rev", "baseline", "status")]
     table = table[keep]
     if sort_by and sort_by in table.columns:
-        table = table.sort_values(sort_by, ascending="loss" in sort_by, na_position="last")
+        table = table.sort_values(sort_by, ascending=lower_is_better(sort_by), na_position="last")
     return table.reset_index(drop=True)

@@ -218,17 +218,19 @@ class PageVisit:
     images: tuple[int, int]  # (<img> elements decoded, <img> elements)
     text: str  # the rendered page's text
     screenshot: Path
+    values: list = dataclasses.field(default_factory=list)  # what each of `script`'s expressions gave
 
     def external(self) -> list[str]:
         return [url for url in self.requested if not LOCAL_URL.match(url)]
 
 
 def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | None = None, timeout_s: float = 60,
-          upload: tuple[str, list[Path], str] | None = None) -> PageVisit:
+          upload: tuple[str, list[Path], str] | None = None, script: list[str] = ()) -> PageVisit:
     """Open `url` in headless Chromium through the DevTools protocol: record every request the page
     makes, let its scripts run (until `wait_for_text` shows, when given), then, with `upload`
     (a file input's selector, files, text to wait for), pick those files in that input; count
-    drawn charts and take a screenshot."""
+    drawn charts, evaluate each of `script`'s JavaScript expressions in turn (what a user's clicks
+    and typing do) and take a screenshot."""
     import base64
     import json
 
@@ -286,10 +288,12 @@ def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | N
             images = call("Runtime.evaluate", returnByValue=True, expression=(
                 "[[...document.images].filter(i => i.complete && i.naturalWidth > 0).length, document.images.length]"
             ))["result"]["value"]
+            values = [call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+                      for expression in script]
             text = page_text()
             shot = workdir / "page.png"
             shot.write_bytes(base64.b64decode(call("Page.captureScreenshot", format="png")["data"]))
-        return PageVisit(requested, failed, charts, tuple(images), text, shot)
+        return PageVisit(requested, failed, charts, tuple(images), text, shot, values)
     finally:
         os.killpg(browser.pid, signal.SIGKILL)
         browser.wait(timeout=30)

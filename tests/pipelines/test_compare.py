@@ -186,21 +186,23 @@ def test_compare_two_commits_shows_param_and_metric_deltas(two_commits, prefect_
     assert f"| accuracy | {old['accuracy']} | {new['accuracy']} | {new['accuracy'] - old['accuracy']:+.4f} |" in out
     assert "McNemar (exact)" in out and "**Verdict: " in out and "| class | precision |" in out
     folder = repo / "comparisons" / "HEAD-1_vs_HEAD"
-    for name in ("compare.md", "compare.html", "confusion.png", "plots/index.html"):
+    for name in ("compare.md", "compare.html", "confusion.png", "confusion_difference.png", "curves.png",
+                 "plots/index.html"):
         assert (folder / name).is_file(), name
     # Both pages draw in a browser with nothing fetched from outside the machine.
     plots = visit((folder / "plots/index.html").as_uri(), repo.parent / "browser-plots")
     assert plots.external() == [] and plots.failed == [] and plots.charts >= 3 and not_blank(plots.screenshot)
-    page = visit((folder / "compare.html").as_uri(), repo.parent / "browser-compare")
-    assert page.external() == [] and page.images == (1, 1) and "Verdict:" in page.text and not_blank(page.screenshot)
+    page = visit((folder / "compare.html").as_uri(), repo.parent / "browser-compare", settle_s=1.0)
+    assert page.external() == [] and page.images == (3, 3) and "Verdict:" in page.text and not_blank(page.screenshot)
 
     table = cli(prefect_env, "compare", "--all", "--csv", str(repo / "all.csv"), "--repo", str(repo))
     assert table.returncode == 0, table.stderr
-    rows = pd.read_csv(repo / "all.csv")
-    assert len(rows) >= 2 and "param train.epochs" in rows.columns
-    assert rows["accuracy"].dropna().is_monotonic_decreasing and rows["accuracy"].iloc[-1] != rows["accuracy"].iloc[-1]
-    # A commit without metrics is not "ok", and the working tree keeps its name (it was cut to 'workspa').
-    assert set(rows.loc[rows["accuracy"].isna(), "status"]) == {"no metrics"} and "workspace" in set(rows["name"])
+    rows = pd.read_csv(repo / "all.csv", keep_default_na=False)
+    # The two runs: the first commit has none, and the workspace holds HEAD's. Params: those unlike main's.
+    old_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD~1"], cwd=repo, capture_output=True, text=True)
+    assert dict(zip(rows["name"], rows["params"])) == {"main": "", old_sha.stdout.strip(): "train.epochs=1"}
+    assert rows["accuracy"].is_monotonic_decreasing and set(rows["status"]) == {"ok"}
+    assert (repo / "comparisons/history.html").is_file()
 
     # --json: the same findings for scripts.
     findings = json.loads(cli(prefect_env, "compare", "HEAD~1", "HEAD", "--json", "--repo", str(repo)).stdout)
@@ -208,9 +210,8 @@ def test_compare_two_commits_shows_param_and_metric_deltas(two_commits, prefect_
                                                "change": pytest.approx(new["accuracy"] - old["accuracy"])}
     assert {"param": "train.epochs", "a": 1, "b": 3} in findings["params"]
     assert findings["uncertainty"]["verdict"] in out and findings["page"] == str(folder / "compare.html")
-    all_rows = json.loads(cli(prefect_env, "compare", "--all", "--json", "--repo", str(repo)).stdout)
-    assert len(all_rows) == len(rows)  # a run without metrics is null in JSON
-    assert [r["accuracy"] for r in all_rows if r["accuracy"] is not None] == rows["accuracy"].dropna().tolist()
+    all_runs = json.loads(cli(prefect_env, "compare", "--all", "--json", "--pages", "0", "--repo", str(repo)).stdout)["runs"]
+    assert [r["metrics"]["accuracy"] for r in all_runs] == rows["accuracy"].tolist()
     status = json.loads(cli(prefect_env, "status", "--json", "--repo", str(repo)).stdout)
     assert {s["stage"]: s["status"] for s in status["stages"]}["train"] == "up to date"
 
