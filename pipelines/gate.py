@@ -12,10 +12,9 @@ from pathlib import Path
 
 from pipelines.dvcrepo import git
 from pipelines.registry import Registered, register
-from pipelines.runs import UPSTREAM_MAIN, WORKSPACE, Run, check_comparable, load_run, resolve
+from pipelines.runs import UPSTREAM_MAIN, WORKSPACE, Run, check_comparable, load_run, resolve, run_record
 from pipelines.statistics import ALPHA, mcnemar, paired, uncertainty
 from stages.common.errors import ConfigError, PipelineError
-from stages.common.paths import evaluation_files
 from stages.common.render import report_classes
 from stages.common.schemas import GateParams
 
@@ -57,20 +56,19 @@ def default_baseline(repo: Path, candidate: str | None = None) -> tuple[str, str
     CI checkouts often have no local `main`, so `origin/main` is tried first; a fresh clone whose
     runs are committed on local main only (none pushed yet) falls back to it.
     """
-    metrics = evaluation_files(repo)["metrics"]
-    run_record = (metrics, "dvc.lock")
+    metrics, _ = record = run_record(repo)
     upstreams = [ref for ref in UPSTREAM_MAIN if git(repo, "rev-parse", "--verify", "--quiet", ref)]
     if not upstreams:
         raise ConfigError(f"no main branch here ({', '.join(UPSTREAM_MAIN)}); pass --baseline REV")
     tip = resolve(repo, candidate) or "HEAD"
     # A run is a commit that changed dvc.lock or the metrics (two runs can score the same). The
     # candidate's own is the newest at its tip; none when the workspace holds a new, uncommitted run.
-    own = git(repo, "log", "-1", "--format=%H", tip, "--", *run_record)
-    if candidate in (None, WORKSPACE) and git(repo, "status", "--porcelain", "--", *run_record):
+    own = git(repo, "log", "-1", "--format=%H", tip, "--", *record)
+    if candidate in (None, WORKSPACE) and git(repo, "status", "--porcelain", "--", *record):
         own = None
     for upstream in upstreams:
         start = git(repo, "merge-base", tip, upstream)
-        for commit in (git(repo, "log", "--format=%H", start, "--", *run_record) or "").split() if start else []:
+        for commit in (git(repo, "log", "--format=%H", start, "--", *record) or "").split() if start else []:
             if commit != own and git(repo, "cat-file", "-e", f"{commit}:{metrics}") is not None:
                 return commit, upstream
     raise ConfigError(f"no commit before the candidate on {' or '.join(upstreams)} has {metrics}; commit a run "

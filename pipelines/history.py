@@ -56,7 +56,7 @@ class HistoryRun:
 @dataclass
 class History:
     main: str | None  # the branch the trend follows (local main first, then origin's)
-    main_rev: str | None
+    main_run: str | None  # the run main holds: the newest on its line (its tip may be a later commit, e.g. docs)
     runs: list[HistoryRun]  # newest first
     line: list[str] = field(default_factory=list)  # main's first-parent shas, newest first
 
@@ -66,7 +66,7 @@ class History:
         return sorted((r for r in self.runs if r.on_main), key=lambda r: position[r.rev], reverse=True)
 
     def compare_command(self, run: HistoryRun) -> str | None:
-        if not self.main or run.rev == self.main_rev:
+        if not self.main or run.rev == self.main_run:
             return None
         return f"cifar10-pipeline compare {self.main} {run.ref}"
 
@@ -88,7 +88,7 @@ class History:
     def as_data(self, sort_by: str | None, page: Path | None) -> dict[str, Any]:
         order = {rev: i for i, rev in enumerate(self.table(sort_by)["rev"])} if self.runs else {}
         runs = sorted(self.runs, key=lambda r: order[r.short])
-        return {"main": self.main, "main_rev": self.main_rev, "page": str(page) if page else None,
+        return {"main": self.main, "main_run": self.main_run, "page": str(page) if page else None,
                 "runs": [{**asdict(r), "compare_command": self.compare_command(r)} for r in runs],
                 "trend": [{"rev": r.rev, "name": r.name, **{m: r.metrics.get(m) for m in TREND_METRICS}}
                           for r in self.trend()]}
@@ -141,7 +141,7 @@ def collect(repo: Path) -> History:
         head = git(repo, "rev-parse", "HEAD")
         base = next((r.params for r in shown if r.rev == head), {})
     marks = registry_marks(repo)
-    kept = [r for r in shown if isinstance(r.metrics.get("accuracy"), (int, float))]
+    kept = [r for r in shown if r.recorded and isinstance(r.metrics.get("accuracy"), (int, float))]
     runs = [HistoryRun(
         display_name(r), r.rev, r.kind, r.baseline, r.timestamp,
         {k: v for k, v in r.params.items() if base.get(k) != v}, numeric(r.metrics),
@@ -151,7 +151,8 @@ def collect(repo: Path) -> History:
     # Newest first as git orders commits (by date, a child before its parent on ties); experiments are commits too.
     order = {sha: i for i, sha in enumerate((git(repo, "rev-list", "--all", "--date-order") or "").split())}
     runs.sort(key=lambda r: -1 if r.kind == WORKSPACE else order.get(r.rev, len(order)))
-    return History(main, line[0] if line else None, runs, line)
+    main_run = next((sha for sha in line if sha in {r.rev for r in runs}), None)
+    return History(main, main_run, runs, line)
 
 
 def write_compare_pages(repo: Path, history: History, out_dir: Path, count: int, sort_by: str) -> None:
@@ -160,7 +161,7 @@ def write_compare_pages(repo: Path, history: History, out_dir: Path, count: int,
 
     if not history.main or count <= 0:
         return
-    ranked = [r for r in history.runs if r.rev != history.main_rev and sort_by in r.metrics]
+    ranked = [r for r in history.runs if r.rev != history.main_run and sort_by in r.metrics]
     ranked.sort(key=lambda r: r.metrics[sort_by], reverse=not lower_is_better(sort_by))
     for run in ranked[:count]:
         folder = out_dir / safe_name(f"{history.main}_vs_{run.ref}")
@@ -175,6 +176,7 @@ def write_compare_pages(repo: Path, history: History, out_dir: Path, count: int,
 
 CHART_W, CHART_H, MARGIN = 920, 340, (30, 20, 70, 60)  # width, height; top, right, bottom, left
 COLOURS = {"accuracy": "#1f77b4", "f1_macro": "#ff7f0e"}
+RADII = {"accuracy": 6, "f1_macro": 3.5}  # the two often coincide: the smaller drawn on top, both seen
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -228,13 +230,14 @@ def trend_svg(history: History) -> str:
         colour = COLOURS[metric]
         parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='2' "
                      f"points='{' '.join(f'{x:.1f},{y:.1f}' for x, y, _ in points)}'/>")
-        parts += [f"<a href='#run-{r.short}'><circle class='commit {metric}' cx='{x:.1f}' cy='{y:.1f}' r='5' "
+        parts += [f"<a href='#run-{r.short}'><circle class='commit {metric}' cx='{x:.1f}' cy='{y:.1f}' r='{RADII[metric]}' "
                   f"fill='{colour}'><title>{html.escape(r.name)} ({r.short}) {metric} {r.metrics[metric]:.4f}"
                   f"</title></circle></a>" for x, y, r in points]
         for n, exp in enumerate(r for r in beside if metric in r.metrics):
             x = px(x_of[exp.baseline]) + 9 + 5 * (n % 4)
             parts.append(f"<a href='#run-{exp.short}'><circle class='experiment {metric}' cx='{x:.1f}' "
-                         f"cy='{py(exp.metrics[metric]):.1f}' r='4' fill='white' stroke='{colour}' stroke-width='2'>"
+                         f"cy='{py(exp.metrics[metric]):.1f}' r='{RADII[metric] - 1}' fill='white' stroke='{colour}' "
+                         "stroke-width='2'>"
                          f"<title>experiment {html.escape(exp.name)} {metric} {exp.metrics[metric]:.4f}</title>"
                          "</circle></a>")
     legend = [("accuracy", "test accuracy"), ("f1_macro", "macro F1")]
@@ -310,14 +313,19 @@ td:first-child{white-space:nowrap}tr.experiment td:nth-child(2){font-style:itali
 #filter{font-size:14px;padding:4px;width:24em;margin:1em 0}"""
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def render_page(history: History, repo: Path) -> str:
     commits = sum(r.kind == "commit" for r in history.runs)
     experiments = sum(r.kind == "experiment" for r in history.runs)
-    where = (f"main is <code>{html.escape(history.main)}</code> at <code>{history.main_rev[:7]}</code>"
-             if history.main and history.main_rev else "no main branch here")
+    where = (f"<code>{html.escape(history.main)}</code> holds the run <code>{history.main_run[:7]}</code>"
+             if history.main and history.main_run else "no run on main yet")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Run history: {html.escape(repo.name)}</title>"
             f"<style>{STYLE}</style></head><body><h1>Run history of {html.escape(repo.name)}</h1>"
-            f"<p>{len(history.runs)} runs with metrics: {commits} commits, {experiments} experiments; {where}. "
+            f"<p>{_count(len(history.runs), 'run')} with metrics: {_count(commits, 'commit')}, "
+            f"{_count(experiments, 'experiment')}; {where}. "
             "Newest first; click a column to sort, type to filter.</p>"
             f"<h2>Along main</h2>{trend_svg(history)}<h2>Every run</h2>"
             f"<input id='filter' type='search' placeholder='filter: words that every row shown contains'> "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,12 +196,48 @@ class ShownRun:
     params: dict[str, Any]  # params.yaml, flattened to dotted keys
     metrics: dict[str, Any]  # evaluate's metrics.json
     failed: bool
+    recorded: bool  # a run of its own: an experiment, the workspace, or a commit that changed the run's files
+
+
+def run_record(repo: Path) -> tuple[str, str]:
+    """The files a run changes: a commit that changed one of them holds a run (two runs can score the same)."""
+    return evaluation_files(repo)["metrics"], "dvc.lock"
+
+
+def run_commits(repo: Path) -> list[str]:
+    """Commits holding a run, on any branch, tag or remote branch, newest first."""
+    return (git(repo, "log", "--branches", "--tags", "--remotes", "--format=%H", "--", *run_record(repo)) or "").split()
+
+
+def experiment_baselines(repo: Path) -> list[str]:
+    """The commits DVC's experiments branched from (their refs name them)."""
+    from dvc.repo.experiments.exceptions import InvalidExpRefError
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    baselines = []
+    for ref in (git(repo, "for-each-ref", "--format=%(refname)", "refs/exps") or "").split():
+        try:
+            baseline = ExpRefInfo.from_ref(ref).baseline_sha
+        except InvalidExpRefError:
+            continue
+        if re.fullmatch(r"[0-9a-f]{40}", baseline):  # not DVC's own bookkeeping (queues, executors)
+            baselines.append(baseline)
+    return baselines
 
 
 def shown_runs(repo: Path) -> list[ShownRun]:
-    """Every commit of every branch, each experiment and the workspace, as `dvc exp show -A` lists them."""
-    shown = json.loads(dvc(repo, "exp", "show", "--json", "-A") or "[]")
+    """The commits that hold runs, each experiment and the workspace, as `dvc exp show` lists them;
+    also the experiments' baselines, main's tip and HEAD (others' params differ from theirs), with
+    `recorded` false where such a commit holds no run of its own. Not `-A`: that reads dvc.yaml at
+    every commit of the history, runs or not, and takes minutes on a long one."""
+    commits = run_commits(repo)
+    tips = [git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}") for ref in (main_branch(repo), "HEAD")
+            if ref]
+    revs = list(dict.fromkeys([*commits, *experiment_baselines(repo), *[t for t in tips if t]]))
+    shown = json.loads(dvc(repo, "exp", "show", "--json", *[arg for rev in revs for arg in ("--rev", rev)])
+                       or "[]") if revs else []
     metrics_file = evaluation_files(repo)["metrics"]
+    recorded = {WORKSPACE, *commits}
 
     def run(entry: dict, kind: str, baseline: str | None) -> ShownRun:
         data = entry.get("data") or {}
@@ -211,7 +248,7 @@ def shown_runs(repo: Path) -> list[ShownRun]:
             entry.get("name") or (rev if rev == WORKSPACE else rev[:7]), rev,
             WORKSPACE if rev == WORKSPACE else kind, baseline, data.get("timestamp"), flatten(params),
             ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {},
-            bool(entry.get("error")) or data.get("status") == "Failed")
+            bool(entry.get("error")) or data.get("status") == "Failed", kind != "commit" or rev in recorded)
 
     runs = []
     for entry in shown:

@@ -90,7 +90,7 @@ def commit(repo, message: str, minutes: int, run: bool = True, **train) -> str:
         set_params(repo / "params.yaml", train=train)
     if run:
         dvc(repo, "repro", "-q")
-    date = f"@{int(time.time()) + 60 * minutes} +0000"
+    date = f"@{int(time.time() + 60 * minutes)} +0000"
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-qm", message], cwd=repo, check=True,
                    env={**ENV, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
@@ -99,7 +99,7 @@ def commit(repo, message: str, minutes: int, run: bool = True, **train) -> str:
 
 @pytest.fixture(scope="module")
 def history_repo(tmp_path_factory):
-    """Main: a commit without a run, then five runs (epochs 2..6); two experiments from the third run;
+    """Main: a commit without a run, five runs (epochs 2..6), a docs commit; two experiments from the third run;
     a side branch with one run, evaluated on the val split; v0.0.1 at the second run, v0.0.2 at the
     fourth, prod moved to it.
     Commits before the experiments are dated in the past, those after in the future: DVC dates its
@@ -114,6 +114,8 @@ def history_repo(tmp_path_factory):
     dvc(repo, "checkout", "-q")
     for epochs in (5, 6):
         shas[epochs] = commit(repo, f"{epochs} epochs", epochs, epochs=epochs)
+    (repo / "NOTES.md").write_text("what we learnt\n")
+    shas["docs"] = commit(repo, "docs: no run", 6.5, run=False)
     subprocess.run(["git", "checkout", "-q", "-b", "feature", shas[4]], cwd=repo, check=True)
     set_params(repo / "params.yaml", evaluate={"split": "val"})
     shas["feature"] = commit(repo, "a branch's run", 7, epochs=7)
@@ -132,8 +134,8 @@ def test_history_page_shows_every_run_with_metrics_and_main_s_trend(history_repo
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     runs = {r["rev"]: r for r in data["runs"]}
-    # Every commit and experiment with metrics, none without: five on main, the branch's, two experiments.
-    assert shas["skeleton"] not in runs and len(runs) == 8, [r["name"] for r in data["runs"]]
+    # Every run: five on main, the branch's, two experiments; no commit without (or with the same) run.
+    assert shas["skeleton"] not in runs and shas["docs"] not in runs and len(runs) == 8, runs.keys()
     assert sorted(r["name"] for r in data["runs"] if r["kind"] == "experiment") == ["lr-high", "lr-low"]
     assert all(r["baseline"] == shas[4] for r in data["runs"] if r["kind"] == "experiment")
     # The params shown are those that differ from main's tip (6 epochs).
