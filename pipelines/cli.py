@@ -241,19 +241,27 @@ def compare(
 def gate(
     baseline: Annotated[str | None, typer.Option(
         help="Default: the newest commit with metrics on origin/main (else local main) before the candidate.")] = None,
+    champion: Annotated[str | None, typer.Option(
+        help="Gate against the version GTO assigns to this stage (e.g. prod) instead; with --register a pass "
+             "assigns the candidate this stage and pushes its tags to origin. Nothing there yet: it passes.")] = None,
     candidate: Annotated[str | None, typer.Option(help="Default: the workspace.")] = None,
     register: Annotated[bool, typer.Option("--register", help="On a pass, register the candidate's model with GTO (a commit: default HEAD).")] = False,
     stage: StageOption = None,
     repo: RepoOption = Path("."),
 ) -> None:
     """Exit 1 when the candidate's accuracy or a class's recall dropped beyond params.yaml's gate."""
-    from pipelines.gate import gate_verdict, register_passed_candidate
+    from pipelines.gate import champion_verdict, gate_verdict, promote_champion, register_passed_candidate
 
     repo = require_repo(repo)
-    verdict = gate_verdict(repo, baseline, candidate)
+    if champion and (baseline or (stage and stage != champion)):
+        raise ConfigError("--champion STAGE is the baseline and the stage a pass is assigned; "
+                          "drop --baseline and --stage, or drop --champion")
+    verdict = champion_verdict(repo, champion, candidate) if champion else gate_verdict(repo, baseline, candidate)
     typer.echo(verdict.markdown())
     verdict.raise_if_failed()
-    if register or stage:
+    if champion and register:
+        typer.echo(promote_champion(repo, verdict, champion, candidate))
+    elif register or stage:
         typer.echo(register_passed_candidate(repo, candidate, stage).describe())
 
 

@@ -7,11 +7,12 @@ candidate's own commit); the candidate defaults to the workspace.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.dvcrepo import git
-from pipelines.registry import Registered, register
+from pipelines.registry import Registered, StageVersion, fetch_origin_tags, push_version_tags, register, stage_version
 from pipelines.runs import UPSTREAM_MAIN, WORKSPACE, Run, check_comparable, load_run, resolve, run_record
 from pipelines.statistics import ALPHA, mcnemar, paired, uncertainty
 from stages.common.errors import ConfigError, PipelineError
@@ -32,6 +33,7 @@ class GateVerdict:
     candidate: str
     reasons: list[str]
     lines: list[str]
+    champion: StageVersion | None = None  # gated against a registry stage: the version holding it
 
     def raise_if_failed(self) -> None:
         if not self.passed:
@@ -100,7 +102,7 @@ def judge(baseline: Run, candidate: Run, params: GateParams) -> GateVerdict:
     elif params.require_significance:
         lines.append("no paired predictions: significance cannot be tested, so drops count as real")
     lines.insert(0, f"accuracy {baseline.metrics['accuracy']:.4f} -> {candidate.metrics['accuracy']:.4f} "
-                    f"({-drop:+.4f}; a drop of more than {params.max_accuracy_drop} fails)")
+                    f"({round(-drop, 4) + 0.0:+.4f}; a drop of more than {params.max_accuracy_drop} fails)")
     if drop > params.max_accuracy_drop and (not params.require_significance or significant):
         reasons.append(f"accuracy dropped by {drop:.4f} > {params.max_accuracy_drop} (gate.max_accuracy_drop)")
     for cls in report_classes(baseline.report):
@@ -134,10 +136,43 @@ def gate_verdict(repo: Path, baseline: str | None = None, candidate: str | None 
     return judge(base_run, candidate_run, params)
 
 
-def register_passed_candidate(repo: Path, candidate: str | None, stage: str | None) -> Registered:
-    """A candidate that passed the gate, registered with GTO (and assigned to `stage`); the
-    workspace (candidate None) must be committed first, as a version is a commit."""
+def champion_verdict(repo: Path, stage: str, candidate: str | None = None) -> GateVerdict:
+    """The candidate against the champion: the version GTO assigns to `stage` (origin's tags fetched
+    first). With no version there yet the candidate passes: it becomes the first champion."""
+    fetch_origin_tags(repo)
+    champion = stage_version(repo, stage)
+    candidate_run = load_run(repo, candidate or WORKSPACE)
+    if champion is None:
+        return GateVerdict(True, f"nothing in '{stage}'", candidate_run.name, [],
+                           [f"no version holds '{stage}' yet: the candidate passes, to be its first"])
+    base_run = load_run(repo, champion.commit)
+    base_run.name = f"{champion.version} ({champion.commit[:7]}, in '{stage}')"
+    check_comparable(base_run, candidate_run)
+    verdict = judge(base_run, candidate_run, load_gate_params(repo))
+    return dataclasses.replace(verdict, champion=champion)
+
+
+def promote_champion(repo: Path, verdict: GateVerdict, stage: str, candidate: str | None) -> str:
+    """A candidate that passed against `stage`'s champion, registered, assigned `stage`, and its
+    tags pushed to origin; what happened, for the user and the notification."""
+    require_committed(repo, candidate)
+    commit = resolve(repo, candidate) or git(repo, "rev-parse", "HEAD")
+    if verdict.champion and verdict.champion.commit == commit:
+        return f"the candidate is {verdict.champion.version}, already in '{stage}': nothing to promote"
+    registered = register_passed_candidate(repo, candidate, stage)
+    pushed = push_version_tags(repo, registered)
+    return (f"promoted {registered.artifact} {registered.version} ({registered.commit[:7]}) to '{stage}'"
+            + ("; tags pushed to origin" if pushed else "; no origin: its tags stay in this clone"))
+
+
+def require_committed(repo: Path, candidate: str | None) -> None:
+    """A version is a commit: the workspace (candidate None) must hold no run that is not committed."""
     if candidate is None and git(repo, "status", "--porcelain", "--", "dvc.lock"):
         raise ConfigError("the gated run (the workspace) is not committed, so there is no version to register; "
                           "commit it, then `cifar10-pipeline register`")
+
+
+def register_passed_candidate(repo: Path, candidate: str | None, stage: str | None) -> Registered:
+    """A candidate that passed the gate, registered with GTO (and assigned to `stage`)."""
+    require_committed(repo, candidate)
     return register(repo, candidate or "HEAD", stage)

@@ -6,10 +6,11 @@ The artifact is declared once, in dvc.yaml's `artifacts:` (DVC Studio's conventi
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common.errors import ConfigError
+from stages.common.errors import ConfigError, TransientError
 from stages.common.paths import DVC_YAML
 
 
@@ -24,6 +25,12 @@ class Registered:
         staged = f", assigned to stage '{self.stage}'" if self.stage else ""
         return (f"registered {self.artifact} {self.version} at {self.commit[:7]}{staged} (`gto show`; "
                 f"push the tags with `git push origin --tags`)")
+
+
+@dataclass(frozen=True)
+class StageVersion:
+    version: str
+    commit: str
 
 
 def model_artifact(repo: Path) -> str:
@@ -83,3 +90,40 @@ def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) 
                                   "`cifar10-pipeline register` to version its model")
     branched = dvc(repo, "exp", "branch", experiment, branch).strip()
     return f"{branched}\n{register(repo, branch, stage).describe()}"
+
+
+def fetch_origin_tags(repo: Path) -> None:
+    """Origin's tags, when the repo has an origin: a stage may have moved there."""
+    from pipelines.dvcrepo import git
+
+    if "origin" in (git(repo, "remote") or "").split():
+        git(repo, "fetch", "--quiet", "--tags", "--force", "origin")
+
+
+def stage_version(repo: Path, stage: str) -> StageVersion | None:
+    """The version of the model artifact GTO assigns to `stage` now, None when none is."""
+    from gto import api as gto
+
+    found = gto.find_versions_in_stage(str(repo), model_artifact(repo), stage)
+    if not found:
+        return None
+    version = found[0] if isinstance(found, list) else found
+    return StageVersion(version.version, version.commit_hexsha)
+
+
+def push_version_tags(repo: Path, registered: Registered) -> bool:
+    """Push the GTO tags at the registered commit (its version, its stage assignment) to origin, so
+    every clone, and an API following the stage, sees them; False when there is no origin."""
+    from pipelines.dvcrepo import git
+
+    if "origin" not in (git(repo, "remote") or "").split():
+        return False
+    tags = [t for t in (git(repo, "tag", "--points-at", registered.commit) or "").split()
+            if t.startswith((f"{registered.artifact}@", f"{registered.artifact}#"))]
+    pushed = subprocess.run(["git", "push", "--quiet", "origin", *[f"refs/tags/{t}" for t in tags]], cwd=repo,
+                            capture_output=True, text=True) if tags else None
+    if pushed and pushed.returncode != 0:
+        reason = (pushed.stderr.strip().splitlines() or ["no reason given"])[-1]
+        raise TransientError(f"{registered.version} is registered here, but pushing its tags to origin failed "
+                             f"({reason}); push them with `git push origin --tags`")
+    return True

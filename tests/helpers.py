@@ -305,3 +305,86 @@ def not_blank(png: Path) -> bool:
 
     with Image.open(png) as image:
         return len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20
+
+
+# A fast stand-in for train and evaluate, for tests about what is done with runs (compare, history,
+# the gate): it writes their result files (metrics, report, confusion matrix, predictions,
+# per-epoch curves) at the paths the project's dvc.yaml names, from the project's params.yaml, in
+# about a second.
+SCORER = '''
+"""Writes what train and evaluate would, from params.yaml: more epochs, better scores."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+
+params = yaml.safe_load(Path("params.yaml").read_text())
+train = params["train"]
+evaluate, curves = Path(sys.argv[1]), Path(sys.argv[2]) / "plots" / "metrics"
+classes = np.array(["cat", "dog", "frog", "ship"])
+accuracy = min(0.95, 0.3 + 0.08 * train["epochs"] - 0.1 * abs(np.log10(train["learning_rate"] / 1.5)))
+n = 400
+actual = np.arange(n) % 4
+right = np.random.default_rng(train["epochs"]).permutation(n) < round(accuracy * n)
+predicted = np.where(right, actual, (actual + 1 + np.arange(n) // 4 % 3) % 4)
+evaluate.mkdir(parents=True, exist_ok=True)
+pd.DataFrame({"index": range(n), "actual": classes[actual], "predicted": classes[predicted],
+              "probability": 0.5}).to_csv(evaluate / "predictions.csv", index=False)
+report = classification_report(classes[actual], classes[predicted], output_dict=True, zero_division=0)
+(evaluate / "classification_report.json").write_text(json.dumps(report))
+(evaluate / "classification_report.txt").write_text("")
+pd.DataFrame(confusion_matrix(actual, predicted), index=classes, columns=classes).to_csv(
+    evaluate / "confusion_matrix.csv")
+(evaluate / "metrics.json").write_text(json.dumps({
+    "loss": round(2 - accuracy * 1.5, 4), "accuracy": round(float((actual == predicted).mean()), 4),
+    "f1_macro": round(float(f1_score(actual, predicted, average="macro")), 4), "images": n,
+    "split": params["evaluate"]["split"],
+    "data": "0123456789abcdef"}))
+for split, offset in (("train", 0.05), ("eval", 0.0)):
+    for metric in ("accuracy", "loss"):
+        steps = np.arange(train["epochs"])
+        values = accuracy * (steps + 1) / train["epochs"] + offset
+        (curves / split).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"step": steps, metric: values if metric == "accuracy" else 2 - values}).to_csv(
+            curves / split / f"{metric}.tsv", sep="\\t", index=False)
+'''
+
+def scored_project(root):
+    """A git + DVC repo with the project's params.yaml and dvc.yaml's paths, plots and model artifact,
+    and one stage, `evaluate`, that runs SCORER."""
+    root.mkdir(parents=True)
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    paths = declared["vars"][0]["paths"]
+    declared["stages"] = {"evaluate": {
+        "cmd": "python scorer.py ${paths.evaluate} ${paths.train}", "deps": ["scorer.py"],
+        "params": ["train", "evaluate.split"],
+        "outs": [{f"${{paths.evaluate}}/{name}": {"cache": False}} for name in
+                 ("classification_report.json", "classification_report.txt", "confusion_matrix.csv",
+                  "predictions.csv")] + [{"${paths.train}/plots": {"cache": False}}],
+        "metrics": [{"${paths.evaluate}/metrics.json": {"cache": False}}]}}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(declared, sort_keys=False))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "scorer.py").write_text(SCORER)
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=root, check=True)
+    for key, value in (("user.name", "t"), ("user.email", "t@example.invalid")):  # GTO tags as the user
+        subprocess.run(["git", "config", key, value], cwd=root, check=True)
+    dvc(root, "init", "-q")
+    assert paths["evaluate"] == "results/evaluate"
+    return root
+
+
+def commit(repo, message: str, minutes: int, run: bool = True, **train) -> str:
+    """A commit dated `minutes` from now (runs made in one second would tie in git's order)."""
+    if train:
+        set_params(repo / "params.yaml", train=train)
+    if run:
+        dvc(repo, "repro", "-q")
+    date = f"@{int(time.time() + 60 * minutes)} +0000"
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", message], cwd=repo, check=True,
+                   env={**ENV, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()

@@ -12,42 +12,15 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.api.settings import Follow
+from pipelines.registry import StageVersion, fetch_origin_tags, stage_version
 from stages.common.errors import ConfigError, DataError
 from stages.common.serving import OnnxClassifier, load_exported
 
 log = logging.getLogger("uvicorn.error")
-
-
-@dataclass(frozen=True)
-class StageVersion:
-    version: str
-    commit: str
-
-
-def fetch_origin_tags(repo: Path) -> None:
-    """Origin's tags, when the repo has an origin: the stage may have moved there."""
-    from pipelines.dvcrepo import git
-
-    if "origin" in (git(repo, "remote") or "").split():
-        git(repo, "fetch", "--quiet", "--tags", "--force", "origin")
-
-
-def stage_version(repo: Path, stage: str) -> StageVersion | None:
-    """The version of the model artifact GTO assigns to `stage` now, None when none is."""
-    from gto import api as gto
-
-    from pipelines.registry import model_artifact
-
-    found = gto.find_versions_in_stage(str(repo), model_artifact(repo), stage)
-    if not found:
-        return None
-    version = found[0] if isinstance(found, list) else found
-    return StageVersion(version.version, version.commit_hexsha)
 
 
 def exports_at(repo: Path, rev: str, exports: Path, dest: Path) -> Path:

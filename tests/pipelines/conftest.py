@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import BIN, prefect_server
+from tests.helpers import BIN, commit, dvc, prefect_server, scored_project, set_params
 
 CLASSES = ["airplane", "automobile", "bird", "cat"]  # the classes of the `exported` model
 
@@ -50,3 +52,36 @@ def exported(tmp_path_factory) -> Path:
                       stage.signature(CLASSES, params, version, {"accuracy": 0.5, "split": "test"},
                                       colour_statistics(images), None))
     return folder
+
+
+@pytest.fixture(scope="session")
+def history_repo(tmp_path_factory):
+    """A git + DVC repo of runs by the fast scoring stage (tests.helpers.scored_project). Main: a
+    commit without a run, five runs (epochs 2..6), a docs commit; two experiments from the third
+    run; a side branch with one run, evaluated on the val split; v0.0.1 at the second run, v0.0.2
+    at the fourth, prod moved to it. Tests that change it work on a copy (tests.helpers.copy_repo).
+    Commits before the experiments are dated in the past, those after in the future: DVC dates its
+    experiments now."""
+    repo = scored_project(tmp_path_factory.mktemp("history") / "project")
+    shas = {"skeleton": commit(repo, "the pipeline, no run yet", -10, run=False)}
+    for epochs in (2, 3, 4):
+        shas[epochs] = commit(repo, f"{epochs} epochs", epochs - 10, epochs=epochs)
+    for name, rate in (("lr-low", 0.5), ("lr-high", 15.0)):
+        dvc(repo, "exp", "run", "-q", "-n", name, "-S", f"train.learning_rate={rate}")
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+    dvc(repo, "checkout", "-q")
+    for epochs in (5, 6):
+        shas[epochs] = commit(repo, f"{epochs} epochs", epochs, epochs=epochs)
+    (repo / "NOTES.md").write_text("what we learnt\n")
+    shas["docs"] = commit(repo, "docs: no run", 6.5, run=False)
+    subprocess.run(["git", "checkout", "-q", "-b", "feature", shas[4]], cwd=repo, check=True)
+    set_params(repo / "params.yaml", evaluate={"split": "val"})
+    shas["feature"] = commit(repo, "a branch's run", 7, epochs=7)
+    subprocess.run(["git", "checkout", "-q", "main"], cwd=repo, check=True)
+    dvc(repo, "checkout", "-q")
+    from pipelines.registry import register
+
+    assert register(repo, shas[3], "prod").version == "v0.0.1"
+    time.sleep(1.1)  # GTO orders a stage's assignments by their tags' dates, whole seconds
+    assert register(repo, shas[5], "prod").version == "v0.0.2"
+    return repo, shas

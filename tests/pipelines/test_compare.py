@@ -310,3 +310,48 @@ def test_plain_dvc_plots_show_draws_offline(two_commits, tmp_path):
     dvc(two_commits, "plots", "show", "-o", str(tmp_path / "plots"))
     page = visit((tmp_path / "plots/index.html").as_uri(), tmp_path / "browser")
     assert page.external() == [] and page.failed == [] and page.charts >= 3 and not_blank(page.screenshot)
+
+
+@pytest.mark.e2e
+def test_a_challenger_is_gated_against_the_champion_in_prod_and_promoted_to_origin(history_repo, prefect_env,
+                                                                                   tmp_path):
+    """Champion and challenger: the baseline is the version in `prod` (origin's tags), not main's
+    last run; a pass is registered, assigned `prod` and its tags pushed; a fail promotes nothing."""
+    from tests.helpers import copy_repo
+
+    source, shas = history_repo
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(source), str(origin)], check=True)
+    repo = copy_repo(source, tmp_path / "clone")
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=repo, check=True)
+
+    def gate(*args: str) -> subprocess.CompletedProcess:
+        return cli(prefect_env, "gate", *args, "--repo", str(repo))
+
+    def origin_tags() -> set[str]:
+        listed = subprocess.run(["git", "ls-remote", "--tags", str(origin)], capture_output=True, text=True).stdout
+        return {line.split("refs/tags/")[1] for line in listed.splitlines() if not line.endswith("^{}")}
+
+    # Main's run (6 epochs, the workspace) against v0.0.2 in prod (5 epochs): passes, promoted to origin.
+    passed = gate("--champion", "prod", "--register")
+    assert passed.returncode == 0, passed.stderr
+    assert f"against v0.0.2 ({shas[5][:7]}, in 'prod')" in passed.stdout
+    assert "promoted cifar10-classifier v0.0.3" in passed.stdout and "tags pushed to origin" in passed.stdout
+    assert {"cifar10-classifier@v0.0.3", "cifar10-classifier#prod#3"} <= origin_tags()
+    # Nothing changed since: the champion is the candidate, nothing is promoted again.
+    again = gate("--champion", "prod", "--register")
+    assert again.returncode == 0 and "already in 'prod': nothing to promote" in again.stdout
+    # A worse challenger (2 epochs) fails against v0.0.3 and promotes nothing.
+    before = origin_tags()
+    subprocess.run(["git", "checkout", "-q", shas[2]], cwd=repo, check=True)
+    failed = gate("--champion", "prod", "--register")
+    assert failed.returncode == 1 and "Quality gate FAILED" in failed.stdout and "against v0.0.3" in failed.stdout
+    assert "error: quality gate failed: accuracy dropped by" in failed.stderr and origin_tags() == before
+    # A stage nobody holds yet: the first candidate passes and becomes its champion.
+    first = gate("--champion", "staging", "--register")
+    assert first.returncode == 0 and "no version holds 'staging' yet" in first.stdout
+    assert {"cifar10-classifier@v0.0.4"} == {t for t in origin_tags() - before if "@" in t}
+    assert any(t.startswith("cifar10-classifier#staging#") for t in origin_tags() - before)
+    # Two baselines at once is a usage error.
+    both = gate("--champion", "prod", "--baseline", "main")
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "drop --baseline" in both.stderr
