@@ -148,6 +148,20 @@ def deploy(
 
 
 @app.command()
+def alerts(
+    webhook: Annotated[str, typer.Option(help="Where to POST the alert: a Slack, Teams or any other webhook URL.")],
+) -> None:
+    """Send a failed, crashed or late run of the pipeline to a webhook (Prefect automation; rerun to change it)."""
+    from pipelines.alerts import set_up_alerts
+    from pipelines.prefect_server import require_server
+
+    if not webhook.startswith(("http://", "https://")):
+        raise ConfigError(f"--webhook {webhook!r} is not an http(s) URL; pass the URL your chat tool gave")
+    require_server(os.environ.get("PREFECT_API_URL"), "alerts need the Prefect server your scheduled runs report to")
+    typer.echo(set_up_alerts(webhook).describe(webhook))
+
+
+@app.command()
 def server(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = DEFAULT_PORT,
     home: Annotated[Path | None, typer.Option(

@@ -43,6 +43,7 @@ from stages.common import dataio
 from stages.common.errors import StageFailed
 from stages.common.paths import MANIFEST, evaluation_files
 
+FLOW_NAME = "cifar10-pipeline"
 REPORT_ARTIFACT = "cifar10-report"
 METRICS_ARTIFACT = "cifar10-metrics"
 
@@ -267,7 +268,7 @@ def summary(outcomes: list[StageOutcome], experiment: str | None, metrics: dict[
     }
 
 
-@flow(name="cifar10-pipeline", log_prints=True)
+@flow(name=FLOW_NAME, log_prints=True)
 def pipeline(
     repo_dir: str = ".",
     overrides: dict[str, Any] | None = None,

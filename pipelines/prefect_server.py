@@ -176,11 +176,10 @@ def api_reachable(url: str) -> bool:
         return False
 
 
-def require_server(api_url: str | None) -> None:
-    """Work pools live on a Prefect server; Prefect's temporary one ends with this command."""
+def require_server(api_url: str | None, why: str = "a work pool needs a Prefect server that workers reach") -> None:
+    """Work pools and automations live on a Prefect server; Prefect's temporary one ends with this command."""
     if not api_url:
-        raise ConfigError("a work pool needs a Prefect server that workers reach: set PREFECT_API_URL "
-                          "(see docs/scaling.md)")
+        raise ConfigError(f"{why}: set PREFECT_API_URL (see docs/scaling.md)")
     if not api_reachable(api_url):
         raise TransientError(f"the Prefect API at {api_url} is unreachable; start it and rerun")
 
