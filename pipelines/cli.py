@@ -37,6 +37,8 @@ def require_repo(repo: Path) -> Path:
 
 
 RepoOption = Annotated[Path, typer.Option("--repo", help="Project root (holds dvc.yaml).")]
+ChampionOption = Annotated[str | None, typer.Option(
+    "--champion", help="End with the quality gate against the version GTO assigns to this stage (e.g. prod).")]
 TimeoutOption = Annotated[
     list[str] | None, typer.Option("--stage-timeout", help="Per-stage timeout: stage=seconds (repeatable).")
 ]
@@ -81,6 +83,7 @@ def run(
     stage_timeout: TimeoutOption = None,
     fallback: Annotated[bool, typer.Option(help="If the Prefect API is unreachable, run plain `dvc repro`.")] = False,
     gate: Annotated[bool, typer.Option("--gate", help="End with the quality gate against main; fail on regression.")] = False,
+    champion: ChampionOption = None,
     pool: PoolOption = None,
     gpu_pool: GpuPoolOption = None,
 ) -> None:
@@ -90,10 +93,13 @@ def run(
     from stages.common.run_params import check_overrides
 
     repo = require_repo(repo)
+    if pool and (gate or champion):
+        raise ConfigError("--gate and --champion judge a run in this workspace; a --pool run comes back as an "
+                          "experiment: gate it with `cifar10-pipeline gate --candidate NAME`")
     overrides = parse_assignments(set_ or [])
     check_overrides(repo / "params.yaml", overrides)  # before Prefect starts: a typo costs nothing
     request = launch.RunRequest(repo, overrides, parse_timeouts(stage_timeout or [], repo), dry_run, push,
-                                lock_timeout, fallback, gate, pool, gpu_pool)
+                                lock_timeout, fallback, gate, pool, gpu_pool, champion)
     offline_plots_template(repo)  # plain `dvc plots show` then draws offline too (.dvc/config names it)
     raise typer.Exit(launch.run(request, os.environ.get("PREFECT_API_URL"), typer.echo,
                                 lambda line: typer.echo(line, err=True)))
@@ -107,6 +113,8 @@ def serve(
     set_: SetOption = None,
     push: Annotated[bool, typer.Option(help="dvc push the outputs after each run.")] = False,
     stage_timeout: TimeoutOption = None,
+    gate: Annotated[bool, typer.Option("--gate", help="End each run with the quality gate against main.")] = False,
+    champion: ChampionOption = None,
 ) -> None:
     """Serve a scheduled deployment of the flow (needs a Prefect server: see `server`)."""
     from prefect.settings import PREFECT_API_URL
@@ -125,7 +133,7 @@ def serve(
     pipeline.serve(
         name=name, cron=cron, limit=1,
         parameters={"repo_dir": str(repo), "overrides": overrides or None, "push": push,
-                    "stage_timeouts": parse_timeouts(stage_timeout or [], repo)},
+                    "stage_timeouts": parse_timeouts(stage_timeout or [], repo), "gate": gate, "champion": champion},
     )
 
 

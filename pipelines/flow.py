@@ -37,7 +37,7 @@ from pipelines.dvcrepo import (
     stop_all_stages,
     workspace_lock,
 )
-from pipelines.gate import GateVerdict, gate_verdict
+from pipelines.gate import GateVerdict, champion_verdict, gate_verdict
 from pipelines.pool import run_stages_on_pool
 from stages.common import dataio
 from stages.common.errors import StageFailed
@@ -48,9 +48,10 @@ REPORT_ARTIFACT = "cifar10-report"
 METRICS_ARTIFACT = "cifar10-metrics"
 
 
-def publish_gate_verdict(repo: Path) -> GateVerdict:
-    """The quality gate against the newest metrics on main, as a Prefect artifact too."""
-    verdict = gate_verdict(repo)
+def publish_gate_verdict(repo: Path, champion: str | None = None) -> GateVerdict:
+    """The quality gate against the newest metrics on main, or against the version GTO assigns to
+    the `champion` stage, as a Prefect artifact too."""
+    verdict = champion_verdict(repo, champion) if champion else gate_verdict(repo)
     get_run_logger().info(verdict.markdown())
     create_markdown_artifact(verdict.markdown(), key="cifar10-gate", description="Quality gate verdict")
     return verdict
@@ -277,6 +278,7 @@ def pipeline(
     stage_timeouts: dict[str, float] | None = None,
     lock_timeout_s: float = 0.0,
     gate: bool = False,
+    champion: str | None = None,
     experiment: str | None = None,
     pull: bool = False,
     gpu_pool: str | None = None,
@@ -284,7 +286,8 @@ def pipeline(
     """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped. `experiment`
     names the DVC experiment the run is saved as; `pull` takes missing data and stages computed
     elsewhere from the DVC remote (its run-cache) instead of running them; `gpu_pool` sends the
-    stages dvc.yaml marks `accelerator: gpu` (train, evaluate) to that work pool's workers."""
+    stages dvc.yaml marks `accelerator: gpu` (train, evaluate) to that work pool's workers;
+    `champion` ends with the gate against the version GTO assigns to that stage (see `gate`)."""
     repo = Path(repo_dir).resolve()
     outcomes: list[StageOutcome] = []
     with workspace_lock(repo, lock_timeout_s, f"flow run {_flow_run_name()}"), \
@@ -300,7 +303,7 @@ def pipeline(
         experiment = save_experiment(repo, outcomes, overrides, experiment)
         if push:
             push_outputs(repo)
-        verdict = publish_gate_verdict(repo) if gate else None
+        verdict = publish_gate_verdict(repo, champion) if gate or champion else None
         metrics = publish_artifacts(repo, outcomes, experiment, verdict)
         if verdict is not None:
             verdict.raise_if_failed()

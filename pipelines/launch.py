@@ -33,6 +33,7 @@ class RunRequest:
     gate: bool = False
     pool: str | None = None
     gpu_pool: str | None = None
+    champion: str | None = None  # gate against the version in this GTO stage
 
 
 def run(request: RunRequest, api_url: str | None, say: Say, warn: Say) -> int:
@@ -56,7 +57,14 @@ def run(request: RunRequest, api_url: str | None, say: Say, warn: Say) -> int:
                 "PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`")
         warn(f"warning: the Prefect API at {api_url} is unreachable; running plain `dvc repro` "
              "(no Prefect logs, retries or artifacts)")
-        return plain_repro(request.repo, request.overrides)
+        code = plain_repro(request.repo, request.overrides)
+        if code == 0 and (request.gate or request.champion):  # the gate needs no Prefect: still asked for
+            from pipelines.gate import champion_verdict, gate_verdict
+
+            verdict = champion_verdict(request.repo, request.champion) if request.champion else gate_verdict(request.repo)
+            say(verdict.markdown())
+            verdict.raise_if_failed()
+        return code
     with flow_api(request.repo):
         run_flow(request, say)
     return 0
@@ -121,7 +129,7 @@ def run_flow(request: RunRequest, say: Say) -> None:
     # A failing stage raises StageFailed with the stage's own exit code (2 config, 3 data, ...).
     result = pipeline(repo_dir=str(request.repo), overrides=request.overrides or None, push=request.push,
                       lock_timeout_s=request.lock_timeout_s, stage_timeouts=request.timeouts, gate=request.gate,
-                      gpu_pool=request.gpu_pool)
+                      champion=request.champion, gpu_pool=request.gpu_pool)
     for info in result["stages"].values():
         say(info["outcome"])
     if result.get("experiment"):

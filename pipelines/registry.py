@@ -103,8 +103,12 @@ def fetch_origin_tags(repo: Path) -> None:
 def stage_version(repo: Path, stage: str) -> StageVersion | None:
     """The version of the model artifact GTO assigns to `stage` now, None when none is."""
     from gto import api as gto
+    from gto.exceptions import ArtifactNotFound
 
-    found = gto.find_versions_in_stage(str(repo), model_artifact(repo), stage)
+    try:
+        found = gto.find_versions_in_stage(str(repo), model_artifact(repo), stage)
+    except ArtifactNotFound:  # nothing registered yet: no version holds any stage
+        return None
     if not found:
         return None
     version = found[0] if isinstance(found, list) else found

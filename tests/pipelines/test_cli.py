@@ -143,6 +143,9 @@ def test_dry_run_on_a_fresh_clone_says_never_run_once_without_prefect(tmp_path):
      "error: --stage-timeout trian=10: no stage 'trian' in dvc.yaml; did you mean 'train'?"),
     (["run", "--stage-timeout", "train=-5"], "error: --stage-timeout train=-5: the seconds must be a positive number"),
     (["sweep", "SWEEP"], "error: override 'train.epoch' names no key in params.yaml; did you mean 'train.epochs'?"),
+    (["run", "--pool", "gpu", "--gate"],  # the pool's run came back ungated, silently
+     ("error: --gate and --champion judge a run in this workspace; a --pool run comes back as an experiment: "
+     "gate it with `cifar10-pipeline gate --candidate NAME`")),
 ])
 def test_bad_arguments_are_refused_before_prefect_starts(monkeypatch, capsys, tmp_path, argv, message):
     """`--stage-timeout trian=10` was accepted silently; a bad sweep file printed 25 lines of

@@ -266,6 +266,12 @@ def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
         assert result.returncode == 0, result.stderr[-2000:]
     else:
         assert result.returncode == 1 and "error: quality gate failed: " in result.stderr
+    # Against a registry stage: nothing holds prod here yet, so the run passes and says why.
+    champion = cli(prefect_env, "run", "--champion", "prod", "--repo", str(two_commits))
+    assert champion.returncode == 0, champion.stderr[-2000:]
+    newest = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-gate"]}},
+                                                           "sort": "CREATED_DESC", "limit": 1})
+    assert "no version holds 'prod' yet: the candidate passes" in newest[0]["data"]
 
 
 @pytest.mark.parametrize(("what", "text", "message"), [
