@@ -166,10 +166,12 @@ def test_unreachable_prefect_api_is_named_and_can_fall_back(prepared_project, tm
         "unset PREFECT_API_URL to use a temporary one, or rerun with --fallback to run plain `dvc repro`"
     )
     fallback = subprocess.run([str(BIN / "cifar10-pipeline"), "run", "--repo", str(repo), "--fallback",
-                               "--set", "report.dpi=61", "--set", "train.learning_rate=1e-3"], env=env,
-                              capture_output=True, text=True, timeout=600)
+                               "--set", "report.dpi=61", "--set", "train.learning_rate=1e-3", "--champion", "prod"],
+                              env=env, capture_output=True, text=True, timeout=600)
     assert fallback.returncode == 0, fallback.stderr[-3000:]
     assert "running plain `dvc repro`" in fallback.stderr
+    # The gate asked for needs no Prefect: plain dvc repro still ends with it (it was dropped).
+    assert "Quality gate passed" in fallback.stdout and "no version holds 'prod' yet" in fallback.stdout
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["report"]["dpi"] == 61 and params["train"]["learning_rate"] == 0.001
 
