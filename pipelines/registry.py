@@ -93,11 +93,18 @@ def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) 
 
 
 def fetch_origin_tags(repo: Path) -> None:
-    """Origin's tags, when the repo has an origin: a stage may have moved there."""
+    """Origin's tags, when the repo has an origin: a stage may have moved there. An origin that
+    cannot be reached is an error: the local tags may name a version origin has moved past."""
     from pipelines.dvcrepo import git
 
-    if "origin" in (git(repo, "remote") or "").split():
-        git(repo, "fetch", "--quiet", "--tags", "--force", "origin")
+    if "origin" not in (git(repo, "remote") or "").split():
+        return
+    fetched = subprocess.run(["git", "fetch", "--quiet", "--tags", "--force", "origin"], cwd=repo,
+                             capture_output=True, text=True)
+    if fetched.returncode != 0:
+        reason = (fetched.stderr.strip().splitlines() or ["no reason given"])[-1]
+        raise TransientError(f"origin's tags cannot be fetched ({reason}), so which version holds a stage there "
+                             "is unknown; rerun when origin is reachable")
 
 
 def stage_version(repo: Path, stage: str) -> StageVersion | None:

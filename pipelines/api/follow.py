@@ -17,7 +17,7 @@ from typing import Any
 
 from pipelines.api.settings import Follow
 from pipelines.registry import StageVersion, fetch_origin_tags, stage_version
-from stages.common.errors import ConfigError, DataError
+from stages.common.errors import ConfigError, DataError, TransientError
 from stages.common.serving import OnnxClassifier, load_exported
 
 log = logging.getLogger("uvicorn.error")
@@ -60,7 +60,10 @@ class StageFollower:
     def look(self) -> StageVersion | None:
         """The stage's version on origin now (its tags fetched first), None when it holds none."""
         repo = Path(self.follow.repo)
-        fetch_origin_tags(repo)
+        try:
+            fetch_origin_tags(repo)
+        except TransientError as err:  # serving goes on: the tags fetched last time decide until origin is back
+            log.warning("stage %s: %s", self.follow.stage, err)
         return stage_version(repo, self.follow.stage)
 
     def current(self) -> StageVersion:

@@ -358,6 +358,11 @@ def test_a_challenger_is_gated_against_the_champion_in_prod_and_promoted_to_orig
     assert first.returncode == 0 and "no version holds 'staging' yet" in first.stdout
     assert {"cifar10-classifier@v0.0.4"} == {t for t in origin_tags() - before if "@" in t}
     assert any(t.startswith("cifar10-classifier#staging#") for t in origin_tags() - before)
+    # Origin unreachable: which version holds prod there is unknown, so nothing is judged on stale tags.
+    subprocess.run(["git", "remote", "set-url", "origin", str(tmp_path / "gone.git")], cwd=repo, check=True)
+    offline = gate("--champion", "prod", "--register")
+    assert offline.returncode == 75 and offline.stderr.count("\n") == 1, offline.stderr
+    assert "origin's tags cannot be fetched" in offline.stderr
     # Two baselines at once is a usage error.
     both = gate("--champion", "prod", "--baseline", "main")
     assert both.returncode == 2 and both.stderr.count("\n") == 1 and "drop --baseline" in both.stderr
