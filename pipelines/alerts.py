@@ -29,7 +29,8 @@ class AlertSetup:
     flows: tuple[str, ...]
 
     def describe(self, url: str) -> str:
-        return (f"alerts: runs of {', '.join(self.flows)} that fail, crash or run late are sent to {url} "
+        host = url.split("/")[2] if url.count("/") >= 2 else url
+        return (f"alerts: runs of {', '.join(self.flows)} that fail, crash or run late are sent to {host} "
                 f"(notification block '{self.block}', automation '{self.automation}')")
 
 
@@ -49,8 +50,9 @@ def set_up_alerts(webhook_url: str) -> AlertSetup:
     from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import EventTrigger, Posture
 
+    # A chat webhook's URL is its password: kept as the block's secret, hidden in the UI and the API.
     block = CustomWebhookNotificationBlock(
-        name=BLOCK_NAME, url=webhook_url,
+        name=BLOCK_NAME, url="{{webhook_url}}", secrets={"webhook_url": webhook_url},
         json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"})
     block_id = block.save(BLOCK_NAME, overwrite=True)
     flows = watched_flows()
