@@ -171,29 +171,33 @@ def deployment_name(pool: str) -> str:
     return f"{FLOW_NAME}/{pool}"
 
 
-def deploy(pool: str, git_url: str, branch: str, concurrency_limit: int | None = None) -> str:
-    """Create (or update) the pool's deployments, `cifar10-experiment/<pool>` (whole runs) and
-    `cifar10-stages/<pool>` (another run's GPU stages): their code comes from the git remote,
-    cloned by the worker for each flow run; returns the first's full name."""
+def deploy_from_origin(entrypoint: str, name: str, pool: str, git_url: str, branch: str,
+                       parameters: dict[str, Any], concurrency_limit: int | None = None, cron: str | None = None) -> None:
+    """A deployment whose code a worker clones from `git_url` at `branch` for each flow run; its
+    flow runs send heartbeats, and a run whose heartbeats stop is marked Crashed."""
     from prefect import Flow
     from prefect.runner.storage import GitRepository
 
-    source = GitRepository(url=git_url, branch=branch)
-    # Prefect loads each flow from the source, as a worker will: deploying imports no worker code here.
-    for entrypoint, parameters in ((ENTRYPOINT, {"git_url": git_url}), (STAGES_ENTRYPOINT, {})):
-        Flow.from_source(source=source, entrypoint=entrypoint).deploy(
-            name=pool, work_pool_name=pool, parameters=parameters,
-            job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}},
-            concurrency_limit=concurrency_limit, print_next_steps=False, build=False, push=False)
+    # Prefect loads the flow from the source, as a worker will: deploying imports no worker code here.
+    Flow.from_source(source=GitRepository(url=git_url, branch=branch), entrypoint=entrypoint).deploy(
+        name=name, work_pool_name=pool, parameters=parameters, cron=cron,
+        job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}},
+        concurrency_limit=concurrency_limit, print_next_steps=False, build=False, push=False,
+        ignore_warnings=True)  # a process pool is what we mean, not local development
     ensure_crash_detection()
+
+
+def deploy(pool: str, git_url: str, branch: str, concurrency_limit: int | None = None) -> str:
+    """Create (or update) the pool's deployments, `cifar10-experiment/<pool>` (whole runs) and
+    `cifar10-stages/<pool>` (another run's GPU stages); returns the first's full name."""
+    for entrypoint, parameters in ((ENTRYPOINT, {"git_url": git_url}), (STAGES_ENTRYPOINT, {})):
+        deploy_from_origin(entrypoint, pool, pool, git_url, branch, parameters, concurrency_limit)
     return deployment_name(pool)
 
 
-def remote_revision(repo: Path) -> tuple[str, str, str]:
-    """(git URL of origin, HEAD's commit, a branch of origin holding it): what workers clone.
-
-    Workers see only the remotes, so HEAD must be pushed and a default DVC remote configured.
-    """
+def shared_remotes(repo: Path) -> str:
+    """The git URL of origin, once checked that the repo also has a default DVC remote: workers
+    see nothing else."""
     url = git(repo, "remote", "get-url", "origin")
     if not url:
         raise ConfigError("no git remote 'origin'; workers clone it: `git remote add origin URL` and `git push`")
@@ -204,6 +208,15 @@ def remote_revision(repo: Path) -> tuple[str, str, str]:
     if not default:
         raise ConfigError("no default DVC remote; workers share data and models through one: "
                           "`dvc remote add -d storage s3://bucket/path` (see docs/scaling.md)")
+    return url
+
+
+def remote_revision(repo: Path) -> tuple[str, str, str]:
+    """(git URL of origin, HEAD's commit, a branch of origin holding it): what workers clone.
+
+    Workers see only the remotes, so HEAD must be pushed and a default DVC remote configured.
+    """
+    url = shared_remotes(repo)
     rev = git(repo, "rev-parse", "HEAD") or ""
     git(repo, "fetch", "--quiet", "origin")
     branches = (git(repo, "branch", "-r", "--format=%(refname:short)", "--contains", rev) or "").split()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.server
+import json
 import os
 import re
 import shutil
@@ -13,11 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 from pipelines.prefect_server import free_port
@@ -388,3 +392,97 @@ def commit(repo, message: str, minutes: int, run: bool = True, **train) -> str:
     subprocess.run(["git", "commit", "-qm", message], cwd=repo, check=True,
                    env={**ENV, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+# Team infrastructure on one machine: an S3 server for the DVC remote, Prefect process workers.
+BUCKET = "dvc-remote"
+
+
+class MotoS3:
+    """moto's S3 server on 127.0.0.1 (as dvc-s3's own tests start it); stop and start keep the data."""
+
+    def __init__(self) -> None:
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per S3 request otherwise
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def s3_client(url: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                        region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
+
+
+def s3_remote() -> MotoS3:
+    """moto's S3 server, started, with the bucket the DVC remote uses."""
+    s3 = MotoS3()
+    s3.start()
+    s3_client(s3.url).create_bucket(Bucket=BUCKET)
+    return s3
+
+
+def start_worker(home, env: dict, pool: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A process worker in its own empty folder (its flow runs' temporary clones go there too);
+    `prefix` wraps the command (taskset)."""
+    home.mkdir(exist_ok=True)  # a worker restarted on the same machine keeps its folder
+    log = open(home / "worker.log", "w")  # noqa: SIM115 - the worker writes to it until it stops
+    return subprocess.Popen([*prefix, str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+                             "--limit", "1"], cwd=home,
+                            env={**env, "PREFECT_HOME": str(home / ".prefect"), "TMPDIR": str(home)},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """`sig` to the worker and everything under it, its flow run and stages: SIGKILL, a machine
+    dying; SIGTERM, a machine shutting down or a container stopped."""
+    parent = psutil.Process(proc.pid)
+    for p in [*parent.children(recursive=True), parent]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+
+
+def create_pool(name: str, env: dict) -> None:
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", name, "--type", "process", "--overwrite"], env=env,
+                   check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[dict]]]:
+    """An HTTP server on 127.0.0.1 that keeps every JSON body POSTed to it."""
+    received: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", received
+    finally:
+        server.shutdown()

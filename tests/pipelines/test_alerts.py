@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import json
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from pipelines.alerts import AUTOMATION_NAME, BLOCK_NAME
-from pipelines.prefect_server import free_port
-from tests.helpers import api, cli, copy_repo
-
-
-@contextlib.contextmanager
-def webhook_receiver() -> Iterator[tuple[str, list[dict]]]:
-    """An HTTP server on 127.0.0.1 that keeps every JSON body POSTed to it."""
-    received: list[dict] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):  # quiet
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/hook", received
-    finally:
-        server.shutdown()
+from tests.helpers import api, cli, copy_repo, webhook_receiver
 
 
 @pytest.mark.e2e

@@ -17,58 +17,31 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import BIN, REPO, api, dvc, free_port, git_dvc_project, prefect_server, set_params, tiny_params
+from tests.helpers import (
+    BIN,
+    BUCKET,
+    CREDENTIALS,
+    REPO,
+    api,
+    create_pool,
+    dvc,
+    free_port,
+    git_dvc_project,
+    kill_tree,
+    prefect_server,
+    s3_remote,
+    set_params,
+    start_worker,
+    tiny_params,
+)
 
 pytestmark = pytest.mark.e2e
-BUCKET = "dvc-remote"
 POOL = "cpu"
-
-
-class MotoS3:
-    """moto's S3 server on 127.0.0.1 (as dvc-s3's own tests start it); stop and start keep the data."""
-
-    def __init__(self) -> None:
-        import logging
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per S3 request otherwise
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
 
 
 def git(cwd, *args: str) -> str:
     return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd=cwd,
                           check=True, capture_output=True, text=True).stdout
-
-
-def start_worker(home, env: dict, pool: str = POOL, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
-    """A process worker in its own empty folder (its flow runs' temporary clones go there too);
-    `prefix` wraps the command (taskset)."""
-    home.mkdir()
-    log = open(home / "worker.log", "w")  # noqa: SIM115 - the worker writes to it until it stops
-    return subprocess.Popen([*prefix, str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                             "--limit", "1"], cwd=home,
-                            env={**env, "PREFECT_HOME": str(home / ".prefect"), "TMPDIR": str(home)},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL to the worker and everything under it, its flow run and stages: a machine dying."""
-    parent = psutil.Process(proc.pid)
-    for p in [*parent.children(recursive=True), parent]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
 
 
 def training_under(proc: subprocess.Popen) -> bool:
@@ -87,25 +60,6 @@ def flow_runs(prefect_api: str, tag: str | None = None) -> list[dict]:
 
 def remote_experiments(origin) -> set[str]:
     return {line.split("/")[-1] for line in git(origin, "for-each-ref", "--format=%(refname)", "refs/exps").split()}
-
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def s3_client(url: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=url, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                        region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
-
-
-def s3_remote() -> MotoS3:
-    """moto's S3 server, started, with the bucket the DVC remote uses."""
-    s3 = MotoS3()
-    s3.start()
-    s3_client(s3.url).create_bucket(Bucket=BUCKET)
-    return s3
 
 
 def shared_project(root, source_url: str, params: dict, s3_url: str):
@@ -179,11 +133,6 @@ def team_prefect_api(tmp_path_factory):
             assert int(psql.stdout) > 0
 
 
-def create_pool(name: str, env: dict) -> None:
-    subprocess.run([str(BIN / "prefect"), "work-pool", "create", name, "--type", "process", "--overwrite"], env=env,
-                   check=True, capture_output=True)
-
-
 @pytest.fixture
 def cluster(tmp_path, http_server, tiny_archive, team_prefect_api):
     """origin, the S3 remote, a developer's clone with the project, the pool and two workers."""
@@ -194,7 +143,7 @@ def cluster(tmp_path, http_server, tiny_archive, team_prefect_api):
     shutil.copy(tiny_archive, www / "tiny.tar.gz")
     origin, dev = shared_project(tmp_path, f"{base_url}/tiny.tar.gz", tiny_params(tiny_archive), s3.url)
     create_pool(POOL, env)
-    workers = [start_worker(tmp_path / f"worker{i}", env) for i in (1, 2)]
+    workers = [start_worker(tmp_path / f"worker{i}", env, POOL) for i in (1, 2)]
     yield {"s3": s3, "origin": origin, "dev": dev, "env": {**env, "PWD": str(dev)}, "workers": workers,
            "tmp": tmp_path, "api": team_prefect_api}
     for proc in workers:
@@ -241,7 +190,7 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     assert name in shown
 
     # 3. A sweep on the pool, a second worker rejoined.
-    cluster["workers"].append(start_worker(cluster["tmp"] / "worker3", env))
+    cluster["workers"].append(start_worker(cluster["tmp"] / "worker3", env, POOL))
     space = cluster["tmp"] / "space.yaml"
     space.write_text(yaml.safe_dump({"kind": "grid", "space": {"train.learning_rate": [0.001, 0.003],
                                                                 "train.seed": [1]}}))
