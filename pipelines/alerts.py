@@ -18,8 +18,10 @@ SUBJECT = "{{ flow.name }}: flow run {{ flow_run.name }} is {{ flow_run.state.na
 # Jinja, filled in by Prefect's automation service: the state's message names the failing stage
 # and its error line (or the gate's verdict).
 BODY = ("Flow run {{ flow_run.name }} of {{ flow.name }}"
-        "{% if deployment %} (deployment {{ deployment.name }}){% endif %} is {{ flow_run.state.name }}: "
-        "{{ flow_run.state.message }}\n{{ flow_run|ui_url }}")
+        "{% if deployment %} (deployment {{ deployment.name }}){% endif %} is {{ flow_run.state.name }}"
+        "{% if flow_run.state.message %}: {{ flow_run.state.message }}{% endif %}"
+        "{% if flow_run.state.name == 'Late' %}: scheduled for {{ flow_run.expected_start_time }}, "
+        "no worker has started it{% endif %}\n{{ flow_run|ui_url }}")
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,13 @@ class AlertSetup:
 
 
 def watched_flows() -> tuple[str, ...]:
-    """The flows a schedule or a work pool runs: the pipeline here, and a whole run on a worker."""
+    """The flows a schedule or a work pool runs: the pipeline here, a whole run on a worker, and the
+    scheduled retrain."""
     from pipelines.flow import FLOW_NAME
     from pipelines.pool import FLOW_NAME as POOL_FLOW_NAME
+    from pipelines.retrain import RETRAIN_FLOW
 
-    return FLOW_NAME, POOL_FLOW_NAME
+    return FLOW_NAME, POOL_FLOW_NAME, RETRAIN_FLOW
 
 
 def set_up_alerts(webhook_url: str) -> AlertSetup:

@@ -156,6 +156,48 @@ def deploy(
 
 
 @app.command()
+def retrain(
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * *' for nightly at 02:00.")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name (cifar10-retrain/NAME).")] = "nightly",
+    pool: Annotated[str | None, typer.Option(
+        "--pool", help="Deploy to this work pool (its workers clone origin for each run) instead of serving the "
+                       "schedule from this process.")] = None,
+    branch: Annotated[str, typer.Option(help="The branch of origin to retrain on and to commit each run to.")] = "main",
+    champion: Annotated[str, typer.Option(
+        help="GTO stage whose version each run is gated against; a pass is assigned it.")] = "prod",
+    workdir: Annotated[Path | None, typer.Option(
+        help="The clone of origin kept between runs (default: one per remote and branch under ~/.cache).")] = None,
+    stage_timeout: TimeoutOption = None,
+    repo: RepoOption = Path("."),
+) -> None:
+    """Schedule retraining on origin's newest commit: each run commits its run to the branch, gates it
+    against the champion stage's version and promotes a pass (needs a Prefect server)."""
+    from pipelines import retrain as continuous
+    from pipelines.pool import deploy_from_origin, shared_remotes
+    from pipelines.prefect_server import require_server
+
+    repo = require_repo(repo)
+    git_url = shared_remotes(repo)
+    require_server(os.environ.get("PREFECT_API_URL"), "scheduled retraining needs a Prefect server")
+    parameters = {"git_url": git_url, "branch": branch, "champion": champion,
+                  "workdir": str(workdir.resolve()) if workdir else None,
+                  "stage_timeouts": parse_timeouts(stage_timeout or [], repo)}
+    deployment = f"{continuous.RETRAIN_FLOW}/{name}"
+    if pool:
+        deploy_from_origin(continuous.RETRAIN_ENTRYPOINT, name, pool, git_url, branch, parameters,
+                           concurrency_limit=1, cron=cron)
+        typer.echo(f"deployment {deployment} on work pool '{pool}', cron '{cron}': retrains origin's {branch} "
+                   f"({git_url}) and promotes to '{champion}'")
+        typer.echo(f"start a worker: prefect worker start --pool {pool} --type process; "
+                   f"run it now: prefect deployment run {deployment}")
+        return
+    typer.echo(f"serving deployment {deployment} on cron '{cron}': retrains origin's {branch} ({git_url}) and "
+               f"promotes to '{champion}' (Ctrl-C stops; run it now: prefect deployment run {deployment})")
+    # limit=1: a scheduled run that overlaps a running one waits instead of stacking up.
+    continuous.retrain.serve(name=name, cron=cron, limit=1, parameters=parameters, print_starting_message=False)
+
+
+@app.command()
 def alerts(
     webhook: Annotated[str, typer.Option(help="Where to POST the alert: a Slack, Teams or any other webhook URL.")],
 ) -> None:
