@@ -22,7 +22,7 @@ os.environ["PYTHONUNBUFFERED"] = "1"
 # the next file to the first process free: the longest files go first, so no process runs one
 # alone at the end.
 LONGEST_FIRST = ("pipelines/test_cluster.py", "pipelines/test_flow.py", "pipelines/test_sweep.py",
-                 "test_reliability.py", "test_e2e.py")
+                 "pipelines/test_retrain.py", "test_reliability.py", "test_e2e.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
