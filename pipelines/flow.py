@@ -123,14 +123,15 @@ def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | N
 
 def training_progress(repo: Path, log: Callable[[str], None]) -> progress.Watcher:
     """The train stage's epochs as they end, from DVCLive's files: a Prefect progress artifact
-    (the UI draws a bar) and a log line each."""
+    (the UI draws a bar under the epoch's line) and a log line each."""
     from stages.common.paths import artifact_paths
 
     artifact_id = create_progress_artifact(0.0, key=progress.ARTIFACT_KEY, description="Training: epochs done")
 
     def report(epoch: progress.Epoch) -> None:
-        update_progress_artifact(artifact_id, epoch.percent)
-        log(epoch.describe())
+        line = epoch.describe()
+        update_progress_artifact(artifact_id, epoch.percent, description=line)
+        log(line)
 
     return progress.Watcher(repo / artifact_paths(repo)["train"], time.time(), report)
 

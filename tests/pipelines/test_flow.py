@@ -70,6 +70,7 @@ def test_flow_runs_then_finds_everything_up_to_date(first_run, flow_project, pre
     # Training shows its epochs while it runs: a progress artifact and a log line per epoch.
     progress = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-train-progress"]}}})
     assert [a["type"] for a in progress][:1] == ["progress"] and any(a["data"] == 100.0 for a in progress), progress
+    assert any(a["description"].startswith("train: epoch 1/1, loss ") for a in progress), progress
     assert "train: epoch 1/1, loss " in first.stdout + first.stderr
 
 
