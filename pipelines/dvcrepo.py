@@ -162,6 +162,12 @@ def _param_diff(repo_dir: Path, stage: str, params_file: str, key: str) -> str:
     return ", ".join(changes) or "modified"
 
 
+def _which_change(stages: list[str]) -> str:
+    if len(stages) == 1:
+        return f"{stages[0]} changes its outputs"
+    return f"{', '.join(stages[:-1])} or {stages[-1]} change their outputs"
+
+
 def plan(graph: StageGraph, reasons: dict[str, list[str]]) -> dict[str, str]:
     """Each stage's expected fate: why it will run, or that it is up to date."""
     fate: dict[str, str] = {}
@@ -170,7 +176,7 @@ def plan(graph: StageGraph, reasons: dict[str, list[str]]) -> dict[str, str]:
             fate[stage] = "will run: " + "; ".join(reasons[stage])
         else:
             changed_up = [u for u in graph.upstream[stage] if fate[u].startswith(("will run", "may run"))]
-            fate[stage] = f"may run: if {', '.join(changed_up)} change its outputs" if changed_up else "up to date"
+            fate[stage] = f"may run: if {_which_change(changed_up)}" if changed_up else "up to date"
     return fate
 
 

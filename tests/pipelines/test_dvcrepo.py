@@ -11,7 +11,7 @@ from stages.common.params import update_params_file
 from stages.common.run_params import check_overrides
 from tests.helpers import git_dvc_project
 
-GRAPH = StageGraph(order=["a", "b", "c", "d"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": []})
+GRAPH = StageGraph(order=["a", "b", "c", "d", "e"], upstream={"a": [], "b": ["a"], "c": ["b"], "d": [], "e": ["b", "c"]})
 
 
 def test_plan_says_why_and_what_may_follow():
@@ -19,8 +19,9 @@ def test_plan_says_why_and_what_may_follow():
     assert fate == {
         "a": "up to date",
         "b": "will run: param b: b.x 1 -> 2",
-        "c": "may run: if b change its outputs",
+        "c": "may run: if b changes its outputs",
         "d": "up to date",
+        "e": "may run: if b or c change their outputs",
     }
 
 
