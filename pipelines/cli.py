@@ -341,7 +341,7 @@ def sweep(
 ) -> None:
     """Run a grid, random or TPE (Optuna) search as DVC experiments; end with the ranked table and the best point."""
     from pipelines.prefect_server import flow_api, require_server
-    from stages.common.params import read_sweep_file
+    from stages.common.params import read_params, read_sweep_file, whole_lists
     from stages.common.run_params import check_overrides
 
     repo = require_repo(repo)
@@ -350,7 +350,8 @@ def sweep(
         raise ConfigError("--gpu-pool needs --pool: the local queue's points run in DVC's temporary workspaces")
     if pool:
         require_server(os.environ.get("PREFECT_API_URL"))
-    check_overrides(repo / "params.yaml", dict.fromkeys(cfg["space"]), values=False)  # each point's, in the flow
+    keys = whole_lists(dict.fromkeys(cfg["space"]), read_params(repo / "params.yaml"))
+    check_overrides(repo / "params.yaml", keys, values=False)  # each point's values, in the flow
     with flow_api(repo):
         from pipelines.sweep import sweep as sweep_flow  # Prefect loads its settings now, the API's among them
 

@@ -28,6 +28,7 @@ from pipelines.compare import safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
 from pipelines.runs import experiments_table
 from stages.common.errors import ConfigError
+from stages.common.params import read_params, whole_lists
 from stages.common.run_params import check_overrides
 
 OUT_DIR = Path("comparisons")
@@ -214,7 +215,8 @@ def sweep(
         optuna_distributions(space or {})  # a bad space fails before anything runs
         points = []
     else:
-        points = sample_points(space or {}, kind, n, seed)
+        params = read_params(repo / "params.yaml")
+        points = [whole_lists(point, params) for point in sample_points(space or {}, kind, n, seed)]
     for point in points:  # a point the schema refuses would only fail later, in its own run
         check_overrides(repo / "params.yaml", point)
     name = safe_name(name or time.strftime("sweep-%Y%m%d-%H%M%S"))
@@ -280,9 +282,10 @@ def tpe_search(repo: Path, space: dict[str, Any], n: int, seed: int, jobs: int, 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     names: list[str] = []
     points: list[dict[str, Any]] = []
+    params = read_params(repo / "params.yaml")
     while len(names) < n:
         trials = [study.ask(distributions) for _ in range(min(jobs, n - len(names)))]
-        batch = [(f"{name}-{len(names) + i}", trial.params) for i, trial in enumerate(trials, start=1)]
+        batch = [(f"{name}-{len(names) + i}", whole_lists(trial.params, params)) for i, trial in enumerate(trials, start=1)]
         for _, point in batch:
             check_overrides(repo / "params.yaml", point)
         runner(repo, batch, jobs, progress, logger)

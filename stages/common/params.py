@@ -374,6 +374,34 @@ def with_overrides(params: dict[str, Any], overrides: dict[str, Any], values: bo
     return params
 
 
+LIST_ITEM = re.compile(r"(?P<key>.+)\.(?P<index>\d+)")
+
+
+def whole_lists(point: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A sweep point whose keys name items of a list (`train.arch.bn_cnn.widths.0`) as overrides of
+    the whole list: DVC's `-S` and the schemas take a key, not an item, and the items a point does
+    not draw keep params.yaml's values."""
+    out: dict[str, Any] = {}
+    keys = flatten(params)
+    for dotted, value in point.items():
+        item = LIST_ITEM.fullmatch(dotted)
+        if item is None or dotted in keys:
+            out[dotted] = value
+            continue
+        key, index = item["key"], int(item["index"])
+        if key not in out:
+            current = keys.get(key)
+            if not isinstance(current, list):
+                raise ConfigError(f"sweep key '{dotted}': '{key}' is not a list in params.yaml; "
+                                  f"name a list's item (key.0) or a key")
+            out[key] = list(current)
+        if index >= len(out[key]):
+            raise ConfigError(f"sweep key '{dotted}': '{key}' has {len(out[key])} items in params.yaml, "
+                              f"so its last is '{key}.{len(out[key]) - 1}'")
+        out[key][index] = value
+    return out
+
+
 def read_sweep_file(path: Path) -> dict[str, Any]:
     """A search space file (sweeps/*.yaml): `space:` maps params keys to the values to try, read
     with the same bounds as params.yaml."""

@@ -1,11 +1,14 @@
+import shutil
 import subprocess
 
 import pandas as pd
 import pytest
 
 from pipelines.sweep import _override, sample_points
+from stages.common import run_params as presets
 from stages.common.errors import ConfigError
-from tests.helpers import BIN, cli, dvc, git_dvc_project, set_params, tiny_params
+from stages.common.params import read_params, read_sweep_file, whole_lists
+from tests.helpers import BIN, REPO, cli, dvc, git_dvc_project, set_params, tiny_params
 
 
 def test_grid_and_random_points():
@@ -20,6 +23,22 @@ def test_grid_and_random_points():
     assert _override("train.learning_rate", 0.000123456789) == "train.learning_rate=0.000123457"
     assert _override("train.optimizer", "sgd") == 'train.optimizer="sgd"'  # JSON, which dvc -S reads as YAML
     assert _override("train.augment", {"flip": True}) == 'train.augment={"flip": true}'
+
+
+def test_seed002s_search_draws_points_its_preset_builds(tmp_path):
+    """sweeps/seed002.yaml on the seed's preset: every point passes the schemas and builds its model."""
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    presets.apply(params_file, "seed002")
+    config = read_sweep_file(REPO / "sweeps" / "seed002.yaml")
+    drawn = sample_points(config["space"], config["kind"], config["n"], config["seed"])
+    points = [whole_lists(point, read_params(params_file)) for point in drawn]
+    widths = [point["train.arch.bn_cnn.widths"] for point in points]
+    assert len(points) == 10 and len({tuple(w) for w in widths}) > 1
+    assert all(w[0] in (32, 48, 64) and w[1] in (64, 96, 128) and w[2] in (64, 96, 128) for w in widths)
+    assert all(point["train.epochs"] == 5 and point["train.batch_size"] == 32 for point in points)
+    for point in points[:3]:  # building a model takes a second or two
+        presets.check_overrides(params_file, point)
 
 
 @pytest.mark.e2e

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import pytest
 
 from stages.common.errors import ConfigError
-from stages.common.params import load_section, parse_section
+from stages.common.params import load_section, parse_section, whole_lists
 from stages.common.schemas import SECTIONS, knob
 from tests.helpers import REPO
 
@@ -265,3 +265,15 @@ def test_set_values_rewrite_only_their_own_lines(tmp_path):
                                       "bn_momentum", "source"]), changed
     assert "  early_stopping: null" in path.read_text()
     assert "  learning_rate: 0.001            # at batch 1024; the loss is the batch's mean\n" in path.read_text()
+
+
+def test_a_sweep_key_can_name_one_item_of_a_list():
+    params = {"train": {"arch": {"bn_cnn": {"widths": [64, 128, 96], "dense": 128}}, "epochs": 3}}
+    point = {"train.arch.bn_cnn.widths.0": 32, "train.arch.bn_cnn.widths.2": 64, "train.epochs": 5}
+    assert whole_lists(point, params) == {"train.arch.bn_cnn.widths": [32, 128, 64], "train.epochs": 5}
+    assert params["train"]["arch"]["bn_cnn"]["widths"] == [64, 128, 96]  # params.yaml's values are not touched
+    with pytest.raises(ConfigError, match=r"^sweep key 'train.arch.bn_cnn.widths.3': 'train.arch.bn_cnn.widths' "
+                                          r"has 3 items in params.yaml, so its last is 'train.arch.bn_cnn.widths.2'$"):
+        whole_lists({"train.arch.bn_cnn.widths.3": 8}, params)
+    with pytest.raises(ConfigError, match=r"^sweep key 'train.epochs.0': 'train.epochs' is not a list in params.yaml"):
+        whole_lists({"train.epochs.0": 8}, params)
