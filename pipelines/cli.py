@@ -334,12 +334,15 @@ def sweep(
     config: Annotated[Path, typer.Argument(help="Search space YAML (see sweeps/seed002.yaml).")],
     n: Annotated[int | None, typer.Option("-n", help="Random points (overrides the file).")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Points run at a time, each in its own temp workspace.")] = 1,
-    name: Annotated[str | None, typer.Option(help="Sweep name; points are NAME-1, NAME-2, ...")] = None,
+    name: Annotated[str | None, typer.Option(help="Sweep name; points are NAME-1, NAME-2, ... Rerun a name to resume it.")] = None,
     repo: RepoOption = Path("."),
     pool: PoolOption = None,
     gpu_pool: GpuPoolOption = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Optuna storage URL for the sweep's study (e.g. postgresql://...); default: comparisons/NAME.journal.")] = None,
 ) -> None:
-    """Run a grid, random or TPE (Optuna) search as DVC experiments; end with the ranked table and the best point."""
+    """Run a grid, random or TPE (Optuna) search as DVC experiments; end with the ranked table and the best point.
+    Rerun with the same --name to resume it."""
     from pipelines.prefect_server import flow_api, require_server
     from stages.common.params import read_params, read_sweep_file, whole_lists
     from stages.common.run_params import check_overrides
@@ -352,12 +355,21 @@ def sweep(
         require_server(os.environ.get("PREFECT_API_URL"))
     keys = whole_lists(dict.fromkeys(cfg["space"]), read_params(repo / "params.yaml"))
     check_overrides(repo / "params.yaml", keys, values=False)  # each point's values, in the flow
+    kind, seed, n = cfg.get("kind", "random"), cfg.get("seed", 0), n or cfg.get("n", 4)
+    if name:  # a sweep run before under this name: its study must hold this search
+        from pipelines.compare import safe_name
+        from pipelines.study import check_search, sample_points, search_of, study_storage
+
+        name = safe_name(name)
+        total = n if kind == "tpe" else len(sample_points(cfg["space"], kind, n, seed))
+        check_search(study_storage(repo / "comparisons", name, storage), name, search_of(kind, cfg["space"], seed, total))
     with flow_api(repo):
+        from pydantic import SecretStr
+
         from pipelines.sweep import sweep as sweep_flow  # Prefect loads its settings now, the API's among them
 
-        result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=cfg.get("kind", "random"),
-                            n=n or cfg.get("n", 4), seed=cfg.get("seed", 0), jobs=jobs, name=name, pool=pool,
-                            gpu_pool=gpu_pool)
+        result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=kind, n=n, seed=seed, jobs=jobs, name=name,
+                            pool=pool, gpu_pool=gpu_pool, storage=SecretStr(storage) if storage else None)
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")

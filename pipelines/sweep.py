@@ -3,8 +3,14 @@ DVC experiment.
 
 Points run through DVC's own queue (`dvc exp run --queue`, then `--run-all -j N`), each in its own
 temporary workspace, so every point stays in `dvc exp show`, its outputs in DVC's cache, and any
-one can be promoted with `dvc exp branch` / `dvc exp apply` (`cifar10-pipeline promote`). A TPE
-search asks Optuna for `jobs` points at a time and tells it each one's metric as it ends.
+one can be promoted with `dvc exp branch` / `dvc exp apply` (`cifar10-pipeline promote`).
+
+Every sweep is an Optuna study named after it, kept in Optuna's storage (a journal file beside the
+sweep's table, or the database `storage` names): a grid's or a random search's points are queued
+in the study up front, a TPE search asks `jobs` points at a time, and each point's metric is told
+as it ends. Rerunning a sweep under its name resumes it: ended trials are kept, and a trial the
+dead sweep left running is kept if its experiment ended well meanwhile (DVC's queue runs on without
+the sweep), else stopped, marked failed and asked again, once.
 Progress (done, failed, remaining, best so far) is logged as points finish. With a work pool
 (`pool`), each point is instead a flow run of the pool's deployment (pipelines/pool.py), taken by
 whichever workers serve it, and its experiment is pulled from the git and DVC remotes.
@@ -12,62 +18,27 @@ whichever workers serve it, and its experiment is pulled from the git and DVC re
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import itertools
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import SecretStr
 
 from pipelines.compare import safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
 from pipelines.runs import experiments_table
-from stages.common.errors import ConfigError
+from pipelines.study import open_study, sample_points, search_of, study_storage
+from stages.common.errors import CommandFailed, ConfigError
 from stages.common.params import read_params, whole_lists
 from stages.common.run_params import check_overrides
 
 OUT_DIR = Path("comparisons")
-
-
-def _values(spec: Any) -> list[Any]:
-    if isinstance(spec, list):
-        return spec
-    if isinstance(spec, dict) and "choice" in spec:
-        return list(spec["choice"])
-    raise ConfigError(f"a grid needs a list of values (or {{choice: [...]}}), got {spec!r}")
-
-
-def _draw(spec: Any, rng: np.random.Generator) -> Any:
-    if isinstance(spec, list):
-        return spec[rng.integers(len(spec))]
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(f"unknown search space entry {spec!r}; use a list, choice, uniform, log_uniform or int_uniform")
-    (kind, args), = spec.items()
-    if kind == "choice":
-        return args[rng.integers(len(args))]
-    if kind == "uniform":
-        return float(rng.uniform(args[0], args[1]))
-    if kind == "log_uniform":
-        return float(math.exp(rng.uniform(math.log(args[0]), math.log(args[1]))))
-    if kind == "int_uniform":
-        return int(rng.integers(args[0], args[1] + 1))
-    raise ConfigError(f"unknown search space kind '{kind}'; use choice, uniform, log_uniform or int_uniform")
-
-
-def sample_points(space: dict[str, Any], kind: str, n: int, seed: int) -> list[dict[str, Any]]:
-    """The sweep's points: the full grid, or `n` seeded random draws."""
-    if kind == "grid":
-        keys = list(space)
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(_values(space[k]) for k in keys))]
-    if kind != "random":
-        raise ConfigError(f"sweep kind '{kind}' is not grid, random or tpe")
-    rng = np.random.default_rng(seed)
-    return [{k: _draw(v, rng) for k, v in space.items()} for _ in range(n)]
 
 
 def _rounded(value: Any) -> Any:
@@ -120,6 +91,7 @@ class Progress:
         self.repo, self.total, self.sort_by, self.logger = repo, total, sort_by, logger
         self.metric: dict[str, float] = {}
         self.failed: list[str] = []
+        self.on_ended: Callable[[set[str]], None] = lambda names: None  # the study hears of each as it ends
 
     def ended(self, names: set[str]) -> None:
         table = experiments_table(self.repo, sort_by=None)
@@ -130,6 +102,7 @@ class Progress:
                 self.metric[exp] = float(row[self.sort_by])
             else:
                 self.failed.append(exp)
+        self.on_ended(names)
         done = len(self.metric) + len(self.failed)
         best = max(self.metric, key=self.metric.get) if self.metric else None
         so_far = f"best so far {best} ({self.sort_by} {self.metric[best]})" if best else "no point finished yet"
@@ -188,7 +161,7 @@ def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, 
         if state.is_completed():
             work_pool.pull_experiment(repo, exp)
         else:
-            logger.error(f"{exp}: flow run {state.name} ({state.message}); rerun the sweep to retry failed points alone")
+            logger.error(f"{exp}: flow run {state.name} ({state.message}); rerunning the sweep asks it once more")
         progress.ended({exp})
 
     work_pool.wait_for(runs, ended, POLL_S)
@@ -206,9 +179,11 @@ def sweep(
     sort_by: str = "accuracy",
     pool: str | None = None,
     gpu_pool: str | None = None,
+    storage: SecretStr | None = None,  # a database URL may hold a password: the API shows it masked
 ) -> dict[str, Any]:
     """Queue one DVC experiment per point, run them (`jobs` at a time, or as flow runs on the
-    work pool `pool`, each sending its GPU stages to `gpu_pool` when given), then rank them."""
+    work pool `pool`, each sending its GPU stages to `gpu_pool` when given), then rank them; a
+    sweep run before under `name` resumes."""
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
     if kind == "tpe":
@@ -231,14 +206,16 @@ def sweep(
                                    gpu_pool=gpu_pool)
     total = n if kind == "tpe" else len(points)
     progress = Progress(repo, total, sort_by, logger)
+    url = storage.get_secret_value() if storage else None
+    study = open_study(study_storage(repo / OUT_DIR, name, url), name, search_of(kind, space or {}, seed, total), points)
+    resumed = recover(repo, study, kind, progress, pool)
+    if resumed:
+        logger.info(f"resuming sweep {name}: {resumed}")
     started = time.perf_counter()
-    if kind == "tpe":
-        names, points = tpe_search(repo, space or {}, n, seed, jobs, name, progress, logger, runner)
-    else:
-        names = [f"{name}-{i}" for i in range(1, len(points) + 1)]
-        runner(repo, list(zip(names, points)), jobs, progress, logger)
+    run_trials(repo, study, kind, space or {}, total, jobs, name, progress, logger, runner)
     where = f"on work pool '{pool}'" if pool else f"with {jobs} job(s)"
-    logger.info(f"ran {total} points in {time.perf_counter() - started:.0f} s {where}")
+    logger.info(f"sweep {name}: {total} points ended, after {time.perf_counter() - started:.0f} s here {where}")
+    names, points = ended_points(repo, study, kind)
 
     table = experiments_table(repo, sort_by=sort_by)
     mine = table[table["name"].isin(names)] if not table.empty else table
@@ -248,9 +225,9 @@ def sweep(
     rows = [{"name": n_, **points_by_name[n_], **{k: r.get(k) for k in ("accuracy", "f1_macro", "loss")}, "status": "ok"}
             for n_, r in finished.items() if n_ not in failed]
     rows += [{"name": n_, **points_by_name[n_], "status": "failed"} for n_ in failed]
+    rerun = f"--name {name}" + (f" --pool {pool}" if pool else "")
     for n_ in failed:
-        retry = "rerun the sweep with --name " + name + " --pool " + pool if pool else "`dvc exp run` and these -S values"
-        logger.error(f"{n_} failed: {points_by_name[n_]}; rerun it alone with {retry}")
+        logger.error(f"{n_} failed: {points_by_name[n_]}; rerunning the sweep with {rerun} asks a failed point once more")
     result = pd.DataFrame(rows)
     if "accuracy" in result:
         result = result.sort_values("accuracy", ascending=False, na_position="last").reset_index(drop=True)
@@ -271,29 +248,124 @@ def sweep(
     return {"name": name, "points": len(points), "failed": failed, "best": best, "table": str(out / f"{name}.csv")}
 
 
-def tpe_search(repo: Path, space: dict[str, Any], n: int, seed: int, jobs: int, name: str, progress: Progress,
-               logger, runner=run_batch) -> tuple[list[str], list[dict[str, Any]]]:
-    """Optuna's TPE over `space`: ask `jobs` points, run them as DVC experiments, tell it each
-    one's metric (a failed point is a failed trial), until `n` points ran."""
-    import optuna
+def _died(study: Any) -> set[int]:
+    return set(study.user_attrs.get("died", []))
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    distributions = optuna_distributions(space)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    names: list[str] = []
-    points: list[dict[str, Any]] = []
+
+def _ended(study: Any) -> list[Any]:
+    """The study's trials that ran to an end, in the order they were asked."""
+    from optuna.trial import TrialState
+
+    died = _died(study)
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+            if t.number not in died and "experiment" in t.user_attrs]
+
+
+def recover(repo: Path, study: Any, kind: str, progress: Progress, pool: str | None) -> str:
+    """Pick up where an earlier run of the sweep left its study. A trial it left running (it died)
+    is told its experiment's metric when that ended well meanwhile, and is otherwise stopped and
+    failed; each failed trial is asked again, once. Ended trials count towards `n` as before.
+    Returns what it found, empty for a new sweep."""
+    from optuna.trial import TrialState
+
+    left = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    statuses = queue_statuses(repo) if left and not pool else {}
+    if left and pool:
+        from pipelines import pool as work_pool
+
+        pushed = work_pool.pushed_experiments(repo)
+        for exp in (trial.user_attrs.get("experiment") for trial in left):
+            if exp in pushed:
+                work_pool.pull_experiment(repo, exp)
+                statuses[exp] = "Success"
+    kept = [exp for trial in left if (exp := _ended_meanwhile(repo, study, trial, progress, statuses))]
+    retried = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.number in _died(study) or "retry_of" in trial.user_attrs:
+            continue  # asked again already, or a retry that failed for good
+        study.set_user_attr("died", sorted(_died(study) | {trial.number}))
+        point = {k: v for k, v in trial.user_attrs.items() if k != "experiment"}
+        study.enqueue_trial(trial.params if kind == "tpe" else {}, user_attrs={**point, "retry_of": trial.number})
+        retried.append(trial.user_attrs.get("experiment", f"trial {trial.number}"))
+    ended = _ended(study)
+    progress.metric.clear()
+    progress.failed.clear()
+    for trial in ended:
+        exp = trial.user_attrs["experiment"]
+        if trial.state == TrialState.COMPLETE:
+            progress.metric[exp] = trial.value
+        else:
+            progress.failed.append(exp)
+    if not (ended or left or retried):
+        return ""
+    return (f"{len(ended)} points had ended; {len(left)} were left running ({', '.join(kept) or 'none'} ended well "
+            f"meanwhile); asked again: {', '.join(retried) or 'none'}")
+
+
+def _ended_meanwhile(repo: Path, study: Any, trial: Any, progress: Progress, statuses: dict[str, str]) -> str | None:
+    """A trial a dead sweep left running: told its metric when its experiment ended well without
+    the sweep (DVC's queue, a pool's workers, run on), else stopped and failed."""
+    from optuna.trial import TrialState
+
+    exp = trial.user_attrs.get("experiment", "")
+    if statuses.get(exp) == "Success":
+        progress.ended({exp})
+        if exp in progress.metric:
+            study.tell(trial.number, progress.metric[exp])
+            return exp
+    # Out of DVC's queue, or it would run beside its retry; a task that ended meanwhile cannot be killed.
+    with contextlib.suppress(CommandFailed):
+        if statuses.get(exp) == "Running":
+            dvc(repo, "queue", "kill", "--force", exp)
+    with contextlib.suppress(CommandFailed):
+        if statuses.get(exp) in ("Queued", "Running", "Failed"):
+            dvc(repo, "queue", "remove", exp)
+    study.tell(trial.number, state=TrialState.FAIL)
+    return None
+
+
+def run_trials(repo: Path, study: Any, kind: str, space: dict[str, Any], n: int, jobs: int, name: str,
+               progress: Progress, logger, runner=run_batch) -> None:
+    """Ask the study for points until `n` trials ended (a grid's or random search's queued points
+    all at once, TPE's `jobs` at a time), run each as a DVC experiment, and tell each one's metric
+    (a failed point is a failed trial)."""
+    from optuna.trial import TrialState
+
+    distributions = optuna_distributions(space) if kind == "tpe" else {}
     params = read_params(repo / "params.yaml")
-    while len(names) < n:
-        trials = [study.ask(distributions) for _ in range(min(jobs, n - len(names)))]
-        batch = [(f"{name}-{len(names) + i}", whole_lists(trial.params, params)) for i, trial in enumerate(trials, start=1)]
+    while (todo := n - len(_ended(study))) > 0:
+        if kind != "tpe":
+            todo = min(todo, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
+        if todo == 0:
+            return
+        trials = [study.ask(distributions) for _ in range(min(jobs, todo) if kind == "tpe" else todo)]
+        batch = []
+        for trial in trials:
+            exp = f"{name}-{trial.number + 1}"
+            trial.set_user_attr("experiment", exp)
+            batch.append((exp, whole_lists(trial.params if kind == "tpe" else trial.user_attrs["point"], params)))
         for _, point in batch:
             check_overrides(repo / "params.yaml", point)
+        by_name = {exp: trial for (exp, _), trial in zip(batch, trials)}
+        progress.on_ended = functools.partial(tell_ended, study, by_name, progress)
         runner(repo, batch, jobs, progress, logger)
-        for trial, (exp, point) in zip(trials, batch):
-            if exp in progress.metric:
-                study.tell(trial, progress.metric[exp])
-            else:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            names.append(exp)
-            points.append(point)
-    return names, points
+        tell_ended(study, by_name, progress, set(by_name))  # a point the runner lost track of failed
+
+
+def tell_ended(study: Any, trials: dict[str, Any], progress: Progress, names: set[str]) -> None:
+    """Tell the study the metric of each named point that ended (a failed one: a failed trial)."""
+    from optuna.trial import TrialState
+
+    for exp in names & set(trials):
+        if exp in progress.metric:
+            study.tell(trials[exp], progress.metric[exp], skip_if_finished=True)
+        else:
+            study.tell(trials[exp], state=TrialState.FAIL, skip_if_finished=True)
+
+
+def ended_points(repo: Path, study: Any, kind: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The experiments of the study's ended trials and their points, as they were run."""
+    params = read_params(repo / "params.yaml")
+    ended = _ended(study)
+    return ([t.user_attrs["experiment"] for t in ended],
+            [whole_lists(t.params if kind == "tpe" else t.user_attrs["point"], params) for t in ended])

@@ -1,14 +1,20 @@
+import os
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
-from pipelines.sweep import _override, sample_points
+from pipelines.study import check_search, open_study, sample_points, search_of
+from pipelines.sweep import _override
 from stages.common import run_params as presets
 from stages.common.errors import ConfigError
 from stages.common.params import read_params, read_sweep_file, whole_lists
-from tests.helpers import BIN, REPO, cli, dvc, git_dvc_project, set_params, tiny_params
+from tests.helpers import BIN, ENV, REPO, cli, dvc, git_dvc_project, scored_project, set_params, tiny_params
 
 
 def test_grid_and_random_points():
@@ -110,3 +116,95 @@ def test_a_tpe_search_runs_each_trial_as_an_experiment(tmp_path, tiny_archive, p
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True, text=True).stdout
     assert '"b-1"' in shown and '"b-2"' in shown
     assert "progress: 2/2 ended, 0 failed, 0 remaining; best so far b-" in result.stdout + result.stderr
+
+
+def slow_scored_project(root: Path, seconds: float) -> Path:
+    """The scoring project, each point taking `seconds`, its baseline committed."""
+    repo = scored_project(root)
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")  # comparisons/, where the study lives, is ignored
+    (repo / "scorer.py").write_text(f"import time\ntime.sleep({seconds})\n" + (repo / "scorer.py").read_text())
+    set_params(repo / "params.yaml", train={"epochs": 2})
+    dvc(repo, "repro", "-q")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=repo, check=True)
+    return repo
+
+
+def study_trials(repo: Path, name: str) -> list:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = repo / "comparisons" / f"{name}.journal"
+    if not journal.exists():
+        return []
+    try:
+        return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal)))).trials
+    except KeyError:  # the sweep has not created its study yet
+        return []
+
+
+@pytest.mark.e2e
+def test_a_sweep_killed_half_way_resumes_and_keeps_what_ended(tmp_path, prefect_env):
+    repo = slow_scored_project(tmp_path / "project", seconds=3)
+    space = tmp_path / "space.yaml"
+    space.write_text("kind: random\nn: 4\nseed: 1\nspace:\n  train.epochs: {int_uniform: [1, 8]}\n")
+    command = [str(BIN / "cifar10-pipeline"), "sweep", str(space), "--name", "r", "--repo", str(repo)]
+    first = subprocess.Popen(command, env=prefect_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while sum(t.state == optuna.trial.TrialState.COMPLETE for t in study_trials(repo, "r")) < 2:
+            assert first.poll() is None and time.monotonic() < deadline, "the sweep ended before two points did"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the terminal's process group: the sweep dies at once
+        first.wait()
+    before = {t.user_attrs["experiment"]: t.value for t in study_trials(repo, "r")
+              if t.state == optuna.trial.TrialState.COMPLETE}
+
+    resumed = cli(prefect_env, "sweep", str(space), "--name", "r", "--repo", str(repo))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming sweep r: " in resumed.stdout + resumed.stderr
+    table = pd.read_csv(repo / "comparisons" / "r.csv")
+    assert len(table) == 4 and set(table["status"]) == {"ok"}, table  # as many as a sweep never killed
+    kept = dict(zip(table["name"], table["accuracy"]))
+    assert all(kept[exp] == value for exp, value in before.items()), (before, kept)  # not run again
+    drawn = {point["train.epochs"] for point in sample_points({"train.epochs": {"int_uniform": [1, 8]}}, "random", 4, 1)}
+    assert set(table["train.epochs"]) <= drawn  # the sweep's own points, a retry asking the same
+    shown = subprocess.run([str(BIN / "dvc"), "queue", "status"], cwd=repo, capture_output=True, text=True).stdout
+    assert "Queued" not in shown and "Running" not in shown, shown
+
+    again = cli(prefect_env, "sweep", str(space), "--name", "r", "--repo", str(repo))  # ended: nothing runs
+    assert again.returncode == 0 and pd.read_csv(repo / "comparisons" / "r.csv").equals(table), again.stderr[-2000:]
+    space.write_text("kind: random\nn: 4\nseed: 2\nspace:\n  train.epochs: {int_uniform: [1, 8]}\n")
+    other = cli(prefect_env, "sweep", str(space), "--name", "r", "--repo", str(repo))
+    assert other.returncode == 2 and other.stderr == (
+        "error: sweep 'r' was started with another search (its seed differs); rerun that search to resume it, "
+        "or give this one another --name\n"), other.stderr[-2000:]
+
+
+def test_a_study_keeps_its_search_in_the_storage_it_is_given(tmp_path):
+    url = f"sqlite:///{tmp_path / 'team.db'}"
+    search = search_of("random", {"train.epochs": [1, 2]}, 3, 2)
+    study = open_study(url, "s", search, [{"train.epochs": 1}, {"train.epochs": 2}])
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["point"] for t in waiting] == [{"train.epochs": 1}, {"train.epochs": 2}]
+    assert open_study(url, "s", search, []).user_attrs["search"] == search  # loaded, not queued twice
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 2
+    with pytest.raises(ConfigError, match=r"^sweep 's' was started with another search \(its kind, n differ\)"):
+        check_search(url, "s", search_of("grid", {"train.epochs": [1, 2]}, 3, 4))
+    check_search(url, "t", search_of("grid", {}, 0, 1))  # a new name: a new sweep
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("foo://x/y", "error: --storage foo://x/y: Can't load plugin: sqlalchemy.dialects:foo; give an Optuna storage URL"),
+    ("sqlite:////no/such/folder/s.db", ("error: --storage sqlite:////no/such/folder/s.db: unable to open database file; "
+                                       "its folder must exist and be writable")),
+])
+def test_a_storage_that_cannot_be_used_is_one_line_before_anything_runs(tmp_path, url, message):
+    repo = scored_project(tmp_path / "project")
+    space = tmp_path / "space.yaml"
+    space.write_text("kind: random\nn: 2\nspace:\n  train.epochs: [1, 2]\n")
+    env = {key: value for key, value in ENV.items() if key != "PREFECT_API_URL"}
+    result = cli(env, "sweep", str(space), "--name", "s", "--storage", url, "--repo", str(repo))
+    assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
