@@ -93,8 +93,18 @@ class Progress:
         self.failed: list[str] = []
         self.on_ended: Callable[[set[str]], None] = lambda names: None  # the study hears of each as it ends
 
+    def results(self, attempts: int = 3) -> pd.DataFrame:
+        # `dvc exp show` can fail while DVC's queue is saving another point (its lock, its refs): look again.
+        for attempt in range(1, attempts):
+            try:
+                return experiments_table(self.repo, sort_by=None)
+            except CommandFailed as err:
+                self.logger.warning(f"reading the points' results failed ({err}); trying again")
+                time.sleep(2 * attempt)
+        return experiments_table(self.repo, sort_by=None)
+
     def ended(self, names: set[str]) -> None:
-        table = experiments_table(self.repo, sort_by=None)
+        table = self.results()
         rows = {row["name"]: row for row in table.to_dict("records")} if not table.empty else {}
         for exp in sorted(names):
             row = rows.get(exp, {})

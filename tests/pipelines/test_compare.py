@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -252,12 +253,21 @@ def test_gate_fails_a_planted_regression_and_passes_an_improvement(two_commits, 
             (evaluate / name).write_text(text)
 
 
-@pytest.mark.e2e
-def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
+def gate_verdicts(prefect_api: str, repo) -> list[dict]:
+    """The gate artifacts of the flow runs on `repo`, newest first: the server is shared with other
+    tests' flows, which publish theirs under the same key meanwhile."""
     from tests.helpers import api
 
+    runs = api(prefect_api, "POST", "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 200})
+    mine = [run["id"] for run in runs if Path(run["parameters"].get("repo_dir", "")).resolve() == Path(repo).resolve()]
+    return api(prefect_api, "POST", "/artifacts/filter", {"sort": "CREATED_DESC", "artifacts": {
+        "key": {"any_": ["cifar10-gate"]}, "flow_run_id": {"any_": mine}}})
+
+
+@pytest.mark.e2e
+def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
     result = cli(prefect_env, "run", "--gate", "--repo", str(two_commits))
-    gates = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-gate"]}}})
+    gates = gate_verdicts(prefect_api, two_commits)
     previous = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=two_commits, capture_output=True, text=True)
     # The workspace is HEAD's run: the baseline is the run before it, never HEAD itself.
     assert gates and f"workspace against {previous.stdout.strip()[:7]} (the newest run on main before the candidate)" \
@@ -269,9 +279,7 @@ def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
     # Against a registry stage: nothing holds prod here yet, so the run passes and says why.
     champion = cli(prefect_env, "run", "--champion", "prod", "--repo", str(two_commits))
     assert champion.returncode == 0, champion.stderr[-2000:]
-    newest = api(prefect_api, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["cifar10-gate"]}},
-                                                           "sort": "CREATED_DESC", "limit": 1})
-    assert "no version holds 'prod' yet: the candidate passes" in newest[0]["data"]
+    assert "no version holds 'prod' yet: the candidate passes" in gate_verdicts(prefect_api, two_commits)[0]["data"]
 
 
 @pytest.mark.parametrize(("what", "text", "message"), [

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import signal
@@ -149,15 +150,17 @@ def test_a_sweep_killed_half_way_resumes_and_keeps_what_ended(tmp_path, prefect_
     space = tmp_path / "space.yaml"
     space.write_text("kind: random\nn: 4\nseed: 1\nspace:\n  train.epochs: {int_uniform: [1, 8]}\n")
     command = [str(BIN / "cifar10-pipeline"), "sweep", str(space), "--name", "r", "--repo", str(repo)]
-    first = subprocess.Popen(command, env=prefect_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(command, env=prefect_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while sum(t.state == optuna.trial.TrialState.COMPLETE for t in study_trials(repo, "r")) < 2:
-            assert first.poll() is None and time.monotonic() < deadline, "the sweep ended before two points did"
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the terminal's process group: the sweep dies at once
+        with contextlib.suppress(ProcessLookupError):  # it ended by itself
+            os.killpg(first.pid, signal.SIGKILL)  # the terminal's process group: the sweep dies at once
         first.wait()
     before = {t.user_attrs["experiment"]: t.value for t in study_trials(repo, "r")
               if t.state == optuna.trial.TrialState.COMPLETE}
