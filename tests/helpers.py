@@ -448,6 +448,22 @@ def start_worker(home, env: dict, pool: str, prefix: tuple[str, ...] = ()) -> su
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def running_under(proc: subprocess.Popen, text: str) -> bool:
+    """Whether a process under `proc` has `text` in its command line; a child that ends while it is
+    looked at (git, dvc) is passed over, not an error."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for child in children:
+        try:
+            if text in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """`sig` to the worker and everything under it, its flow run and stages: SIGKILL, a machine
     dying; SIGTERM, a machine shutting down or a container stopped."""

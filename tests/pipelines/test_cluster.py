@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -29,6 +28,7 @@ from tests.helpers import (
     git_dvc_project,
     kill_tree,
     prefect_server,
+    running_under,
     s3_remote,
     set_params,
     start_worker,
@@ -42,13 +42,6 @@ POOL = "cpu"
 def git(cwd, *args: str) -> str:
     return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd=cwd,
                           check=True, capture_output=True, text=True).stdout
-
-
-def training_under(proc: subprocess.Popen) -> bool:
-    try:
-        return any("stages.train" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True))
-    except psutil.Error:
-        return False
 
 
 def flow_runs(prefect_api: str, tag: str | None = None) -> list[dict]:
@@ -170,7 +163,7 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     deadline = time.monotonic() + 600
     victim = None
     while victim is None and time.monotonic() < deadline and started.poll() is None:
-        victim = next((w for w in cluster["workers"] if training_under(w)), None)
+        victim = next((w for w in cluster["workers"] if running_under(w, "stages.train")), None)
         time.sleep(1)
     assert victim is not None, started.communicate()
     kill_tree(victim)

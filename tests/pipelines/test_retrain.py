@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 import yaml
 
@@ -35,6 +34,7 @@ from tests.helpers import (
     dvc,
     inference_api,
     kill_tree,
+    running_under,
     s3_remote,
     scored_project,
     set_params,
@@ -261,8 +261,7 @@ def test_scheduled_retrains_gate_promote_hot_swap_and_alert(team, prefect_api):
             push_change(dev, "fixed, a slow prepare", prep_sleep=600, epochs=5)
             fifth = scheduled_run()
             worker = team["workers"][0]
-            wait_until(lambda: any("prep.py" in " ".join(p.cmdline()) for p in
-                                   psutil.Process(worker.pid).children(recursive=True)), 120, "prepare to start")
+            wait_until(lambda: running_under(worker, "prep.py"), 120, "prepare to start")
             kill_tree(worker)
             sixth = scheduled_run()
             late = alert("Late")
