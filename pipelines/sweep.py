@@ -354,7 +354,7 @@ def run_trials(repo: Path, study: Any, kind: str, space: dict[str, Any], n: int,
             exp = f"{name}-{trial.number + 1}"
             trial.set_user_attr("experiment", exp)
             batch.append((exp, whole_lists(trial.params if kind == "tpe" else trial.user_attrs["point"], params)))
-        for _, point in batch:
+        for _, point in batch if kind == "tpe" else ():  # a grid's or random search's were checked up front
             check_overrides(repo / "params.yaml", point)
         by_name = {exp: trial for (exp, _), trial in zip(batch, trials)}
         progress.on_ended = functools.partial(tell_ended, study, by_name, progress)
