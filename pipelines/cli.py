@@ -356,20 +356,27 @@ def sweep(
     keys = whole_lists(dict.fromkeys(cfg["space"]), read_params(repo / "params.yaml"))
     check_overrides(repo / "params.yaml", keys, values=False)  # each point's values, in the flow
     kind, seed, n = cfg.get("kind", "random"), cfg.get("seed", 0), n or cfg.get("n", 4)
+    pruner = cfg.get("pruner")
+    if pruner is not None:
+        from stages.common.trial import pruner_of
+
+        pruner_of(pruner)
     if name:  # a sweep run before under this name: its study must hold this search
         from pipelines.compare import safe_name
         from pipelines.study import check_search, sample_points, search_of, study_storage
 
         name = safe_name(name)
         total = n if kind == "tpe" else len(sample_points(cfg["space"], kind, n, seed))
-        check_search(study_storage(repo / "comparisons", name, storage), name, search_of(kind, cfg["space"], seed, total))
+        search = search_of(kind, cfg["space"], seed, total, pruner)
+        check_search(study_storage(repo, name, storage), name, search)
     with flow_api(repo):
         from pydantic import SecretStr
 
         from pipelines.sweep import sweep as sweep_flow  # Prefect loads its settings now, the API's among them
 
         result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=kind, n=n, seed=seed, jobs=jobs, name=name,
-                            pool=pool, gpu_pool=gpu_pool, storage=SecretStr(storage) if storage else None)
+                            pool=pool, gpu_pool=gpu_pool, storage=SecretStr(storage) if storage else None,
+                            pruner=pruner)
     typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")

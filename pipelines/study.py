@@ -16,18 +16,20 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from stages.common.errors import ConfigError, TransientError
+from stages.common.trial import pruner_of, study_journal
 
 
-def study_storage(folder: Path, name: str, url: str | None) -> Any:
+def study_storage(repo: Path, name: str, url: str | None) -> Any:
     """Where the sweep's study lives: the database `url` names (e.g. the team's PostgreSQL), or by
-    default a journal file in `folder` beside the sweep's table, safe for several processes."""
+    default a journal file in the project beside the sweep's table, safe for several processes."""
     if url:
         return url
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    folder.mkdir(exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(folder / f"{name}.journal")))
+    journal = study_journal(repo, name)
+    journal.parent.mkdir(exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(journal)))
 
 
 def _values(spec: Any) -> list[Any]:
@@ -86,10 +88,13 @@ def opening(storage: Any) -> Iterator[None]:
                              "check that it is up and rerun") from None
 
 
-def search_of(kind: str, space: dict[str, Any], seed: int, n: int) -> dict[str, Any]:
+def search_of(kind: str, space: dict[str, Any], seed: int, n: int, pruner: Any = None) -> dict[str, Any]:
     """What makes a sweep the same search when it is rerun under its name (as JSON reads it back);
-    a TPE search may be asked for more points."""
-    return json.loads(json.dumps({"kind": kind, "space": space, "seed": seed, **({} if kind == "tpe" else {"n": n})}))
+    a TPE search may be asked for more points. The pruner is kept here too: Optuna's storage does
+    not keep one, and each point's training rebuilds it from this (stages/common/trial.py)."""
+    search = {"kind": kind, "space": space, "seed": seed, **({} if kind == "tpe" else {"n": n}),
+              **({"pruner": pruner} if pruner is not None else {})}
+    return json.loads(json.dumps(search))
 
 
 def check_search(storage: Any, name: str, search: dict[str, Any]) -> None:
@@ -103,7 +108,7 @@ def check_search(storage: Any, name: str, search: dict[str, Any]) -> None:
     except KeyError:  # no such study: a new sweep
         return
     if started is not None and started != search:
-        differ = [key for key in ("kind", "space", "seed", "n") if started.get(key) != search.get(key)]
+        differ = [key for key in ("kind", "space", "seed", "n", "pruner") if started.get(key) != search.get(key)]
         verb = "differs" if len(differ) == 1 else "differ"
         raise ConfigError(f"sweep '{name}' was started with another search (its {', '.join(differ)} {verb}); rerun that "
                           f"search to resume it, or give this one another --name")
@@ -119,6 +124,7 @@ def open_study(storage: Any, name: str, search: dict[str, Any], points: list[dic
     sampler = optuna.samplers.TPESampler(seed=seed) if search["kind"] == "tpe" else optuna.samplers.RandomSampler(seed=seed)
     with opening(storage):
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize",
+                                    pruner=pruner_of(search.get("pruner")) or optuna.pruners.NopPruner(),
                                     load_if_exists=True)
     if "search" not in study.user_attrs:
         study.set_user_attr("search", search)

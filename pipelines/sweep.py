@@ -37,8 +37,9 @@ from pipelines.study import open_study, sample_points, search_of, study_storage
 from stages.common.errors import CommandFailed, ConfigError
 from stages.common.params import read_params, whole_lists
 from stages.common.run_params import check_overrides
+from stages.common.trial import PRUNED_AT, STORAGE_ENV, STUDY_DIR, TRIAL_KEY, pruner_of, study_journal
 
-OUT_DIR = Path("comparisons")
+OUT_DIR = STUDY_DIR
 
 
 def _rounded(value: Any) -> Any:
@@ -91,6 +92,7 @@ class Progress:
         self.repo, self.total, self.sort_by, self.logger = repo, total, sort_by, logger
         self.metric: dict[str, float] = {}
         self.failed: list[str] = []
+        self.pruned: dict[str, int] = {}  # experiment: the epoch its pruner stopped it after (the study tells)
         self.on_ended: Callable[[set[str]], None] = lambda names: None  # the study hears of each as it ends
 
     def results(self, attempts: int = 3) -> pd.DataFrame:
@@ -113,15 +115,26 @@ class Progress:
             else:
                 self.failed.append(exp)
         self.on_ended(names)
+        self.logger.info(self.line())
+
+    def best(self) -> str | None:
+        """The finished point with the best metric; a pruned one never counts."""
+        finished = {exp: value for exp, value in self.metric.items() if exp not in self.pruned}
+        return max(finished, key=finished.get) if finished else None
+
+    def line(self) -> str:
         done = len(self.metric) + len(self.failed)
-        best = max(self.metric, key=self.metric.get) if self.metric else None
+        best = self.best()
         so_far = f"best so far {best} ({self.sort_by} {self.metric[best]})" if best else "no point finished yet"
-        self.logger.info(f"progress: {done}/{self.total} ended, {len(self.failed)} failed, "
-                         f"{self.total - done} remaining; {so_far}")
+        pruned = f" ({len(self.pruned)} pruned)" if self.pruned else ""
+        return (f"progress: {done}/{self.total} ended{pruned}, {len(self.failed)} failed, "
+                f"{self.total - done} remaining; {so_far}")
 
 
-def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger) -> None:
-    """Queue the batch's points and run them, `jobs` at a time, reporting each as it ends."""
+def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger,
+              study_env: dict[str, str] | None = None) -> None:
+    """Queue the batch's points and run them, `jobs` at a time, reporting each as it ends
+    (`study_env`: where the points' train stage finds a study in a database)."""
     import subprocess
 
     for exp, point in batch:
@@ -130,7 +143,7 @@ def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, pr
         logger.info(f"queued {exp}: {point}")
     pending = {exp for exp, _ in batch}
     runner = subprocess.Popen([dvc_executable(), "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=repo,
-                              env=dvc_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env={**dvc_environment(), **(study_env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while pending:
             finished = runner.poll() is not None
@@ -148,7 +161,8 @@ def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, pr
 
 
 def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger, *,
-                pool: str, git_url: str, rev: str, sweep_name: str, gpu_pool: str | None = None) -> None:
+                pool: str, git_url: str, rev: str, sweep_name: str, gpu_pool: str | None = None,
+                study_env: dict[str, str] | None = None) -> None:
     """The batch's points as flow runs of the pool's deployment, taken by however many workers
     serve the pool (`jobs` does not apply); each finished point's experiment is pulled from origin.
     A point origin already holds (this sweep ran before) is pulled, not run again: rerunning a
@@ -163,7 +177,8 @@ def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, 
     if again:
         progress.ended(set(again))
     todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in on_origin}
-    runs = work_pool.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"], gpu_pool=gpu_pool)
+    runs = work_pool.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"], gpu_pool=gpu_pool,
+                            study_storage=(study_env or {}).get(STORAGE_ENV))
     for exp, run in runs.items():
         logger.info(f"submitted {exp} to work pool '{pool}' (flow run {run.id}): {todo[exp]}")
 
@@ -190,14 +205,17 @@ def sweep(
     pool: str | None = None,
     gpu_pool: str | None = None,
     storage: SecretStr | None = None,  # a database URL may hold a password: the API shows it masked
+    pruner: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Queue one DVC experiment per point, run them (`jobs` at a time, or as flow runs on the
     work pool `pool`, each sending its GPU stages to `gpu_pool` when given), then rank them; a
-    sweep run before under `name` resumes."""
+    sweep run before under `name` resumes. With a `pruner`, each point's training reports to its
+    trial and stops when the pruner says so."""
     logger = get_run_logger()
     repo = Path(repo_dir).resolve()
+    pruner_of(pruner)  # a bad pruner or space fails before anything runs
     if kind == "tpe":
-        optuna_distributions(space or {})  # a bad space fails before anything runs
+        optuna_distributions(space or {})
         points = []
     else:
         params = read_params(repo / "params.yaml")
@@ -214,39 +232,35 @@ def sweep(
             logger.info(f"deployment {deployment}: workers clone {git_url} at {rev[:7]}")
         runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev, sweep_name=name,
                                    gpu_pool=gpu_pool)
+    url = storage.get_secret_value() if storage else None
+    # Where the points' train stage finds the study: pool workers clone elsewhere, so it is always named.
+    runner = functools.partial(runner, study_env={STORAGE_ENV: url or str(study_journal(repo, name))} if pruner else {})
     total = n if kind == "tpe" else len(points)
     progress = Progress(repo, total, sort_by, logger)
-    url = storage.get_secret_value() if storage else None
-    study = open_study(study_storage(repo / OUT_DIR, name, url), name, search_of(kind, space or {}, seed, total), points)
+    search = search_of(kind, space or {}, seed, total, pruner)
+    study = open_study(study_storage(repo, name, url), name, search, points)
     resumed = recover(repo, study, kind, progress, pool)
     if resumed:
         logger.info(f"resuming sweep {name}: {resumed}")
     started = time.perf_counter()
-    run_trials(repo, study, kind, space or {}, total, jobs, name, progress, logger, runner)
+    run_trials(repo, study, kind, space or {}, total, jobs, name, progress, logger, runner, prune=pruner is not None)
     where = f"on work pool '{pool}'" if pool else f"with {jobs} job(s)"
     logger.info(f"sweep {name}: {total} points ended, after {time.perf_counter() - started:.0f} s here {where}")
     names, points = ended_points(repo, study, kind)
 
-    table = experiments_table(repo, sort_by=sort_by)
-    mine = table[table["name"].isin(names)] if not table.empty else table
-    finished = {row["name"]: row for row in mine.to_dict("records") if row["name"] in progress.metric}
-    failed = sorted(set(names) - set(finished))
+    result = ranked(experiments_table(repo, sort_by=sort_by), names, points, progress)
+    failed = result.loc[result["status"] == "failed", "name"].tolist() if not result.empty else []
     points_by_name = dict(zip(names, points))
-    rows = [{"name": n_, **points_by_name[n_], **{k: r.get(k) for k in ("accuracy", "f1_macro", "loss")}, "status": "ok"}
-            for n_, r in finished.items() if n_ not in failed]
-    rows += [{"name": n_, **points_by_name[n_], "status": "failed"} for n_ in failed]
     rerun = f"--name {name}" + (f" --pool {pool}" if pool else "")
     for n_ in failed:
         logger.error(f"{n_} failed: {points_by_name[n_]}; rerunning the sweep with {rerun} asks a failed point once more")
-    result = pd.DataFrame(rows)
-    if "accuracy" in result:
-        result = result.sort_values("accuracy", ascending=False, na_position="last").reset_index(drop=True)
     best = result.iloc[0].to_dict() if not result.empty and result.iloc[0]["status"] == "ok" else None
 
     out = repo / OUT_DIR
     out.mkdir(exist_ok=True)
     result.to_csv(out / f"{name}.csv", index=False)
-    summary = [f"# Sweep {name}", "", f"{len(points)} points ({kind}), {len(failed)} failed.", "",
+    pruned = f", {len(progress.pruned)} pruned" if pruner else ""
+    summary = [f"# Sweep {name}", "", f"{len(points)} points ({kind}){pruned}, {len(failed)} failed.", "",
                result.to_markdown(index=False)]
     if best:
         summary += ["", (f"Best: `{best['name']}` accuracy {best.get('accuracy')}; "
@@ -258,6 +272,27 @@ def sweep(
     return {"name": name, "points": len(points), "failed": failed, "best": best, "table": str(out / f"{name}.csv")}
 
 
+def ranked(table: pd.DataFrame, names: list[str], points: list[dict[str, Any]], progress: Progress) -> pd.DataFrame:
+    """One row per ended point: its values, metrics and status. Finished points come first, best
+    metric first; then the pruned (never ranked among the finished), then the failed."""
+    rows_by_name = {row["name"]: row for row in table.to_dict("records")} if not table.empty else {}
+    metrics = list(dict.fromkeys([progress.sort_by, "accuracy", "f1_macro", "loss"]))
+    rows = []
+    for exp, point in zip(names, points):
+        row = rows_by_name.get(exp)
+        status = "failed" if row is None or exp not in progress.metric else "pruned" if exp in progress.pruned else "ok"
+        rows.append({"name": exp, **point, **({k: row.get(k) for k in metrics} if status != "failed" else {}),
+                     "status": status, **({PRUNED_AT: progress.pruned[exp]} if status == "pruned" else {})})
+    result = pd.DataFrame(rows)
+    if result.empty:
+        return result
+    order = result["status"].map({"ok": 0, "pruned": 1, "failed": 2})
+    value = pd.to_numeric(result.get(progress.sort_by, pd.Series(index=result.index, dtype=float)), errors="coerce")
+    return (result.assign(_order=order, _value=value)
+            .sort_values(["_order", "_value"], ascending=[True, False], na_position="last", kind="stable")
+            .drop(columns=["_order", "_value"]).reset_index(drop=True))
+
+
 def _died(study: Any) -> set[int]:
     return set(study.user_attrs.get("died", []))
 
@@ -267,7 +302,7 @@ def _ended(study: Any) -> list[Any]:
     from optuna.trial import TrialState
 
     died = _died(study)
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
             if t.number not in died and "experiment" in t.user_attrs]
 
 
@@ -300,12 +335,15 @@ def recover(repo: Path, study: Any, kind: str, progress: Progress, pool: str | N
     ended = _ended(study)
     progress.metric.clear()
     progress.failed.clear()
+    progress.pruned.clear()
     for trial in ended:
         exp = trial.user_attrs["experiment"]
-        if trial.state == TrialState.COMPLETE:
-            progress.metric[exp] = trial.value
-        else:
+        if trial.state == TrialState.FAIL:
             progress.failed.append(exp)
+            continue
+        progress.metric[exp] = trial.user_attrs.get("metric", trial.value)
+        if trial.state == TrialState.PRUNED:
+            progress.pruned[exp] = trial.user_attrs[PRUNED_AT]
     if not (ended or left or retried):
         return ""
     return (f"{len(ended)} points had ended; {len(left)} were left running ({', '.join(kept) or 'none'} ended well "
@@ -319,9 +357,9 @@ def _ended_meanwhile(repo: Path, study: Any, trial: Any, progress: Progress, sta
 
     exp = trial.user_attrs.get("experiment", "")
     if statuses.get(exp) == "Success":
+        progress.on_ended = functools.partial(tell_ended, study, {exp: trial}, progress)
         progress.ended({exp})
         if exp in progress.metric:
-            study.tell(trial.number, progress.metric[exp])
             return exp
     # Out of DVC's queue, or it would run beside its retry; a task that ended meanwhile cannot be killed.
     with contextlib.suppress(CommandFailed):
@@ -330,15 +368,16 @@ def _ended_meanwhile(repo: Path, study: Any, trial: Any, progress: Progress, sta
     with contextlib.suppress(CommandFailed):
         if statuses.get(exp) in ("Queued", "Running", "Failed"):
             dvc(repo, "queue", "remove", exp)
-    study.tell(trial.number, state=TrialState.FAIL)
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     return None
 
 
 def run_trials(repo: Path, study: Any, kind: str, space: dict[str, Any], n: int, jobs: int, name: str,
-               progress: Progress, logger, runner=run_batch) -> None:
+               progress: Progress, logger, runner=run_batch, prune: bool = False) -> None:
     """Ask the study for points until `n` trials ended (a grid's or random search's queued points
     all at once, TPE's `jobs` at a time), run each as a DVC experiment, and tell each one's metric
-    (a failed point is a failed trial)."""
+    (a failed point is a failed trial, a point its training pruned a pruned one). With `prune`,
+    each point's training reports to its trial (train.trial)."""
     from optuna.trial import TrialState
 
     distributions = optuna_distributions(space) if kind == "tpe" else {}
@@ -356,6 +395,8 @@ def run_trials(repo: Path, study: Any, kind: str, space: dict[str, Any], n: int,
             batch.append((exp, whole_lists(trial.params if kind == "tpe" else trial.user_attrs["point"], params)))
         for _, point in batch if kind == "tpe" else ():  # a grid's or random search's were checked up front
             check_overrides(repo / "params.yaml", point)
+        if prune:
+            batch = [(exp, {**point, TRIAL_KEY: f"{name}/{trial.number}"}) for (exp, point), trial in zip(batch, trials)]
         by_name = {exp: trial for (exp, _), trial in zip(batch, trials)}
         progress.on_ended = functools.partial(tell_ended, study, by_name, progress)
         runner(repo, batch, jobs, progress, logger)
@@ -363,14 +404,24 @@ def run_trials(repo: Path, study: Any, kind: str, space: dict[str, Any], n: int,
 
 
 def tell_ended(study: Any, trials: dict[str, Any], progress: Progress, names: set[str]) -> None:
-    """Tell the study the metric of each named point that ended (a failed one: a failed trial)."""
+    """Tell the study the metric of each named point that ended: a failed one is a failed trial,
+    one its training pruned (its trial records where) a pruned trial, valued at its last report;
+    its test metric is kept beside it for the table."""
     from optuna.trial import TrialState
 
     for exp in names & set(trials):
-        if exp in progress.metric:
-            study.tell(trials[exp], progress.metric[exp], skip_if_finished=True)
+        number = trials[exp].number
+        frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        if frozen.state.is_finished():
+            continue
+        if exp not in progress.metric:
+            study.tell(number, state=TrialState.FAIL)
+        elif PRUNED_AT in frozen.user_attrs:
+            progress.pruned[exp] = frozen.user_attrs[PRUNED_AT]
+            study._storage.set_trial_user_attr(frozen._trial_id, "metric", progress.metric[exp])
+            study.tell(number, state=TrialState.PRUNED)
         else:
-            study.tell(trials[exp], state=TrialState.FAIL, skip_if_finished=True)
+            study.tell(number, progress.metric[exp])
 
 
 def ended_points(repo: Path, study: Any, kind: str) -> tuple[list[str], list[dict[str, Any]]]:

@@ -13,6 +13,7 @@ origin. The caller's side (deploy, submit, wait, take back) is pipelines/pool.py
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
+from pydantic import SecretStr
 
 from pipelines.dvcrepo import RemoteUnreachable, git
 from pipelines.flow import pipeline, save_experiment, stage_task
@@ -34,6 +36,7 @@ from pipelines.pool import (
     transfer,
 )
 from stages.common.errors import CommandFailed, ConfigError
+from stages.common.trial import STORAGE_ENV
 
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=retry_when_unreachable)
@@ -58,14 +61,18 @@ def experiment_on_pool(
     overrides: dict[str, Any] | None = None,
     stage_timeouts: dict[str, float] | None = None,
     gpu_pool: str | None = None,
+    study_storage: SecretStr | None = None,  # a database URL may hold a password: the API shows it masked
 ) -> dict[str, Any]:
     """Clone `git_url` at `rev`, run the pipeline with `overrides` (its GPU stages on `gpu_pool`
-    when given), push it as experiment `name`.
+    when given), push it as experiment `name`. A sweep's point that reports to its trial
+    (train.trial) finds the study in `study_storage`.
 
     A name the git remote already holds is not run again: a flow run Prefect starts twice, or a
     sweep rerun to retry its failed points, leaves each point's experiment exactly once.
     """
     logger = get_run_logger()
+    if study_storage:  # each flow run is a process of its own: its stages inherit this
+        os.environ[STORAGE_ENV] = study_storage.get_secret_value()
     workdir = Path(tempfile.mkdtemp(prefix="cifar10-run-"))
     timings: dict[str, float] = {}
     try:

@@ -17,7 +17,6 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from stages.common import dataio
-from stages.common.callbacks import EpochClock, EpochLog, StopOnInterrupt
+from stages.common.callbacks import EpochClock, EpochLog, ReportToTrial, StopOnInterrupt
 from stages.common.errors import TrainingDiverged, run_main
 from stages.common.models import check_trainable, gpu_names
 from stages.common.params import load_section
@@ -37,6 +36,7 @@ from stages.common.paths import CLASSES, NORMALIZATION, RUN_INFO, split_file, st
 from stages.common.provenance import cpu_info
 from stages.common.recipe import compile_model, precision_policy, recipe_callbacks
 from stages.common.schemas import TrainParams
+from stages.common.trial import PRUNED_AT, open_trial
 
 BACKUP_ROOT = Path(".dvc/tmp/train-backup")
 HISTORY_FILE = "history.jsonl"
@@ -105,7 +105,7 @@ def resume_history(backup_dir: Path) -> list[dict[str, float]]:
 
 def backup_key(params: TrainParams, prepared_dir: Path) -> str:
     """Changes whenever a train param or the prepared data does."""
-    digest = hashlib.sha256(json.dumps(asdict(params), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(params.recorded(), sort_keys=True).encode())
     for name in (split_file("train"), split_file("val"), NORMALIZATION, CLASSES):
         with open(prepared_dir / name, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
@@ -171,6 +171,14 @@ def train(
     return model, history
 
 
+def trial_reporter(params: TrainParams, has_val: bool) -> ReportToTrial | None:
+    """The callback reporting each epoch's validation accuracy to the sweep's trial, when this run is one."""
+    trial = open_trial(params.trial) if params.trial else None
+    if params.trial and trial is None:
+        print(f"train: trial {params.trial} has ended; training to the end without reporting to it")
+    return ReportToTrial(trial, "val_accuracy" if has_val else "accuracy") if trial else None
+
+
 def main() -> None:
     paths = stage_paths("train", "prepared", "model", "out")
     prepared, model_path, out = paths["prepared"], paths["model"], paths["out"]
@@ -198,13 +206,17 @@ def main() -> None:
     started = time.perf_counter()
     # dvcyaml=None: the stage's plots are declared in dvc.yaml, DVCLive must not edit it.
     with Live(str(out), dvcyaml=None, save_dvc_exp=False, report=None) as live:
-        live.log_params(asdict(params))
+        live.log_params(params.recorded())
         for row in previous:  # the curves cover every epoch, also those before an interruption
             for name, value in row.items():
                 if name != "epoch":
                     live.log_metric(standardize_metric_name(name, "dvclive.keras"), value)
             live.next_step()
-        model, history = train(params, splits, classes, normalization, [DVCLiveCallback(live=live)], backup_dir)
+        reporter = trial_reporter(params, has_val=len(splits["val"][1]) > 0)
+        callbacks = [DVCLiveCallback(live=live), *([reporter] if reporter else [])]
+        model, history = train(params, splits, classes, normalization, callbacks, backup_dir)
+        pruned = {PRUNED_AT: reporter.pruned_after} if reporter and reporter.pruned_after else {}
+        live.summary.update(pruned)  # `dvc exp show` lists where a pruned point stopped
     seconds = time.perf_counter() - started
 
     with dataio.atomic_path(model_path) as tmp:
@@ -214,8 +226,9 @@ def main() -> None:
         "cpu": cpu,
         "precision": precision,
         "seconds": round(seconds, 1),
-        "seconds_per_epoch": round(seconds / max(params.epochs - len(previous), 1), 1),
+        "seconds_per_epoch": round(seconds / max(len(history.get("loss", [])) - len(previous), 1), 1),
         "resumed_after_epoch": len(previous),
+        **pruned,
         "parameters": model.count_params(),
         "distribute": params.distribute,
         "replicas": model.distribute_strategy.num_replicas_in_sync,
@@ -226,6 +239,8 @@ def main() -> None:
     dataio.write_json(out / RUN_INFO, info)
     shutil.rmtree(backup_dir, ignore_errors=True)
     final = {k: round(v[-1], 4) for k, v in history.items()}
+    if pruned:
+        print(f"train: trial {params.trial} pruned by its sweep's pruner after epoch {pruned[PRUNED_AT]} of {params.epochs}")
     print(f"train: done in {seconds:.1f} s on {device}; last epoch {final} -> {model_path}")
 
 

@@ -1,6 +1,7 @@
 """The callbacks a training run uses, in one place: the recipe's (airbench's lookahead, the epoch
 count alternating flips read, each epoch's own time) and the train stage's own (stopping cleanly
-on Ctrl-C or SIGTERM between batches, the per-epoch log a resumed run keeps)."""
+on Ctrl-C or SIGTERM between batches, the per-epoch log a resumed run keeps, a sweep's trial
+hearing each epoch's validation accuracy)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import keras
 
 from stages.common.errors import stop_signals_to_handle
 from stages.common.layers import AlternatingFlip, all_layers
+from stages.common.trial import PRUNED_AT
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -131,3 +134,23 @@ class EpochLog(keras.callbacks.Callback):
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+class ReportToTrial(keras.callbacks.Callback):
+    """After each epoch, report `monitor` to the trial at step = epochs done, and stop training
+    when the pruner prunes it; `pruned_after` then holds that epoch (the trial records it too)."""
+
+    def __init__(self, trial: Any, monitor: str) -> None:
+        super().__init__()
+        self.trial, self.monitor = trial, monitor
+        self.pruned_after: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        self.trial.report(float(value), epoch + 1)
+        if self.trial.should_prune():
+            self.pruned_after = epoch + 1
+            self.trial.set_user_attr(PRUNED_AT, epoch + 1)
+            self.model.stop_training = True

@@ -269,6 +269,9 @@ def parse_section(raw: Any, cls: type[T], prefix: str) -> T:
     values = {}
     for fname, fld in fields.items():
         key = f"{prefix}.{fname}"
+        if fname not in raw and fld.default is not dataclasses.MISSING:  # set by a tool, absent by default
+            values[fname] = fld.default
+            continue
         if fname not in raw:
             raise ConfigError(f"params.yaml: '{key}' is missing; add it (see docs/pipeline.md)")
         values[fname] = _check_field(raw[fname], hints[fname], fld.metadata, key)

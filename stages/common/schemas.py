@@ -154,6 +154,9 @@ class TrainParams:
     distribute: str = knob(choices=DISTRIBUTE)
     seed: int = knob(min=0, max=MAX_SEED)
     require_gpu: bool
+    # The Optuna trial (STUDY/NUMBER) a sweep with a pruner runs this point for (stages/common/trial.py);
+    # null outside such a sweep, and a params.yaml written before it existed may lack it.
+    trial: str | None = None
 
     def __post_init__(self) -> None:
         # Each model's own options are checked against its builder by models.check_builds.
@@ -173,6 +176,11 @@ class TrainParams:
     def warmup_steps(self, steps_per_epoch: int) -> int:
         """Warmup within the run: a warmup as long as the run would never reach its decay."""
         return int(min(self.warmup_epochs, self.epochs / 2) * steps_per_epoch)
+
+    def recorded(self) -> dict[str, Any]:
+        """The params as the run records them; a run outside a sweep records no trial."""
+        params = dataclasses.asdict(self)
+        return params if self.trial else {k: v for k, v in params.items() if k != "trial"}
 
     def warnings(self) -> list[str]:
         out = []

@@ -1,5 +1,7 @@
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -9,13 +11,27 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import yaml
 
 from pipelines.study import check_search, open_study, sample_points, search_of
 from pipelines.sweep import _override
 from stages.common import run_params as presets
 from stages.common.errors import ConfigError
 from stages.common.params import read_params, read_sweep_file, whole_lists
-from tests.helpers import BIN, ENV, REPO, cli, dvc, git_dvc_project, scored_project, set_params, tiny_params
+from stages.common.trial import pruner_of
+from tests.helpers import BIN, ENV, REPO, cli, copy_repo, dvc, git_dvc_project, scored_project, set_params, tiny_params
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_archive) -> Path:
+    """The tiny project, run and committed once; each test sweeps a copy of it."""
+    repo = git_dvc_project(tmp_path_factory.mktemp("sweep") / "project")
+    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
+    dvc(repo, "repro")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
+    return repo
 
 
 def test_grid_and_random_points():
@@ -48,14 +64,36 @@ def test_seed002s_search_draws_points_its_preset_builds(tmp_path):
         presets.check_overrides(params_file, point)
 
 
+def test_the_hyperband_file_is_keras_tuners_settings_on_seed002s_space():
+    hyperband = read_sweep_file(REPO / "sweeps" / "seed002-hyperband.yaml")
+    random = read_sweep_file(REPO / "sweeps" / "seed002.yaml")
+    pruner = pruner_of(hyperband["pruner"])
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (1, 10, 3)
+    assert hyperband["n"] == 22 and hyperband["space"]["train.epochs"] == [10]  # 12 + 6 + 4 models, max_epochs 10
+    assert all(hyperband["space"][key] == values for key, values in random["space"].items() if key != "train.epochs")
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("asha", "pruner 'asha' is not one of median, successive_halving, hyperband"),
+    ({"median": {"patience": 2}}, "pruner median: MedianPruner.__init__() got an unexpected keyword argument 'patience'"),
+    ({"median": {"n_startup_trials": -1}}, "pruner median: Number of startup trials cannot be negative"),
+])
+def test_a_pruner_optuna_lacks_is_one_line_before_anything_runs(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        pruner_of(spec)
+    repo = scored_project(tmp_path / "project")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"kind": "random", "n": 2, "pruner": spec, "space": {"train.epochs": [1, 2]}}))
+    env = {key: value for key, value in ENV.items() if key != "PREFECT_API_URL"}
+    result = cli(env, "sweep", str(space), "--name", "s", "--repo", str(repo))
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1 and not (repo / "comparisons" / "s.journal").exists()
+
+
 @pytest.mark.e2e
-def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, tiny_archive, prefect_env):
-    repo = git_dvc_project(tmp_path / "project")
-    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
-    dvc(repo, "repro")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
+def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, baseline, prefect_env):
+    repo = copy_repo(baseline, tmp_path / "project")
     # Seed 0 draws require_gpu true for t-3: it passes the schema and fails when it runs (no GPU).
     (tmp_path / "space.yaml").write_text(
         "kind: random\nn: 3\nseed: 0\nspace:\n  train.learning_rate: {log_uniform: [0.0005, 0.005]}\n"
@@ -86,6 +124,34 @@ def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, tiny_archiv
     assert "best" in branches
 
 
+@pytest.mark.e2e
+def test_a_pruned_point_stops_early_is_kept_as_an_experiment_and_is_never_ranked(tmp_path, baseline, prefect_env):
+    """The first point trains (the median rule needs one finished trial); the next two cannot
+    learn (learning rate 1e-9), so they fall below its validation accuracy and are pruned."""
+    repo = copy_repo(baseline, tmp_path / "project")
+    space = tmp_path / "space.yaml"
+    space.write_text("kind: grid\npruner: {median: {n_startup_trials: 1}}\nspace:\n"
+                     "  train.learning_rate: [0.01, 1.0e-9, 2.0e-9]\n  train.optimizer: [adam]\n"
+                     "  train.schedule: [constant]\n  train.epochs: [3]\n")
+    result = cli(prefect_env, "sweep", str(space), "--name", "p", "--repo", str(repo))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(repo / "comparisons" / "p.csv")
+    assert list(zip(table["name"], table["status"])) == [("p-1", "ok"), ("p-2", "pruned"), ("p-3", "pruned")], table
+    assert table.loc[1:, "pruned_after_epoch"].between(1, 2).all() and table["accuracy"].notna().all()
+    assert "progress: 3/3 ended (2 pruned), 0 failed, 0 remaining; best so far p-1" in result.stdout + result.stderr
+    assert "Best: `p-1`" in result.stdout
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    runs = {exp["name"]: exp for baseline in shown for exp in baseline.get("experiments") or []}
+    pruned = runs["p-2"]["revs"][0]["data"]["metrics"]["results/train/metrics.json"]["data"]
+    assert pruned["pruned_after_epoch"] == table.loc[1, "pruned_after_epoch"]  # kept, with where it stopped
+    trials = {t.user_attrs["experiment"]: t for t in study_trials(repo, "p")}
+    assert trials["p-2"].state == optuna.trial.TrialState.PRUNED and trials["p-1"].state.name == "COMPLETE"
+    assert len(trials["p-1"].intermediate_values) == 3 and len(trials["p-2"].intermediate_values) < 3
+
+    again = cli(prefect_env, "sweep", str(space), "--name", "p", "--repo", str(repo))  # ended: nothing runs
+    assert again.returncode == 0 and pd.read_csv(repo / "comparisons" / "p.csv").equals(table), again.stderr[-2000:]
+
+
 def test_tpe_space_maps_to_optuna_distributions():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -101,12 +167,8 @@ def test_tpe_space_maps_to_optuna_distributions():
 
 
 @pytest.mark.e2e
-def test_a_tpe_search_runs_each_trial_as_an_experiment(tmp_path, tiny_archive, prefect_env):
-    repo = git_dvc_project(tmp_path / "project")
-    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
-    dvc(repo, "repro")
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=repo, check=True)
+def test_a_tpe_search_runs_each_trial_as_an_experiment(tmp_path, baseline, prefect_env):
+    repo = copy_repo(baseline, tmp_path / "project")
     (tmp_path / "space.yaml").write_text("kind: tpe\nn: 2\nseed: 1\nspace:\n"
                                          "  train.learning_rate: {log_uniform: [0.0005, 0.005]}\n")
     result = cli(prefect_env, "sweep", str(tmp_path / "space.yaml"), "--name", "b", "--repo", str(repo))

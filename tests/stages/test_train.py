@@ -1,4 +1,8 @@
+import json
+from pathlib import Path
+
 import numpy as np
+import optuna
 import pytest
 
 from stages.common.errors import ConfigError
@@ -6,8 +10,10 @@ from stages.common.layers import augmentation
 from stages.common.models import MODELS, build_model, check_arch, check_builds
 from stages.common.recipe import make_optimizer, make_schedule
 from stages.common.schemas import Augment, TrainParams
+from stages.common.trial import PRUNED_AT, study_journal
 from stages.train import train
 from tests import synthetic
+from tests.helpers import dvc, git_dvc_project, run_stage, set_params, tiny_params
 
 CLASSES = ["a", "b", "c"]
 
@@ -535,3 +541,58 @@ def test_flip_takes_true_false_or_alternating_and_refuses_other_words():
         assert parse_section({**raw, "augment": {**raw["augment"], "flip": flip}}, TrainParams, "train").augment.flip == flip
     with pytest.raises(ConfigError, match="'train.augment.flip' is 'sometimes'; allowed values: False, True, alternating"):
         parse_section({**raw, "augment": {**raw["augment"], "flip": "sometimes"}}, TrainParams, "train")
+
+
+def pruning_study(repo: Path, name: str) -> optuna.Study:
+    """A sweep's study as `cifar10-pipeline sweep` keeps it, pruning with the median rule after one
+    finished trial; that trial reported 2.0 (above any accuracy) after every epoch."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = study_journal(repo, name)
+    journal.parent.mkdir(exist_ok=True)
+    study = optuna.create_study(study_name=name, direction="maximize",
+                                storage=JournalStorage(JournalFileBackend(str(journal))))
+    study.set_user_attr("search", {"pruner": {"median": {"n_startup_trials": 1}}})
+    leader = study.ask()
+    for step in (1, 2, 3):
+        leader.report(2.0, step)
+    study.tell(leader, 2.0)
+    return study
+
+
+@pytest.mark.e2e
+def test_a_sweeps_trial_hears_each_epoch_and_its_pruner_stops_training(tmp_path, tiny_archive):
+    """With train.trial set, train reports val_accuracy after each epoch and stops when the
+    study's pruner prunes it, recording where as a successful run; a trial that has ended is not
+    reported to; a bad trial is one line, exit 2."""
+    repo = git_dvc_project(tmp_path / "project")
+    set_params(repo / "params.yaml", **tiny_params(tiny_archive))
+    dvc(repo, "repro", "validate")
+    study = pruning_study(repo, "s")
+    trial = study.ask()
+    set_params(repo / "params.yaml", train={"epochs": 3, "trial": f"s/{trial.number}"})
+    ran = dvc(repo, "repro", "train")
+    assert f"trial s/{trial.number} pruned by its sweep's pruner after epoch 1 of 3" in ran.stdout, ran.stdout
+    info = json.loads((repo / "results/train/run_info.json").read_text())
+    metrics = json.loads((repo / "results/train/metrics.json").read_text())
+    assert info[PRUNED_AT] == 1 and metrics[PRUNED_AT] == 1
+    reported = study.trials[trial.number]
+    assert reported.user_attrs[PRUNED_AT] == 1 and list(reported.intermediate_values) == [1]
+    assert reported.intermediate_values[1] == pytest.approx(metrics["eval"]["accuracy"])
+    curve = (repo / "results/train/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
+    assert len(curve) == 2  # the header and the one epoch it ran: the curve is cut short
+
+    study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)  # the sweep's part
+    set_params(repo / "params.yaml", train={"epochs": 2})
+    ended = dvc(repo, "repro", "train")
+    assert f"trial s/{trial.number} has ended; training to the end without reporting to it" in ended.stdout
+    assert PRUNED_AT not in json.loads((repo / "results/train/run_info.json").read_text())
+    assert len((repo / "results/train/plots/metrics/eval/accuracy.tsv").read_text().splitlines()) == 3
+
+    for ref, message in [("s", "train.trial 's' is not STUDY/NUMBER"), ("t/0", "train.trial names study 't', but its journal comparisons/t.journal does not exist"),
+                         ("s/9", "train.trial: study 's' has no trial 9")]:
+        set_params(repo / "params.yaml", train={"trial": ref})
+        bad = run_stage("train", repo)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}"), bad.stderr[-2000:]
+        assert bad.stderr.count("\n") == 1
