@@ -25,7 +25,7 @@ from typing import Any
 
 import networkx as nx
 
-from stages.common.errors import FLOW_PROCESS_ENV, CommandFailed, StageFailed, TransientError, this_process
+from stages.common.errors import FLOW_PROCESS_ENV, CommandFailed, ConfigError, StageFailed, TransientError, this_process
 from stages.common.params import flatten
 
 
@@ -34,6 +34,19 @@ class StageGraph:
     order: list[str]  # topological: every stage after the stages it depends on
     upstream: dict[str, list[str]]
     gpu: frozenset[str] = frozenset()  # marked `meta: {accelerator: gpu}` in dvc.yaml
+
+    def up_to(self, stage: str) -> StageGraph:
+        """The stage and every stage it depends on, as `dvc repro STAGE` runs them."""
+        if stage not in self.order:
+            raise ConfigError(f"there is no stage '{stage}' in dvc.yaml; stages: {', '.join(self.order)}")
+        keep, todo = {stage}, [stage]
+        while todo:
+            for up in self.upstream[todo.pop()]:
+                if up not in keep:
+                    keep.add(up)
+                    todo.append(up)
+        return StageGraph(order=[s for s in self.order if s in keep],
+                          upstream={s: ups for s, ups in self.upstream.items() if s in keep}, gpu=self.gpu & keep)
 
 
 GPU_MARK = ("accelerator", "gpu")

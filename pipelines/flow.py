@@ -70,9 +70,10 @@ def experiment_name(run_name: str, run_id: str | None) -> str:
     return f"prefect-{run_name}-{(run_id or 'local').replace('-', '')[:8]}"
 
 
-def assert_nothing_stale(repo: Path) -> None:
-    """A finished flow run leaves the workspace consistent: DVC finds every stage up to date."""
+def assert_nothing_stale(repo: Path, stages: list[str]) -> None:
+    """A finished flow run leaves the workspace consistent: DVC finds the stages it ran up to date."""
     _, reasons = inspect_repo(repo)
+    reasons = {stage: why for stage, why in reasons.items() if stage in stages}
     if reasons:
         stale = "; ".join(f"{stage}: {', '.join(why)}" for stage, why in reasons.items())
         raise StageFailed("pipeline", f"stages are still stale after the run ({stale}); rerun", None)
@@ -283,8 +284,10 @@ def pipeline(
     experiment: str | None = None,
     pull: bool = False,
     gpu_pool: str | None = None,
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """Run the DVC pipeline in `repo_dir`; stages DVC finds up to date are skipped. `experiment`
+    """Run the DVC pipeline in `repo_dir` (with `until`, that stage and those it depends on, as
+    `dvc repro STAGE` does); stages DVC finds up to date are skipped. `experiment`
     names the DVC experiment the run is saved as; `pull` takes missing data and stages computed
     elsewhere from the DVC remote (its run-cache) instead of running them; `gpu_pool` sends the
     stages dvc.yaml marks `accelerator: gpu` (train, evaluate) to that work pool's workers;
@@ -294,14 +297,17 @@ def pipeline(
     with workspace_lock(repo, lock_timeout_s, f"flow run {_flow_run_name()}"), \
             overrides_applied(repo / "params.yaml", overrides, lambda: any(o.ran for o in outcomes), keep=not dry_run):
         graph, reasons = inspect_repo(repo)
+        if until:
+            graph = graph.up_to(until)
+            reasons = {stage: why for stage, why in reasons.items() if stage in graph.order}
         stage_plan = log_plan(graph, reasons)
         if dry_run:
             return {"plan": stage_plan}
         check_stages_to_run(repo, stage_plan, gpu_pool)
         run_stages(repo, graph, set(reasons), stage_timeouts or {}, outcomes, pull, gpu_pool)
         if any(o.ran for o in outcomes):
-            assert_nothing_stale(repo)
-        experiment = save_experiment(repo, outcomes, overrides, experiment)
+            assert_nothing_stale(repo, graph.order)
+        experiment = save_experiment(repo, outcomes, overrides, experiment, stages=graph.order if until else None)
         if push:
             push_outputs(repo)
         verdict = publish_gate_verdict(repo, champion) if gate or champion else None

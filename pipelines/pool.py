@@ -234,15 +234,16 @@ def deploy_head(repo: Path, pool: str, concurrency_limit: int | None = None) -> 
 
 
 def submit(pool: str, git_url: str, rev: str, points: dict[str, dict[str, Any]], tags: list[str],
-           gpu_pool: str | None = None, study_storage: str | None = None) -> dict[str, Any]:
+           gpu_pool: str | None = None, study_storage: str | None = None, until: str | None = None) -> dict[str, Any]:
     """One flow run of the pool's deployment per point ({experiment name: overrides}), not waited
     for; with `gpu_pool`, each sends its GPU stages there; with `study_storage`, its training
-    reports to the sweep's study there."""
+    reports to the sweep's study there; with `until`, it runs that stage and those before it."""
     from prefect.deployments import run_deployment
     from pydantic import SecretStr
 
     extra = {**({"gpu_pool": gpu_pool} if gpu_pool else {}),
-             **({"study_storage": SecretStr(study_storage)} if study_storage else {})}
+             **({"study_storage": SecretStr(study_storage)} if study_storage else {}),
+             **({"until": until} if until else {})}
     return {name: run_deployment(deployment_name(pool), timeout=0, flow_run_name=name, tags=tags,
                                  parameters={"git_url": git_url, "rev": rev, "name": name, "overrides": overrides,
                                              **extra})

@@ -40,6 +40,9 @@ from stages.common.run_params import check_overrides
 from stages.common.trial import PRUNED_AT, STORAGE_ENV, STUDY_DIR, TRIAL_KEY, pruner_of, study_journal
 
 OUT_DIR = STUDY_DIR
+# A point runs the stages its ranking metric needs; export and report run for the point promoted
+# (pipelines/registry.py), not for every point.
+POINT_UNTIL = "evaluate"
 
 
 def _rounded(value: Any) -> Any:
@@ -139,7 +142,7 @@ def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, pr
 
     for exp, point in batch:
         sets = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
-        dvc(repo, "exp", "run", "--queue", "--name", exp, *sets)
+        dvc(repo, "exp", "run", "--queue", "--name", exp, *sets, POINT_UNTIL)
         logger.info(f"queued {exp}: {point}")
     pending = {exp for exp, _ in batch}
     runner = subprocess.Popen([dvc_executable(), "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=repo,
@@ -178,7 +181,7 @@ def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, 
         progress.ended(set(again))
     todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in on_origin}
     runs = work_pool.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"], gpu_pool=gpu_pool,
-                            study_storage=(study_env or {}).get(STORAGE_ENV))
+                            study_storage=(study_env or {}).get(STORAGE_ENV), until=POINT_UNTIL)
     for exp, run in runs.items():
         logger.info(f"submitted {exp} to work pool '{pool}' (flow run {run.id}): {todo[exp]}")
 
@@ -259,17 +262,34 @@ def sweep(
     out = repo / OUT_DIR
     out.mkdir(exist_ok=True)
     result.to_csv(out / f"{name}.csv", index=False)
+    write_page(repo, out / f"{name}.html", study, kind, space or {}, result, progress)
     pruned = f", {len(progress.pruned)} pruned" if pruner else ""
     summary = [f"# Sweep {name}", "", f"{len(points)} points ({kind}){pruned}, {len(failed)} failed.", "",
                result.to_markdown(index=False)]
     if best:
         summary += ["", (f"Best: `{best['name']}` accuracy {best.get('accuracy')}; "
                         f"promote it with `cifar10-pipeline promote {best['name']} --branch {best['name']}`")]
+    summary += ["", f"Curves, importances and parallel coordinates: {out / f'{name}.html'}"]
     (out / f"{name}.md").write_text("\n".join(summary) + "\n")
     create_table_artifact(result.astype(object).where(result.notna(), None).to_dict("records"),
                           key=safe_name(f"sweep-{name}").lower(), description=f"Sweep {name}")
     create_markdown_artifact("\n".join(summary), key="cifar10-sweep", description="Latest sweep")
     return {"name": name, "points": len(points), "failed": failed, "best": best, "table": str(out / f"{name}.csv")}
+
+
+def write_page(repo: Path, page: Path, study: Any, kind: str, space: dict[str, Any], result: pd.DataFrame,
+               progress: Progress) -> None:
+    """The sweep's page (pipelines/sweep_page.py) beside its table."""
+    from pipelines import sweep_page
+    from stages.common import dataio
+
+    drawn = {t.user_attrs["experiment"]: t.params if kind == "tpe" else t.user_attrs["point"] for t in _ended(study)}
+    finished = {exp: progress.metric[exp] for exp in result.loc[result["status"] == "ok", "name"]} if len(result) else {}
+    keys = [c for c in result.columns if c not in ("name", "status", PRUNED_AT, "accuracy", "f1_macro", "loss",
+                                                   progress.sort_by)]
+    found = sweep_page.importances(drawn, finished, optuna_distributions(space))
+    per_point = sweep_page.curves(repo, list(result["name"])) if len(result) else {}
+    dataio.write_text(page, sweep_page.render(page.stem, result, keys, progress.sort_by, per_point, found))
 
 
 def ranked(table: pd.DataFrame, names: list[str], points: list[dict[str, Any]], progress: Progress) -> pd.DataFrame:
@@ -286,6 +306,8 @@ def ranked(table: pd.DataFrame, names: list[str], points: list[dict[str, Any]], 
     result = pd.DataFrame(rows)
     if result.empty:
         return result
+    if PRUNED_AT in result:
+        result[PRUNED_AT] = result[PRUNED_AT].astype("Int64")  # an epoch count, blank where not pruned
     order = result["status"].map({"ok": 0, "pruned": 1, "failed": 2})
     value = pd.to_numeric(result.get(progress.sort_by, pd.Series(index=result.index, dtype=float)), errors="coerce")
     return (result.assign(_order=order, _value=value)

@@ -62,10 +62,11 @@ def experiment_on_pool(
     stage_timeouts: dict[str, float] | None = None,
     gpu_pool: str | None = None,
     study_storage: SecretStr | None = None,  # a database URL may hold a password: the API shows it masked
+    until: str | None = None,
 ) -> dict[str, Any]:
-    """Clone `git_url` at `rev`, run the pipeline with `overrides` (its GPU stages on `gpu_pool`
-    when given), push it as experiment `name`. A sweep's point that reports to its trial
-    (train.trial) finds the study in `study_storage`.
+    """Clone `git_url` at `rev`, run the pipeline with `overrides` (up to the stage `until` when
+    given; its GPU stages on `gpu_pool` when given), push it as experiment `name`. A sweep's point
+    that reports to its trial (train.trial) finds the study in `study_storage`.
 
     A name the git remote already holds is not run again: a flow run Prefect starts twice, or a
     sweep rerun to retry its failed points, leaves each point's experiment exactly once.
@@ -84,7 +85,7 @@ def experiment_on_pool(
             return {"experiment": name, "skipped": True, "timings": timings}
         started = time.perf_counter()
         result = pipeline(repo_dir=str(repo), overrides=overrides, experiment=name, pull=True,
-                          stage_timeouts=stage_timeouts, gpu_pool=gpu_pool)
+                          stage_timeouts=stage_timeouts, gpu_pool=gpu_pool, until=until)
         timings["pipeline_s"] = time.perf_counter() - started
         experiment = result["experiment"]
         if experiment is None:

@@ -13,13 +13,27 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipelines.registry import stale_stages
 from pipelines.study import check_search, open_study, sample_points, search_of
 from pipelines.sweep import _override
 from stages.common import run_params as presets
 from stages.common.errors import ConfigError
 from stages.common.params import read_params, read_sweep_file, whole_lists
-from stages.common.trial import pruner_of
-from tests.helpers import BIN, ENV, REPO, cli, copy_repo, dvc, git_dvc_project, scored_project, set_params, tiny_params
+from stages.common.trial import PRUNED_AT, pruner_of
+from tests.helpers import (
+    BIN,
+    ENV,
+    REPO,
+    cli,
+    copy_repo,
+    dvc,
+    git_dvc_project,
+    not_blank,
+    scored_project,
+    set_params,
+    tiny_params,
+    visit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +132,12 @@ def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, baseline, p
     promoted = cli(prefect_env, "promote", table["name"][0], "--branch", "best", "--stage", "prod", "--repo", str(repo))
     assert promoted.returncode == 0, promoted.stderr
     assert "registered cifar10-classifier v0.0.1 at " in promoted.stdout and "stage 'prod'" in promoted.stdout
+    # A point runs up to evaluate; promoting it runs export and report for it on its branch, committed there.
+    lock_at = lambda rev: subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True,
+                                         text=True, check=True).stdout
+    assert stale_stages(lock_at("best~1")) == ["export", "report"] and stale_stages(lock_at("best")) == []
+    assert "ran export, report for it on best" in promoted.stdout
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
     missing = cli(prefect_env, "promote", "t-9", "--repo", str(repo))  # exited 1 with DVC's own error
     assert missing.returncode == 2 and missing.stderr.startswith("error: no experiment named 't-9' in "), missing.stderr
     branches = subprocess.run(["git", "branch", "--list", "best"], cwd=repo, capture_output=True, text=True).stdout
@@ -137,7 +157,7 @@ def test_a_pruned_point_stops_early_is_kept_as_an_experiment_and_is_never_ranked
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(repo / "comparisons" / "p.csv")
     assert list(zip(table["name"], table["status"])) == [("p-1", "ok"), ("p-2", "pruned"), ("p-3", "pruned")], table
-    assert table.loc[1:, "pruned_after_epoch"].between(1, 2).all() and table["accuracy"].notna().all()
+    assert table.loc[1:, PRUNED_AT].between(1, 2).all() and table["accuracy"].notna().all()
     assert "progress: 3/3 ended (2 pruned), 0 failed, 0 remaining; best so far p-1" in result.stdout + result.stderr
     assert "Best: `p-1`" in result.stdout
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
@@ -147,6 +167,15 @@ def test_a_pruned_point_stops_early_is_kept_as_an_experiment_and_is_never_ranked
     trials = {t.user_attrs["experiment"]: t for t in study_trials(repo, "p")}
     assert trials["p-2"].state == optuna.trial.TrialState.PRUNED and trials["p-1"].state.name == "COMPLETE"
     assert len(trials["p-1"].intermediate_values) == 3 and len(trials["p-2"].intermediate_values) < 3
+
+    # The page, offline in Chromium: the ranked table, the curves (the pruned cut short), the parallel coordinates.
+    page = visit((repo / "comparisons" / "p.html").as_uri(), tmp_path / "browser", settle_s=0.5, script=[
+        "[...document.querySelectorAll('#ranked tr')].slice(1).map(r => r.className)",
+        "[...document.querySelectorAll('#curves .curve')].map(c => [c.classList[1], c.points.numberOfItems])",
+        "document.querySelectorAll('#parallel .point').length"])
+    assert page.values[0] == ["ok", "pruned", "pruned"] and page.values[2] == 3, page.values
+    assert sorted(page.values[1]) == sorted([["best", 3], *(["pruned", int(e)] for e in table.loc[1:, PRUNED_AT])])
+    assert not_blank(page.screenshot) and page.external() == [] and "Parameter importances" in page.text
 
     again = cli(prefect_env, "sweep", str(space), "--name", "p", "--repo", str(repo))  # ended: nothing runs
     assert again.returncode == 0 and pd.read_csv(repo / "comparisons" / "p.csv").equals(table), again.stderr[-2000:]

@@ -1,0 +1,132 @@
+"""The same random search with and without a pruner, in one sitting: wall time, best test
+accuracy, trials pruned, and what one point costs (its stages' seconds against the sweep's wall
+time per point: the rest is the per-point overhead of DVC's queue and the stages' start-up).
+
+Builds a project on a slice of a class-folder archive (the CIFAR-10 mirror), runs and commits its
+baseline once (every point shares its download, prepare and validate), then runs
+`cifar10-pipeline sweep` on the space twice, `--name plain` and `--name pruned` (the same points:
+same kind, n and seed; the second with `pruner:`), one point at a time, on a temporary Prefect API.
+
+    python benchmarks/sweep_pruning.py --source ../shared/data/cifar10-jpeg.tar.gz --sha256 HASH \\
+        [--train-per-class 300] [--test-per-class 100] [--n 16] [--epochs 9] --out RAW.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
+
+from tests.helpers import BIN, git_dvc_project, set_params
+
+SPACE = {  # the default recipe's knobs that make or break a short run
+    "train.learning_rate": {"log_uniform": [0.05, 3.0]},
+    "train.weight_decay": {"log_uniform": [0.0005, 0.05]},
+    "train.label_smoothing": {"uniform": [0.0, 0.3]},
+}
+PRUNER = {"successive_halving": {"min_resource": 1, "reduction_factor": 3}}
+
+
+def baseline(root: Path, args: argparse.Namespace, env: dict[str, str]) -> Path:
+    repo = git_dvc_project(root / "project")
+    set_params(repo / "params.yaml",
+               download={"source": str(Path(args.source).resolve()), "md5": None, "sha256": args.sha256},
+               prepare={"train_limit_per_class": args.train_per_class, "test_limit_per_class": args.test_per_class},
+               validate={"expected_per_class": None},
+               train={"epochs": args.epochs, "batch_size": args.batch_size})
+    subprocess.run([str(BIN / "dvc"), "repro", "-q"], cwd=repo, env=env, check=True)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
+    return repo
+
+
+def point_records(repo: Path, names: list[str]) -> dict[str, dict[str, float]]:
+    """Each point's epochs run and training seconds, from its experiment's commit."""
+    shown = json.loads(subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True,
+                                      text=True, check=True).stdout)
+    out = {}
+    for base in shown:
+        for exp in base.get("experiments") or []:
+            if exp.get("name") in names:
+                rev = exp["revs"][0]["rev"]
+                info = json.loads(subprocess.run(["git", "show", f"{rev}:results/train/run_info.json"], cwd=repo,
+                                                 capture_output=True, text=True, check=True).stdout)
+                train = ((exp["revs"][0]["data"].get("metrics") or {}).get("results/train/metrics.json") or {})
+                out[exp["name"]] = {"epochs_run": (train.get("data") or {}).get("step", -1) + 1,
+                                    "train_s": info["seconds"]}
+    return out
+
+
+def search(repo: Path, name: str, args: argparse.Namespace, env: dict[str, str], pruner: dict | None) -> dict:
+    space = {"kind": "random", "n": args.n, "seed": args.seed, "space": SPACE, **({"pruner": pruner} if pruner else {})}
+    path = repo.parent / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    started = time.perf_counter()
+    done = subprocess.run([str(BIN / "cifar10-pipeline"), "sweep", str(path), "--name", name, "--repo", str(repo)],
+                          env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode not in (0, 1) or not (repo / "comparisons" / f"{name}.csv").exists():  # 1: a point failed
+        raise SystemExit(f"sweep {name} failed: {done.stderr[-3000:]}")
+    table = pd.read_csv(repo / "comparisons" / f"{name}.csv")
+    finished = table[table["status"] == "ok"]
+    points = point_records(repo, list(table["name"]))
+    train_s = sum(p["train_s"] for p in points.values())
+    return {"wall_s": round(seconds, 1), "points": len(table), "pruned": int((table["status"] == "pruned").sum()),
+            "failed": int((table["status"] == "failed").sum()),
+            "best": finished.iloc[0]["name"] if len(finished) else None,
+            "best_accuracy": float(finished.iloc[0]["accuracy"]) if len(finished) else None,
+            "epochs_run": sum(p["epochs_run"] for p in points.values()), "train_s": round(train_s, 1),
+            # Everything but training, per point: DVC's queue, each stage's start-up, evaluate, the study.
+            "overhead_s_per_point": round((seconds - train_s) / max(len(table), 1), 1),
+            "table": table.astype(object).where(table.notna(), None).to_dict("records")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--sha256", required=True)
+    parser.add_argument("--train-per-class", type=int, default=300)
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=9)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    root = Path(tempfile.mkdtemp(prefix="sweep-pruning-"))
+    try:
+        started = time.perf_counter()
+        repo = baseline(root, args, env)
+        figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")}, "space": SPACE,
+                   "pruner": PRUNER, "baseline_s": round(time.perf_counter() - started, 1)}
+        figures["plain"] = search(repo, "plain", args, env, None)
+        figures["pruned"] = search(repo, "pruned", args, env, PRUNER)
+        plain, pruned = figures["plain"], figures["pruned"]
+        figures["speedup"] = round(plain["wall_s"] / pruned["wall_s"], 2)
+        if plain["best_accuracy"] is not None and pruned["best_accuracy"] is not None:
+            figures["best_accuracy_gap_points"] = round(100 * (plain["best_accuracy"] - pruned["best_accuracy"]), 2)
+        args.out.write_text(json.dumps(figures, indent=1))
+        print(json.dumps({k: v for k, v in figures.items() if k not in ("plain", "pruned")}, indent=1))
+        for name in ("plain", "pruned"):
+            print(name, {k: v for k, v in figures[name].items() if k != "table"})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
