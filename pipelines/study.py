@@ -68,6 +68,27 @@ def sample_points(space: dict[str, Any], kind: str, n: int, seed: int) -> list[d
     return [{k: _draw(v, rng) for k, v in space.items()} for _ in range(n)]
 
 
+def optuna_distributions(space: dict[str, Any]) -> dict[str, Any]:
+    """The search space as Optuna distributions (the same entries random search draws from)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, list):
+            out[key] = CategoricalDistribution(spec)
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"unknown search space entry {spec!r}; use a list, choice, uniform, log_uniform or int_uniform")
+        (kind, args), = spec.items()
+        makers = {"choice": lambda a: CategoricalDistribution(a), "uniform": lambda a: FloatDistribution(a[0], a[1]),
+                  "log_uniform": lambda a: FloatDistribution(a[0], a[1], log=True),
+                  "int_uniform": lambda a: IntDistribution(a[0], a[1])}
+        if kind not in makers:
+            raise ConfigError(f"unknown search space kind '{kind}'; use choice, uniform, log_uniform or int_uniform")
+        out[key] = makers[kind](args)
+    return out
+
+
 @contextlib.contextmanager
 def opening(storage: Any) -> Iterator[None]:
     """A storage URL that cannot be used is the user's to fix (exit 2); a database that does not

@@ -33,8 +33,8 @@ from pydantic import SecretStr
 from pipelines.compare import safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
 from pipelines.runs import experiments_table
-from pipelines.study import open_study, sample_points, search_of, study_storage
-from stages.common.errors import CommandFailed, ConfigError
+from pipelines.study import open_study, optuna_distributions, sample_points, search_of, study_storage
+from stages.common.errors import CommandFailed
 from stages.common.params import read_params, whole_lists
 from stages.common.run_params import check_overrides
 from stages.common.trial import PRUNED_AT, STORAGE_ENV, STUDY_DIR, TRIAL_KEY, pruner_of, study_journal
@@ -65,27 +65,6 @@ def queue_statuses(repo: Path) -> dict[str, str]:
                             text=True).stdout
     rows = [line.split() for line in status.splitlines()[1:]]
     return {row[1]: row[-1] for row in rows if len(row) >= 4}
-
-
-def optuna_distributions(space: dict[str, Any]) -> dict[str, Any]:
-    """The search space as Optuna distributions (the same entries random search draws from)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    out = {}
-    for key, spec in space.items():
-        if isinstance(spec, list):
-            out[key] = CategoricalDistribution(spec)
-            continue
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"unknown search space entry {spec!r}; use a list, choice, uniform, log_uniform or int_uniform")
-        (kind, args), = spec.items()
-        makers = {"choice": lambda a: CategoricalDistribution(a), "uniform": lambda a: FloatDistribution(a[0], a[1]),
-                  "log_uniform": lambda a: FloatDistribution(a[0], a[1], log=True),
-                  "int_uniform": lambda a: IntDistribution(a[0], a[1])}
-        if kind not in makers:
-            raise ConfigError(f"unknown search space kind '{kind}'; use choice, uniform, log_uniform or int_uniform")
-        out[key] = makers[kind](args)
-    return out
 
 
 class Progress:
@@ -287,7 +266,7 @@ def write_page(repo: Path, page: Path, study: Any, kind: str, space: dict[str, A
     finished = {exp: progress.metric[exp] for exp in result.loc[result["status"] == "ok", "name"]} if len(result) else {}
     keys = [c for c in result.columns if c not in ("name", "status", PRUNED_AT, "accuracy", "f1_macro", "loss",
                                                    progress.sort_by)]
-    found = sweep_page.importances(drawn, finished, optuna_distributions(space))
+    found = sweep_page.importances(drawn, finished, space)
     per_point = sweep_page.curves(repo, list(result["name"])) if len(result) else {}
     dataio.write_text(page, sweep_page.render(page.stem, result, keys, progress.sort_by, per_point, found))
 

@@ -15,6 +15,8 @@ import pandas as pd
 from pipelines.dvcrepo import git
 from pipelines.history import STYLE, _cell, _ticks
 from pipelines.runs import shown_runs
+from pipelines.study import optuna_distributions
+from stages.common.errors import ConfigError
 from stages.common.paths import artifact_paths
 
 WIDTH, HEIGHT, MARGIN = 920, 340, (30, 30, 50, 60)  # top, right, bottom, left
@@ -35,21 +37,27 @@ def curves(repo: Path, names: list[str]) -> dict[str, list[float]]:
     return out
 
 
-def importances(points: dict[str, dict[str, Any]], values: dict[str, float], distributions: dict[str, Any]
-                ) -> dict[str, float]:
-    """Optuna's parameter importances (fANOVA) over the finished points; empty below three of them
-    or when no parameter varies."""
+def importances(points: dict[str, dict[str, Any]], values: dict[str, float], space: dict[str, Any]) -> dict[str, float]:
+    """Optuna's parameter importances (fANOVA) over the finished points; empty below three of them,
+    when no parameter varies, or when the values are not numbers or choices Optuna can weigh."""
     import optuna
 
+    try:
+        distributions = optuna_distributions(space)
+    except (ConfigError, ValueError, TypeError):
+        return {}
     varying = {key: dist for key, dist in distributions.items()
                if len({repr(points[name].get(key)) for name in values}) > 1}
     if len(values) < 3 or not varying:
         return {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
-    study.add_trials([optuna.trial.create_trial(params={k: points[name][k] for k in varying}, distributions=varying,
-                                                value=value) for name, value in values.items()])
-    return optuna.importance.get_param_importances(study)
+    try:
+        study.add_trials([optuna.trial.create_trial(params={k: points[name][k] for k in varying}, distributions=varying,
+                                                    value=value) for name, value in values.items()])
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, TypeError, RuntimeError):  # values Optuna cannot weigh (a mapping, a list): no importances
+        return {}
 
 
 def _frame(svg_id: str, label: str) -> tuple[list[str], int, int, int, int]:

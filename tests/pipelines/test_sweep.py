@@ -184,7 +184,7 @@ def test_a_pruned_point_stops_early_is_kept_as_an_experiment_and_is_never_ranked
 def test_tpe_space_maps_to_optuna_distributions():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from pipelines.sweep import optuna_distributions
+    from pipelines.study import optuna_distributions
 
     dists = optuna_distributions({"a": [1, 2], "b": {"choice": ["x"]}, "c": {"uniform": [0, 1]},
                                   "d": {"log_uniform": [1e-4, 1e-2]}, "e": {"int_uniform": [1, 3]}})

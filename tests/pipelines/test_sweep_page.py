@@ -2,7 +2,6 @@ import re
 
 import pandas as pd
 
-from pipelines.sweep import optuna_distributions
 from pipelines.sweep_page import importances, render
 
 SPACE = {"train.learning_rate": {"log_uniform": [0.001, 1.0]}, "train.optimizer": {"choice": ["adam", "sgd"]}}
@@ -21,7 +20,7 @@ def sweep_table() -> tuple[pd.DataFrame, dict]:
 def test_the_page_ranks_draws_each_curve_cuts_the_pruned_and_weighs_the_parameters():
     table, drawn = sweep_table()
     finished = dict(zip(table.loc[table["status"] == "ok", "name"], table.loc[table["status"] == "ok", "accuracy"]))
-    found = importances(drawn, finished, optuna_distributions(SPACE))
+    found = importances(drawn, finished, SPACE)
     assert set(found) == {"train.learning_rate", "train.optimizer"} and abs(sum(found.values()) - 1) < 1e-6
     curves = {"s-5": [0.3, 0.5, 0.7], "s-4": [0.3, 0.4, 0.6], "s-3": [0.2, 0.3, 0.5], "s-1": [0.1]}
     page = render("s", table, ["train.learning_rate", "train.optimizer"], "accuracy", curves, found)
@@ -35,6 +34,8 @@ def test_the_page_ranks_draws_each_curve_cuts_the_pruned_and_weighs_the_paramete
 
 def test_importances_need_three_finished_points_and_a_parameter_that_varies():
     _, drawn = sweep_table()
-    assert importances(drawn, {"s-4": 0.6, "s-5": 0.7}, optuna_distributions(SPACE)) == {}
+    assert importances(drawn, {"s-4": 0.6, "s-5": 0.7}, SPACE) == {}
     same = {name: {**point, "train.optimizer": "adam", "train.learning_rate": 0.01} for name, point in drawn.items()}
-    assert importances(same, {"s-3": 0.5, "s-4": 0.6, "s-5": 0.7}, optuna_distributions(SPACE)) == {}
+    assert importances(same, {"s-3": 0.5, "s-4": 0.6, "s-5": 0.7}, SPACE) == {}
+    mappings = {name: {"train.augment": {"flip": i % 2 == 0}} for i, name in enumerate(drawn)}
+    assert importances(mappings, {"s-3": 0.5, "s-4": 0.6, "s-5": 0.7}, {"train.augment": [{"flip": True}, {"flip": False}]}) == {}
