@@ -86,7 +86,7 @@ def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) 
         if stage:
             raise ConfigError("--stage registers a commit: pass --branch too, or apply, commit and `register --stage`")
         output = dvc(repo, "exp", "apply", experiment).strip() or f"{experiment} applied to the workspace"
-        skipped = stale_stages((repo / "dvc.lock").read_text())
+        skipped = stale_stages((repo / DVC_YAML).read_text(), (repo / "dvc.lock").read_text())
         if skipped:
             dvc(repo, "repro", *skipped)
         ran = f"; ran {', '.join(skipped)} for it" if skipped else ""
@@ -97,16 +97,17 @@ def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) 
     return f"{branched}{ran}\n{register(repo, branch, stage).describe()}"
 
 
-def stale_stages(lock_text: str) -> list[str]:
-    """The stages whose dvc.lock record names an input that another stage's record has since
-    changed: a sweep's point runs up to evaluate, so its export and report still hold the
-    baseline's run."""
+def stale_stages(dvc_yaml: str, lock_text: str) -> list[str]:
+    """The stages dvc.yaml declares that dvc.lock has no record of, or whose record names an input
+    another stage's record has since changed: a sweep's point runs up to evaluate, so its export
+    and report never ran or still hold the baseline's run."""
     import yaml
 
+    declared = list((yaml.safe_load(dvc_yaml) or {}).get("stages") or {})
     lock = (yaml.safe_load(lock_text) or {}).get("stages") or {}
     outs = {out["path"]: out.get("md5") for entry in lock.values() for out in entry.get("outs") or []}
-    return [stage for stage, entry in lock.items()
-            if any(dep["path"] in outs and dep.get("md5") != outs[dep["path"]] for dep in entry.get("deps") or [])]
+    return [stage for stage in declared if stage not in lock or any(
+        dep["path"] in outs and dep.get("md5") != outs[dep["path"]] for dep in lock[stage].get("deps") or [])]
 
 
 def run_skipped_stages(repo: Path, branch: str, experiment: str) -> list[str]:
@@ -118,7 +119,7 @@ def run_skipped_stages(repo: Path, branch: str, experiment: str) -> list[str]:
 
     from pipelines.dvcrepo import dvc, git
 
-    skipped = stale_stages(git(repo, "show", f"{branch}:dvc.lock") or "")
+    skipped = stale_stages(git(repo, "show", f"{branch}:{DVC_YAML}") or "", git(repo, "show", f"{branch}:dvc.lock") or "")
     if not skipped:
         return []
     tree = Path(tempfile.mkdtemp(prefix="cifar10-promote-")) / "tree"

@@ -211,6 +211,9 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     assert all(p in compared.stdout for p in points)
     dvc(third, "exp", "apply", "grid-1", env=env)
     dvc(third, "pull", env=env)
+    # A point stops at evaluate: promoting it runs export and report for it here.
+    promoted = run_in(third, env, "promote", "grid-1")
+    assert promoted.returncode == 0 and "ran export, report for it" in promoted.stdout, promoted.stderr[-2000:]
     assert dvc(third, "status", env=env).stdout.strip() == "Data and pipelines are up to date."
     #    `--pull` in a fresh clone restores from the run-cache the stages whose outputs DVC caches;
     #    train's git-tracked outputs (cache: false) are not pushed with its run-cache entry, so it

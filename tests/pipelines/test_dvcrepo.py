@@ -217,3 +217,10 @@ def test_a_failed_stage_puts_its_previous_outputs_back(tmp_path, how):
     assert all(reason.startswith("param") or "modified" in reason for reason in reasons["probe"]), reasons
     assert not any("outs" in reason for reason in reasons["probe"]), reasons
     assert not (repo / ".dvc/tmp/cifar10-previous-outputs/probe").exists()
+
+
+def test_a_graph_up_to_a_stage_keeps_it_and_what_it_depends_on_in_dags_order():
+    assert GRAPH.up_to("e").order == ["a", "b", "c", "e"] and GRAPH.up_to("b").upstream == {"a": [], "b": ["a"]}
+    assert GRAPH.up_to("d").order == ["d"]
+    with pytest.raises(ConfigError, match=r"^there is no stage 'x' in dvc.yaml; stages: a, b, c, d, e$"):
+        GRAPH.up_to("x")

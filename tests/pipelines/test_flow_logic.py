@@ -46,7 +46,7 @@ def project(tmp_path, monkeypatch):
         shutil.copy(REPO / name, tmp_path / name)
     # DVC finds download stale (a changed param, say), and nothing stale once the run is over.
     monkeypatch.setattr(flow, "inspect_repo", lambda repo: (GRAPH, {"download": ["param download: changed"]}))
-    monkeypatch.setattr(flow, "assert_nothing_stale", lambda repo: None)
+    monkeypatch.setattr(flow, "assert_nothing_stale", lambda repo, stages: None)
     # The task's own retry policy, without its back-off delays.
     monkeypatch.setattr(flow, "download_task", flow.download_task.with_options(retry_delay_seconds=0))
     return tmp_path

@@ -133,9 +133,11 @@ def test_a_sweep_ranks_its_points_and_fails_when_one_fails(tmp_path, baseline, p
     assert promoted.returncode == 0, promoted.stderr
     assert "registered cifar10-classifier v0.0.1 at " in promoted.stdout and "stage 'prod'" in promoted.stdout
     # A point runs up to evaluate; promoting it runs export and report for it on its branch, committed there.
-    lock_at = lambda rev: subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, capture_output=True,
-                                         text=True, check=True).stdout
-    assert stale_stages(lock_at("best~1")) == ["export", "report"] and stale_stages(lock_at("best")) == []
+    def at(rev: str, path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+    assert stale_stages(at("best~1", "dvc.yaml"), at("best~1", "dvc.lock")) == ["export", "report"]
+    assert stale_stages(at("best", "dvc.yaml"), at("best", "dvc.lock")) == []
     assert "ran export, report for it on best" in promoted.stdout
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
     missing = cli(prefect_env, "promote", "t-9", "--repo", str(repo))  # exited 1 with DVC's own error
@@ -302,3 +304,11 @@ def test_a_storage_that_cannot_be_used_is_one_line_before_anything_runs(tmp_path
     env = {key: value for key, value in ENV.items() if key != "PREFECT_API_URL"}
     result = cli(env, "sweep", str(space), "--name", "s", "--storage", url, "--repo", str(repo))
     assert result.returncode == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_stages_a_point_left_are_those_never_run_or_run_on_an_input_since_changed():
+    declared = "stages:\n  train: {cmd: t}\n  evaluate: {cmd: e}\n  export: {cmd: x}\n  report: {cmd: r}\n"
+    lock = ("stages:\n  train: {outs: [{path: m, md5: new}]}\n  evaluate: {deps: [{path: m, md5: new}]}\n"
+            "  export: {deps: [{path: m, md5: old}]}\n")
+    assert stale_stages(declared, lock) == ["export", "report"]  # report never ran; export ran on the old model
+    assert stale_stages(declared, lock.replace("old", "new") + "  report: {deps: [{path: m, md5: new}]}\n") == []
