@@ -29,6 +29,7 @@ import optuna
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
+from stages.common.paths import RUN_INFO, artifact_paths
 from tests import synthetic
 from tests.helpers import BIN, TINY_TEST, TINY_TRAIN, git_dvc_project, set_params, tiny_params
 
@@ -67,10 +68,11 @@ def main() -> None:
                                           text=True, check=True).stdout)
         revs = {e["name"]: e["revs"][0]["rev"] for b in shown for e in b.get("experiments") or []}
         trials = sorted(optuna.load_study(study_name="c", storage=storage).trials, key=lambda t: t.datetime_complete)
+        train_dir = artifact_paths(repo)["train"].as_posix()
         points, previous = [], trials[0].datetime_start  # one at a time: a point's time is from the last one's end
         for trial in trials:
             exp = trial.user_attrs["experiment"]
-            info = json.loads(subprocess.run(["git", "show", f"{revs[exp]}:results/train/run_info.json"], cwd=repo,
+            info = json.loads(subprocess.run(["git", "show", f"{revs[exp]}:{train_dir}/{RUN_INFO}"], cwd=repo,
                                              capture_output=True, text=True, check=True).stdout)
             seconds = (trial.datetime_complete - previous).total_seconds()
             previous = trial.datetime_complete

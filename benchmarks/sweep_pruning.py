@@ -29,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
+from stages.common.paths import RUN_INFO, artifact_paths
 from tests.helpers import BIN, git_dvc_project, set_params
 
 SPACE = {  # the default recipe's knobs that make or break a short run
@@ -55,6 +56,7 @@ def baseline(root: Path, args: argparse.Namespace, env: dict[str, str]) -> Path:
 
 def point_records(repo: Path, names: list[str]) -> dict[str, dict[str, float]]:
     """Each point's epochs run and training seconds, from its experiment's commit."""
+    train_dir = artifact_paths(repo)["train"]
     shown = json.loads(subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True,
                                       text=True, check=True).stdout)
     out = {}
@@ -62,9 +64,9 @@ def point_records(repo: Path, names: list[str]) -> dict[str, dict[str, float]]:
         for exp in base.get("experiments") or []:
             if exp.get("name") in names:
                 rev = exp["revs"][0]["rev"]
-                info = json.loads(subprocess.run(["git", "show", f"{rev}:results/train/run_info.json"], cwd=repo,
+                info = json.loads(subprocess.run(["git", "show", f"{rev}:{train_dir.as_posix()}/{RUN_INFO}"], cwd=repo,
                                                  capture_output=True, text=True, check=True).stdout)
-                train = ((exp["revs"][0]["data"].get("metrics") or {}).get("results/train/metrics.json") or {})
+                train = ((exp["revs"][0]["data"].get("metrics") or {}).get(f"{train_dir.as_posix()}/metrics.json") or {})
                 out[exp["name"]] = {"epochs_run": (train.get("data") or {}).get("step", -1) + 1,
                                     "train_s": info["seconds"]}
     return out
