@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common.errors import ConfigError, TransientError
+from stages.common.errors import CommandFailed, ConfigError, TransientError
 from stages.common.paths import DVC_YAML
 
 
@@ -85,7 +85,7 @@ def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) 
     if not branch:
         if stage:
             raise ConfigError("--stage registers a commit: pass --branch too, or apply, commit and `register --stage`")
-        output = dvc(repo, "exp", "apply", experiment).strip() or f"{experiment} applied to the workspace"
+        output = apply_experiment(repo, experiment)
         skipped = stale_stages((repo / DVC_YAML).read_text(), (repo / "dvc.lock").read_text())
         if skipped:
             dvc(repo, "repro", *skipped)
@@ -95,6 +95,21 @@ def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) 
     skipped = run_skipped_stages(repo, branch, experiment)
     ran = f"\nran {', '.join(skipped)} for it on {branch}" if skipped else ""
     return f"{branched}{ran}\n{register(repo, branch, stage).describe()}"
+
+
+def apply_experiment(repo: Path, experiment: str) -> str:
+    """`dvc exp apply`. A point of a baseline that never ran export and report has no outputs for
+    them: DVC applies the rest and fails checking those out, so the rest is checked out alone
+    (promote then runs them)."""
+    from pipelines.dvcrepo import dvc
+
+    try:
+        return dvc(repo, "exp", "apply", experiment).strip() or f"{experiment} applied to the workspace"
+    except CommandFailed as err:
+        if "Checkout failed" not in str(err):
+            raise
+        dvc(repo, "checkout", "--allow-missing")
+        return f"{experiment} applied to the workspace"
 
 
 def stale_stages(dvc_yaml: str, lock_text: str) -> list[str]:
@@ -128,7 +143,7 @@ def run_skipped_stages(repo: Path, branch: str, experiment: str) -> list[str]:
                           f"`git worktree list`, then `dvc repro` on {branch} yourself")
     try:
         dvc(tree, "cache", "dir", "--local", dvc(repo, "cache", "dir").strip())
-        dvc(tree, "checkout")
+        dvc(tree, "checkout", "--allow-missing")  # the stages never run have nothing to check out
         dvc(tree, "repro", *skipped)
         committed = subprocess.run(["git", "commit", "-qam", f"promote {experiment}: {', '.join(skipped)} run for it"],
                                    cwd=tree, capture_output=True, text=True)
