@@ -1,4 +1,4 @@
-"""The same random search with and without a pruner, in one sitting: wall time, best test
+"""The same random search with and without a pruner, one after the other: wall time, best test
 accuracy, trials pruned, and what one point costs (its stages' seconds against the sweep's wall
 time per point: the rest is the per-point overhead of DVC's queue and the stages' start-up).
 
