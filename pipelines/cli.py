@@ -333,7 +333,7 @@ def gate(
 def sweep(
     config: Annotated[Path, typer.Argument(help="Search space YAML (see sweeps/seed002.yaml).")],
     n: Annotated[int | None, typer.Option("-n", help="Random points (overrides the file).")] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Points run at a time, each in its own temp workspace.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Points in flight, each in its own temp workspace (on a pool: TPE's; grid and random send all).")] = 1,
     name: Annotated[str | None, typer.Option(help="Sweep name; points are NAME-1, NAME-2, ... Rerun a name to resume it.")] = None,
     repo: RepoOption = Path("."),
     pool: PoolOption = None,

@@ -10,6 +10,7 @@ workspace and removes. Prefect schedules the runs (work pools, workers, concurre
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -233,16 +234,26 @@ def deploy_head(repo: Path, pool: str, concurrency_limit: int | None = None) -> 
     return git_url, rev, deploy(pool, git_url, branch, concurrency_limit)
 
 
+def study_secret(storage: str) -> str:
+    """The name of a Prefect Secret block that holds a sweep's study storage (a database URL may
+    hold a password). A flow run's parameters travel through Prefect's API as JSON, where a
+    SecretStr is only its mask: the worker's flow run loads the block instead."""
+    from prefect.blocks.system import Secret
+
+    name = "cifar10-study-" + hashlib.sha256(storage.encode()).hexdigest()[:16]
+    Secret(value=storage).save(name, overwrite=True)
+    return name
+
+
 def submit(pool: str, git_url: str, rev: str, points: dict[str, dict[str, Any]], tags: list[str],
            gpu_pool: str | None = None, study_storage: str | None = None, until: str | None = None) -> dict[str, Any]:
     """One flow run of the pool's deployment per point ({experiment name: overrides}), not waited
     for; with `gpu_pool`, each sends its GPU stages there; with `study_storage`, its training
     reports to the sweep's study there; with `until`, it runs that stage and those before it."""
     from prefect.deployments import run_deployment
-    from pydantic import SecretStr
 
     extra = {**({"gpu_pool": gpu_pool} if gpu_pool else {}),
-             **({"study_storage": SecretStr(study_storage)} if study_storage else {}),
+             **({"study_secret": study_secret(study_storage)} if study_storage else {}),
              **({"until": until} if until else {})}
     return {name: run_deployment(deployment_name(pool), timeout=0, flow_run_name=name, tags=tags,
                                  parameters={"git_url": git_url, "rev": rev, "name": name, "overrides": overrides,
@@ -250,9 +261,10 @@ def submit(pool: str, git_url: str, rev: str, points: dict[str, dict[str, Any]],
             for name, overrides in points.items()}
 
 
-def wait_for(runs: dict[str, Any], on_end, poll_s: float = 5.0) -> dict[str, Any]:
+def wait_for(runs: dict[str, Any], on_end, poll_s: float = 5.0, any_of: bool = False) -> dict[str, Any]:
     """Poll the flow runs until each reaches a final state (Completed, Failed, Crashed,
-    Cancelled), calling `on_end(name, state)` as each does; returns {name: final state}."""
+    Cancelled), or with `any_of` until one or more do, calling `on_end(name, state)` as each does;
+    returns {name: final state} of those that ended."""
     from prefect.client.orchestration import get_client
 
     final: dict[str, Any] = {}
@@ -265,6 +277,8 @@ def wait_for(runs: dict[str, Any], on_end, poll_s: float = 5.0) -> dict[str, Any
                 if state is not None and state.is_final():
                     final[name] = state
                     on_end(name, state)
+            if final and any_of:
+                break
             if len(final) < len(runs):
                 time.sleep(poll_s)
     return final

@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,14 @@ def open_study(storage: Any, name: str, search: dict[str, Any], points: list[dic
 
     check_search(storage, name, search)
     seed = search["seed"]
-    sampler = optuna.samplers.TPESampler(seed=seed) if search["kind"] == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+    if search["kind"] == "tpe":
+        # Several trials may be in flight: the constant liar counts each as a poor result until it ends, so
+        # the next point is drawn away from them rather than beside them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     with opening(storage):
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize",
                                     pruner=pruner_of(search.get("pruner")) or optuna.pruners.NopPruner(),

@@ -1,16 +1,16 @@
 """Sweeps: a grid, a random or a Bayesian (Optuna's TPE) search over params, each point a queued
 DVC experiment.
 
-Points run through DVC's own queue (`dvc exp run --queue`, then `--run-all -j N`), each in its own
-temporary workspace, so every point stays in `dvc exp show`, its outputs in DVC's cache, and any
+Points run through DVC's own queue (`dvc exp run --queue`, then `dvc queue start -j N`), each in its
+own temporary workspace, so every point stays in `dvc exp show`, its outputs in DVC's cache, and any
 one can be promoted with `dvc exp branch` / `dvc exp apply` (`cifar10-pipeline promote`).
 
 Every sweep is an Optuna study named after it, kept in Optuna's storage (a journal file beside the
 sweep's table, or the database `storage` names): a grid's or a random search's points are queued
-in the study up front, a TPE search asks `jobs` points at a time, and each point's metric is told
-as it ends. Rerunning a sweep under its name resumes it: ended trials are kept, and a trial the
-dead sweep left running is kept if its experiment ended well meanwhile (DVC's queue runs on without
-the sweep), else stopped, marked failed and asked again, once.
+in the study up front, a TPE search keeps `jobs` points in flight and asks the next as soon as one
+ends, and each point's metric is told as it ends. Rerunning a sweep under its name resumes it:
+ended trials are kept, and a trial the dead sweep left running is kept if its experiment ended well
+meanwhile (DVC's queue runs on without the sweep), else stopped, marked failed and asked again, once.
 Progress (done, failed, remaining, best so far) is logged as points finish. With a work pool
 (`pool`), each point is instead a flow run of the pool's deployment (pipelines/pool.py), taken by
 whichever workers serve it, and its experiment is pulled from the git and DVC remotes.
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,19 +54,6 @@ def _rounded(value: Any) -> Any:
 
 def _override(key: str, value: Any) -> str:
     return set_arg(key, _rounded(value))
-
-
-POLL_S = 5.0  # how often a running batch's queue is read for finished points
-
-
-def queue_statuses(repo: Path) -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
-    import subprocess
-
-    status = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, env=dvc_environment(), capture_output=True,
-                            text=True).stdout
-    rows = [line.split() for line in status.splitlines()[1:]]
-    return {row[1]: row[-1] for row in rows if len(row) >= 4}
 
 
 class Progress:
@@ -113,65 +102,125 @@ class Progress:
                 f"{self.total - done} remaining; {so_far}")
 
 
-def run_batch(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger,
-              study_env: dict[str, str] | None = None) -> None:
-    """Queue the batch's points and run them, `jobs` at a time, reporting each as it ends
-    (`study_env`: where the points' train stage finds a study in a database)."""
+POLL_S = 5.0  # how often the points in flight are looked at
+
+
+def queue_state(repo: Path) -> tuple[dict[str, str], int]:
+    """{experiment name: Queued | Running | Success | Failed} and how many queue workers are up,
+    from `dvc queue status`."""
     import subprocess
 
-    for exp, point in batch:
-        sets = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
-        dvc(repo, "exp", "run", "--queue", "--name", exp, *sets, POINT_UNTIL)
-        logger.info(f"queued {exp}: {point}")
-    pending = {exp for exp, _ in batch}
-    runner = subprocess.Popen([dvc_executable(), "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=repo,
-                              env={**dvc_environment(), **(study_env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while pending:
-            finished = runner.poll() is not None
-            statuses = queue_statuses(repo)
-            ended = pending if finished else {exp for exp in pending if statuses.get(exp) in ("Success", "Failed")}
+    status = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, env=dvc_environment(), capture_output=True,
+                            text=True).stdout
+    lines = status.splitlines()
+    rows = [line.split() for line in lines[1:] if not line.startswith("Worker status:")]
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+    return ({row[1]: row[-1] for row in rows if len(row) >= 4},
+            int(workers[1]) + int(workers[2]) if workers else 0)
+
+
+def queue_statuses(repo: Path) -> dict[str, str]:
+    return queue_state(repo)[0]
+
+
+class LocalQueue:
+    """Points as DVC's queued experiments (`dvc exp run --queue`), run by `jobs` of its queue
+    workers (`dvc queue start`), each in its own temporary workspace. Points may be queued while
+    others run: a worker takes the next as soon as it is free."""
+
+    def __init__(self, repo: Path, jobs: int, logger, study_env: dict[str, str] | None = None) -> None:
+        self.repo, self.jobs, self.logger = repo, jobs, logger
+        self.env = {**dvc_environment(), **(study_env or {})}  # where the points' training finds the study
+        self.pending: set[str] = set()
+        self._own_workers()
+
+    def _own_workers(self, timeout_s: float = 60) -> None:
+        # A worker keeps the environment of the process that started it (the study its points
+        # report to, the process their stages watch): one another sweep left idle is stopped.
+        deadline = time.monotonic() + timeout_s
+        while queue_state(self.repo)[1] and time.monotonic() < deadline:
+            with contextlib.suppress(CommandFailed):
+                dvc(self.repo, "queue", "stop")
+            time.sleep(1)
+
+    def _start_workers(self) -> None:
+        import subprocess
+
+        # To a file, not a pipe: the workers it starts would hold a pipe open, and this would wait for them to end.
+        with tempfile.TemporaryFile() as said:
+            done = subprocess.run([dvc_executable(), "queue", "start", "--jobs", str(self.jobs)], cwd=self.repo,
+                                  env=self.env, stdout=said, stderr=said)
+            if done.returncode:
+                said.seek(0)
+                raise CommandFailed(f"dvc queue start: {said.read().decode(errors='replace').strip()}")
+
+    def submit(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        for exp, point in batch:
+            sets = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
+            dvc(self.repo, "exp", "run", "--queue", "--name", exp, *sets, POINT_UNTIL)
+            self.logger.info(f"queued {exp}: {point}")
+            self.pending.add(exp)
+        self._start_workers()
+
+    def wait(self) -> set[str]:
+        """Block until at least one queued point ended; those that did."""
+        while self.pending:
+            statuses, workers = queue_state(self.repo)
+            # Out of the queue's list is ended too: `progress.ended` finds out how from `dvc exp show`.
+            ended = {exp for exp in self.pending if statuses.get(exp) not in ("Queued", "Running")}
             if ended:
-                progress.ended(ended)
-                pending -= ended
-            elif not finished:
-                time.sleep(POLL_S)
-    finally:
-        if runner.poll() is None:  # interrupted: stop the queue's run with it
-            runner.terminate()
-        runner.wait()
+                self.pending -= ended
+                return ended
+            if not workers:  # an idle worker stops itself after a few seconds: one left between two points
+                self._start_workers()
+            time.sleep(POLL_S)
+        return set()
 
 
-def run_on_pool(repo: Path, batch: list[tuple[str, dict[str, Any]]], jobs: int, progress: Progress, logger, *,
-                pool: str, git_url: str, rev: str, sweep_name: str, gpu_pool: str | None = None,
-                study_env: dict[str, str] | None = None) -> None:
-    """The batch's points as flow runs of the pool's deployment, taken by however many workers
-    serve the pool (`jobs` does not apply); each finished point's experiment is pulled from origin.
-    A point origin already holds (this sweep ran before) is pulled, not run again: rerunning a
-    sweep retries its failed points alone."""
-    from pipelines import pool as work_pool
+class PoolRunner:
+    """Points as flow runs of the pool's deployment, taken by however many workers serve the pool;
+    each finished point's experiment is pulled from origin. A point origin already holds (this
+    sweep ran before) is pulled, not run again: rerunning a sweep retries its failed points alone."""
 
-    on_origin = work_pool.pushed_experiments(repo)
-    again = [exp for exp, _ in batch if exp in on_origin]
-    for exp in again:
-        work_pool.pull_experiment(repo, exp)
-        logger.info(f"{exp} is already on origin (an earlier run of this sweep): pulled, not run again")
-    if again:
-        progress.ended(set(again))
-    todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in on_origin}
-    runs = work_pool.submit(pool, git_url, rev, todo, tags=[f"sweep:{sweep_name}"], gpu_pool=gpu_pool,
-                            study_storage=(study_env or {}).get(STORAGE_ENV), until=POINT_UNTIL)
-    for exp, run in runs.items():
-        logger.info(f"submitted {exp} to work pool '{pool}' (flow run {run.id}): {todo[exp]}")
+    def __init__(self, repo: Path, logger, *, pool: str, git_url: str, rev: str, sweep_name: str,
+                 gpu_pool: str | None = None, study_env: dict[str, str] | None = None) -> None:
+        from pipelines import pool as work_pool
 
-    def ended(exp: str, state) -> None:
-        if state.is_completed():
-            work_pool.pull_experiment(repo, exp)
-        else:
-            logger.error(f"{exp}: flow run {state.name} ({state.message}); rerunning the sweep asks it once more")
-        progress.ended({exp})
+        self.repo, self.logger, self.pool, self.git_url, self.rev = repo, logger, pool, git_url, rev
+        self.sweep_name, self.gpu_pool, self.storage = sweep_name, gpu_pool, (study_env or {}).get(STORAGE_ENV)
+        self.on_origin = work_pool.pushed_experiments(repo)
+        self.runs: dict[str, Any] = {}
+        self.ended_already: set[str] = set()
 
-    work_pool.wait_for(runs, ended, POLL_S)
+    def submit(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        from pipelines import pool as work_pool
+
+        for exp in (exp for exp, _ in batch if exp in self.on_origin):
+            work_pool.pull_experiment(self.repo, exp)
+            self.logger.info(f"{exp} is already on origin (an earlier run of this sweep): pulled, not run again")
+            self.ended_already.add(exp)
+        todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in self.on_origin}
+        runs = work_pool.submit(self.pool, self.git_url, self.rev, todo, tags=[f"sweep:{self.sweep_name}"],
+                                gpu_pool=self.gpu_pool, study_storage=self.storage, until=POINT_UNTIL)
+        for exp, run in runs.items():
+            self.logger.info(f"submitted {exp} to work pool '{self.pool}' (flow run {run.id}): {todo[exp]}")
+        self.runs.update(runs)
+
+    def wait(self) -> set[str]:
+        """Block until at least one submitted point ended; those that did, pulled when they finished."""
+        from pipelines import pool as work_pool
+
+        if self.ended_already:
+            ended, self.ended_already = self.ended_already, set()
+            return ended
+        final = work_pool.wait_for(self.runs, lambda *_: None, POLL_S, any_of=True)
+        for exp, state in final.items():
+            del self.runs[exp]
+            if state.is_completed():
+                work_pool.pull_experiment(self.repo, exp)
+            else:
+                self.logger.error(f"{exp}: flow run {state.name} ({state.message}); rerunning the sweep asks it once more")
+        return set(final)
 
 
 @flow(name="cifar10-sweep", log_prints=True)
@@ -205,18 +254,15 @@ def sweep(
     for point in points:  # a point the schema refuses would only fail later, in its own run
         check_overrides(repo / "params.yaml", point)
     name = safe_name(name or time.strftime("sweep-%Y%m%d-%H%M%S"))
-    runner = run_batch
     if pool:
         from pipelines import pool as work_pool
 
         for target in filter(None, (pool, gpu_pool)):  # before anything is submitted
             git_url, rev, deployment = work_pool.deploy_head(repo, target)
             logger.info(f"deployment {deployment}: workers clone {git_url} at {rev[:7]}")
-        runner = functools.partial(run_on_pool, pool=pool, git_url=git_url, rev=rev, sweep_name=name,
-                                   gpu_pool=gpu_pool)
     url = storage.get_secret_value() if storage else None
     # Where the points' train stage finds the study: pool workers clone elsewhere, so it is always named.
-    runner = functools.partial(runner, study_env={STORAGE_ENV: url or str(study_journal(repo, name))} if pruner else {})
+    study_env = {STORAGE_ENV: url or str(study_journal(repo, name))} if pruner else {}
     total = n if kind == "tpe" else len(points)
     progress = Progress(repo, total, sort_by, logger)
     search = search_of(kind, space or {}, seed, total, pruner)
@@ -224,6 +270,8 @@ def sweep(
     resumed = recover(repo, study, kind, progress, pool)
     if resumed:
         logger.info(f"resuming sweep {name}: {resumed}")
+    runner = (PoolRunner(repo, logger, pool=pool, git_url=git_url, rev=rev, sweep_name=name, gpu_pool=gpu_pool,
+                         study_env=study_env) if pool else LocalQueue(repo, jobs, logger, study_env))
     started = time.perf_counter()
     run_trials(repo, study, kind, space or {}, total, jobs, name, progress, logger, runner, prune=pruner is not None)
     where = f"on work pool '{pool}'" if pool else f"with {jobs} job(s)"
@@ -374,34 +422,50 @@ def _ended_meanwhile(repo: Path, study: Any, trial: Any, progress: Progress, sta
 
 
 def run_trials(repo: Path, study: Any, kind: str, space: dict[str, Any], n: int, jobs: int, name: str,
-               progress: Progress, logger, runner=run_batch, prune: bool = False) -> None:
-    """Ask the study for points until `n` trials ended (a grid's or random search's queued points
-    all at once, TPE's `jobs` at a time), run each as a DVC experiment, and tell each one's metric
-    (a failed point is a failed trial, a point its training pruned a pruned one). With `prune`,
-    each point's training reports to its trial (train.trial)."""
+               progress: Progress, logger, runner: LocalQueue | PoolRunner, prune: bool = False) -> None:
+    """Ask the study for points until `n` trials ended, run each as a DVC experiment, and tell each
+    one's metric as it ends (a failed point is a failed trial, a point its training pruned a pruned
+    one). A grid's or random search's queued points all go to the runner at once; TPE keeps `jobs`
+    trials in flight, asking the next as soon as one ends (Optuna's constant liar keeps those in
+    flight apart). With `prune`, each point's training reports to its trial (train.trial)."""
     from optuna.trial import TrialState
 
     distributions = optuna_distributions(space) if kind == "tpe" else {}
     params = read_params(repo / "params.yaml")
-    while (todo := n - len(_ended(study))) > 0:
-        if kind != "tpe":
+    asked: dict[str, Any] = {}  # experiment: its trial
+    running: set[str] = set()
+    progress.on_ended = functools.partial(tell_ended, study, asked, progress)
+    while True:
+        todo = n - len(_ended(study)) - len(running)
+        if kind == "tpe":
+            todo = min(todo, jobs - len(running))
+        else:
             todo = min(todo, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
-        if todo == 0:
+        if todo > 0:
+            batch = ask(study, kind, distributions, params, name, todo, prune, asked)
+            for _, point in batch if kind == "tpe" else ():  # a grid's or random search's were checked up front
+                check_overrides(repo / "params.yaml", point)
+            runner.submit(batch)
+            running |= {exp for exp, _ in batch}
+        if not running:
             return
-        trials = [study.ask(distributions) for _ in range(min(jobs, todo) if kind == "tpe" else todo)]
-        batch = []
-        for trial in trials:
-            exp = f"{name}-{trial.number + 1}"
-            trial.set_user_attr("experiment", exp)
-            batch.append((exp, whole_lists(trial.params if kind == "tpe" else trial.user_attrs["point"], params)))
-        for _, point in batch if kind == "tpe" else ():  # a grid's or random search's were checked up front
-            check_overrides(repo / "params.yaml", point)
-        if prune:
-            batch = [(exp, {**point, TRIAL_KEY: f"{name}/{trial.number}"}) for (exp, point), trial in zip(batch, trials)]
-        by_name = {exp: trial for (exp, _), trial in zip(batch, trials)}
-        progress.on_ended = functools.partial(tell_ended, study, by_name, progress)
-        runner(repo, batch, jobs, progress, logger)
-        tell_ended(study, by_name, progress, set(by_name))  # a point the runner lost track of failed
+        ended = runner.wait()
+        running -= ended
+        progress.ended(ended)
+
+
+def ask(study: Any, kind: str, distributions: dict[str, Any], params: dict[str, Any], name: str, count: int,
+        prune: bool, asked: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """`count` new trials, each named after its experiment and added to `asked`: (experiment, point)."""
+    batch = []
+    for _ in range(count):
+        trial = study.ask(distributions)
+        exp = f"{name}-{trial.number + 1}"
+        trial.set_user_attr("experiment", exp)
+        point = whole_lists(trial.params if kind == "tpe" else trial.user_attrs["point"], params)
+        batch.append((exp, {**point, TRIAL_KEY: f"{name}/{trial.number}"} if prune else point))
+        asked[exp] = trial
+    return batch
 
 
 def tell_ended(study: Any, trials: dict[str, Any], progress: Progress, names: set[str]) -> None:

@@ -23,7 +23,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
-from pydantic import SecretStr
 
 from pipelines.dvcrepo import RemoteUnreachable, git
 from pipelines.flow import pipeline, save_experiment, stage_task
@@ -61,19 +60,22 @@ def experiment_on_pool(
     overrides: dict[str, Any] | None = None,
     stage_timeouts: dict[str, float] | None = None,
     gpu_pool: str | None = None,
-    study_storage: SecretStr | None = None,  # a database URL may hold a password: the API shows it masked
+    study_secret: str | None = None,
     until: str | None = None,
 ) -> dict[str, Any]:
     """Clone `git_url` at `rev`, run the pipeline with `overrides` (up to the stage `until` when
     given; its GPU stages on `gpu_pool` when given), push it as experiment `name`. A sweep's point
-    that reports to its trial (train.trial) finds the study in `study_storage`.
+    that reports to its trial (train.trial) finds the study where the Secret block `study_secret`
+    says (pipelines/pool.py: study_secret).
 
     A name the git remote already holds is not run again: a flow run Prefect starts twice, or a
     sweep rerun to retry its failed points, leaves each point's experiment exactly once.
     """
     logger = get_run_logger()
-    if study_storage:  # each flow run is a process of its own: its stages inherit this
-        os.environ[STORAGE_ENV] = study_storage.get_secret_value()
+    if study_secret:  # each flow run is a process of its own: its stages inherit this
+        from prefect.blocks.system import Secret
+
+        os.environ[STORAGE_ENV] = Secret.load(study_secret).get()
     workdir = Path(tempfile.mkdtemp(prefix="cifar10-run-"))
     timings: dict[str, float] = {}
     try:

@@ -13,8 +13,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
+import pandas as pd
 import pytest
 import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from tests.helpers import (
     BIN,
@@ -186,7 +190,7 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     cluster["workers"].append(start_worker(cluster["tmp"] / "worker3", env, POOL))
     space = cluster["tmp"] / "space.yaml"
     space.write_text(yaml.safe_dump({"kind": "grid", "space": {"train.learning_rate": [0.001, 0.003],
-                                                                "train.seed": [1]}}))
+                                                                "train.seed": [1]}, "pruner": "median"}))
     started_s = time.monotonic()
     done = run_in(dev, env, "sweep", str(space), "--pool", POOL, "--name", "grid")
     sweep_s = time.monotonic() - started_s
@@ -198,6 +202,12 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
         mine = [r for r in runs if r["parameters"].get("name") == point]
         assert [r["state"]["type"] for r in mine] == ["COMPLETED"], mine
     print(f"MEASURE sweep of 2 points on the pool of 2 workers: {sweep_s:.0f} s")
+    # Each point's training, on a worker, reported its one epoch (epochs count from 1) to its trial in the study.
+    journal = JournalStorage(JournalFileBackend(str(dev / "comparisons" / "grid.journal")))
+    trials = optuna.load_study(study_name="grid", storage=journal).trials
+    status = dict(pd.read_csv(dev / "comparisons" / "grid.csv")[["name", "status"]].values)
+    assert {t.user_attrs["experiment"]: (list(t.intermediate_values), t.state.name) for t in trials} == {
+        point: ([1], {"ok": "COMPLETE", "pruned": "PRUNED"}[status[point]]) for point in points}, (trials, status)
     # Rerun: nothing is run again.
     again = run_in(dev, env, "sweep", str(space), "--pool", POOL, "--name", "grid")
     assert again.returncode == 0 and len(flow_runs(prefect_api, "sweep:grid")) == 2, again.stderr[-2000:]

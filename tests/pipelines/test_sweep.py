@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipelines.registry import stale_stages
-from pipelines.study import check_search, open_study, sample_points, search_of
+from pipelines.study import check_search, open_study, optuna_distributions, sample_points, search_of
 from pipelines.sweep import _override
 from stages.common import run_params as presets
 from stages.common.errors import ConfigError
@@ -212,11 +212,14 @@ def test_a_tpe_search_runs_each_trial_as_an_experiment(tmp_path, baseline, prefe
     assert "progress: 2/2 ended, 0 failed, 0 remaining; best so far b-" in result.stdout + result.stderr
 
 
-def slow_scored_project(root: Path, seconds: float) -> Path:
-    """The scoring project, each point taking `seconds`, its baseline committed."""
+def slow_scored_project(root: Path, seconds: float, per_epoch: float = 0) -> Path:
+    """The scoring project, each point taking `seconds` and `per_epoch` for each of its train.epochs,
+    its baseline committed."""
     repo = scored_project(root)
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")  # comparisons/, where the study lives, is ignored
-    (repo / "scorer.py").write_text(f"import time\ntime.sleep({seconds})\n" + (repo / "scorer.py").read_text())
+    sleep = ("import time, yaml\n"
+             f"time.sleep({seconds} + {per_epoch} * yaml.safe_load(open('params.yaml'))['train']['epochs'])\n")
+    (repo / "scorer.py").write_text(sleep + (repo / "scorer.py").read_text())
     set_params(repo / "params.yaml", train={"epochs": 2})
     dvc(repo, "repro", "-q")
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
@@ -235,6 +238,28 @@ def study_trials(repo: Path, name: str) -> list:
         return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal)))).trials
     except KeyError:  # the sweep has not created its study yet
         return []
+
+
+def first_tpe_points(space: dict, seed: int, count: int) -> list[dict]:
+    """What a TPE sweep's sampler asks first, `count` trials in flight together."""
+    study = open_study(optuna.storages.InMemoryStorage(), "probe", search_of("tpe", space, seed, 0), [])
+    return [study.ask(optuna_distributions(space)).params for _ in range(count)]
+
+
+@pytest.mark.e2e
+def test_a_tpe_search_asks_the_next_point_as_soon_as_one_ends(tmp_path, prefect_env):
+    space = {"train.epochs": {"choice": [1, 8]}}  # a point sleeps 3 s per epoch: a quick one and a slow one
+    seed = next(s for s in range(50) if len({p["train.epochs"] for p in first_tpe_points(space, s, 2)}) == 2)
+    repo = slow_scored_project(tmp_path / "project", seconds=0, per_epoch=3)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"kind": "tpe", "n": 3, "seed": seed, "space": space}))
+    result = cli(prefect_env, "sweep", str(tmp_path / "space.yaml"), "--name", "a", "-j", "2", "--repo", str(repo))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second, third = sorted(study_trials(repo, "a"), key=lambda t: t.number)
+    assert {t.state for t in (first, second, third)} == {optuna.trial.TrialState.COMPLETE}
+    quick, slow = sorted((first, second), key=lambda t: t.params["train.epochs"])
+    # Asked when the quick point ended, while the slow one still ran: never a batch waiting for its slowest.
+    assert quick.datetime_complete <= third.datetime_start < slow.datetime_complete, (quick, slow, third)
+    assert set(pd.read_csv(repo / "comparisons" / "a.csv")["status"]) == {"ok"}
 
 
 @pytest.mark.e2e
