@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -29,9 +28,10 @@ import optuna
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
+from benchmarks.sweep_setup import bench_env, committed_baseline
 from stages.common.paths import RUN_INFO, artifact_paths
 from tests import synthetic
-from tests.helpers import BIN, TINY_TEST, TINY_TRAIN, git_dvc_project, set_params, tiny_params
+from tests.helpers import BIN, TINY_TEST, TINY_TRAIN, tiny_params
 
 
 def main() -> None:
@@ -40,17 +40,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env = bench_env()
     root = Path(tempfile.mkdtemp(prefix="sweep-point-cost-"))
     try:
         archive = synthetic.write_tar_gz(root / "tiny.tar.gz", synthetic.class_folder_files(TINY_TRAIN, TINY_TEST))
-        repo = git_dvc_project(root / "project")
-        set_params(repo / "params.yaml", **tiny_params(archive))
-        subprocess.run([str(BIN / "dvc"), "repro", "-q"], cwd=repo, env=env, check=True, capture_output=True)
-        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
-        subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-        subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
+        repo = committed_baseline(root / "project", env, **tiny_params(archive))
         rates = [round(0.001 * (1 + i), 4) for i in range(args.points)]
         space = root / "space.yaml"
         space.write_text(f"kind: grid\nspace:\n  train.learning_rate: {rates}\n  train.epochs: [{args.epochs}]\n")

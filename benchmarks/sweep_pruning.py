@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,29 +28,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
+from benchmarks.sweep_setup import SPACE, bench_env, committed_baseline, mirror_params
 from stages.common.paths import RUN_INFO, artifact_paths
-from tests.helpers import BIN, git_dvc_project, set_params
+from tests.helpers import BIN
 
-SPACE = {  # the default recipe's knobs that make or break a short run
-    "train.learning_rate": {"log_uniform": [0.05, 3.0]},
-    "train.weight_decay": {"log_uniform": [0.0005, 0.05]},
-    "train.label_smoothing": {"uniform": [0.0, 0.3]},
-}
 PRUNER = {"successive_halving": {"min_resource": 1, "reduction_factor": 3}}
-
-
-def baseline(root: Path, args: argparse.Namespace, env: dict[str, str]) -> Path:
-    repo = git_dvc_project(root / "project")
-    set_params(repo / "params.yaml",
-               download={"source": str(Path(args.source).resolve()), "md5": None, "sha256": args.sha256},
-               prepare={"train_limit_per_class": args.train_per_class, "test_limit_per_class": args.test_per_class},
-               validate={"expected_per_class": None},
-               train={"epochs": args.epochs, "batch_size": args.batch_size})
-    subprocess.run([str(BIN / "dvc"), "repro", "-q"], cwd=repo, env=env, check=True)
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
-    return repo
 
 
 def point_records(repo: Path, names: list[str]) -> dict[str, dict[str, float]]:
@@ -108,12 +89,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env = bench_env()
     root = Path(tempfile.mkdtemp(prefix="sweep-pruning-"))
     try:
         started = time.perf_counter()
-        repo = baseline(root, args, env)
+        repo = committed_baseline(root / "project", env, **mirror_params(args))
         figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")}, "space": SPACE,
                    "pruner": PRUNER, "baseline_s": round(time.perf_counter() - started, 1)}
         figures["plain"] = search(repo, "plain", args, env, None)
