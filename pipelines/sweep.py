@@ -105,22 +105,23 @@ class Progress:
 POLL_S = 5.0  # how often the points in flight are looked at
 
 
-def queue_state(repo: Path) -> tuple[dict[str, str], int]:
+def queue_state(repo: Path) -> tuple[dict[str, str] | None, int]:
     """{experiment name: Queued | Running | Success | Failed} and how many queue workers are up,
-    from `dvc queue status`."""
+    from `dvc queue status`; None for the first when it could not be read."""
     import subprocess
 
-    status = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, env=dvc_environment(), capture_output=True,
-                            text=True).stdout
-    lines = status.splitlines()
-    rows = [line.split() for line in lines[1:] if not line.startswith("Worker status:")]
-    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+    done = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, env=dvc_environment(), capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        return None, 0
+    rows = [line.split() for line in done.stdout.splitlines()[1:] if not line.startswith("Worker status:")]
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", done.stdout)
     return ({row[1]: row[-1] for row in rows if len(row) >= 4},
             int(workers[1]) + int(workers[2]) if workers else 0)
 
 
 def queue_statuses(repo: Path) -> dict[str, str]:
-    return queue_state(repo)[0]
+    return queue_state(repo)[0] or {}
 
 
 class LocalQueue:
@@ -166,7 +167,10 @@ class LocalQueue:
         """Block until at least one queued point ended; those that did."""
         while self.pending:
             statuses, workers = queue_state(self.repo)
-            # Out of the queue's list is ended too: `progress.ended` finds out how from `dvc exp show`.
+            if statuses is None:  # unreadable this time (DVC's lock): look again
+                time.sleep(POLL_S)
+                continue
+            # Out of the queue (removed by hand) is ended too: `progress.ended` reads how from `dvc exp show`.
             ended = {exp for exp in self.pending if statuses.get(exp) not in ("Queued", "Running")}
             if ended:
                 self.pending -= ended
