@@ -89,7 +89,7 @@ def run_on_pool(request: RunRequest, say: Say) -> None:
     runs = work_pool.submit(request.pool, git_url, rev, {name: request.overrides}, tags=["cli"],
                             gpu_pool=request.gpu_pool)
     say(f"submitted {name} to work pool '{request.pool}' (flow run {runs[name].id}); waiting for a worker")
-    state = work_pool.wait_for(runs, lambda *_: None)[name]
+    state = work_pool.wait_for(runs)[name]
     if not state.is_completed():
         raise PipelineError(f"flow run {name} ended {state.name}: {state.message}")
     work_pool.pull_experiment(request.repo, name)

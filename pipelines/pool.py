@@ -261,22 +261,20 @@ def submit(pool: str, git_url: str, rev: str, points: dict[str, dict[str, Any]],
             for name, overrides in points.items()}
 
 
-def wait_for(runs: dict[str, Any], on_end, poll_s: float = 5.0, any_of: bool = False) -> dict[str, Any]:
+def wait_for(runs: dict[str, Any], poll_s: float = 5.0, any_of: bool = False,
+             on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Poll the flow runs until each reaches a final state (Completed, Failed, Crashed,
-    Cancelled), or with `any_of` until one or more do, calling `on_end(name, state)` as each does;
-    returns {name: final state} of those that ended."""
+    Cancelled), or with `any_of` until one or more do, calling `on_poll({name: state})` after each
+    look at those still waited for; returns {name: final state} of those that ended."""
     from prefect.client.orchestration import get_client
 
     final: dict[str, Any] = {}
     with get_client(sync_client=True) as client:
         while len(final) < len(runs):
-            for name, run in runs.items():
-                if name in final:
-                    continue
-                state = client.read_flow_run(run.id).state
-                if state is not None and state.is_final():
-                    final[name] = state
-                    on_end(name, state)
+            states = {name: client.read_flow_run(run.id).state for name, run in runs.items() if name not in final}
+            final |= {name: state for name, state in states.items() if state is not None and state.is_final()}
+            if on_poll is not None:
+                on_poll({name: state for name, state in states.items() if state is not None})
             if final and any_of:
                 break
             if len(final) < len(runs):

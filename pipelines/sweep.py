@@ -11,7 +11,8 @@ in the study up front, a TPE search keeps `jobs` points in flight and asks the n
 ends, and each point's metric is told as it ends. Rerunning a sweep under its name resumes it:
 ended trials are kept, and a trial the dead sweep left running is kept if its experiment ended well
 meanwhile (DVC's queue runs on without the sweep), else stopped, marked failed and asked again, once.
-Progress (done, failed, remaining, best so far) is logged as points finish. With a work pool
+Progress (done, failed, remaining, best so far) is logged as points finish, and on a terminal it
+stays in a line at its foot, rewritten while points run. With a work pool
 (`pool`), each point is instead a flow run of the pool's deployment (pipelines/pool.py), taken by
 whichever workers serve it, and its experiment is pulled from the git and DVC remotes.
 """
@@ -20,12 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import re
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TextIO
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -56,11 +61,55 @@ def _override(key: str, value: Any) -> str:
     return set_arg(key, _rounded(value))
 
 
-class Progress:
-    """Which points ended, their metric, and one log line per change: done/failed/remaining, best so far."""
+WIPE = "\r\x1b[K"  # back to the line's start, and clear it
 
-    def __init__(self, repo: Path, total: int, sort_by: str, logger) -> None:
-        self.repo, self.total, self.sort_by, self.logger = repo, total, sort_by, logger
+
+class LiveLine:
+    """A line at the foot of a terminal, rewritten in place; where the output is no terminal (a
+    file, CI, a worker's log) it writes nothing. A log line its handlers print to the same
+    terminal wipes it first, so the two never share a line; the next `show` puts it back."""
+
+    def __init__(self, stream: TextIO | None = None, handlers: list[logging.Handler] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.on = self.stream.isatty() and os.environ.get("TERM") != "dumb"
+        self.handlers = handlers if handlers is not None else [
+            handler for logger in (logging.getLogger("prefect"), logging.getLogger())
+            for handler in logger.handlers if getattr(handler, "stream", None) is self.stream]
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        if self.on:  # a line longer than the terminal would wrap, and the wipe would reach only its end
+            self.stream.write(WIPE + text[: shutil.get_terminal_size().columns - 1])
+            self.stream.flush()
+            self.shown = True
+
+    def wipe(self, record: logging.LogRecord | None = None) -> bool:
+        """Clear the line (a logging filter: it lets every record through)."""
+        if self.shown:
+            self.stream.write(WIPE)
+            self.stream.flush()
+            self.shown = False
+        return True
+
+    def __enter__(self) -> Self:
+        for handler in self.handlers:
+            handler.addFilter(self.wipe)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wipe()
+        for handler in self.handlers:
+            handler.removeFilter(self.wipe)
+
+
+class Progress:
+    """Which points ended, their metric, and one log line per change: done/failed/remaining, best
+    so far; while points run, the same with those running and waiting and the time taken, on the
+    terminal's live line."""
+
+    def __init__(self, repo: Path, total: int, sort_by: str, logger, live: LiveLine | None = None) -> None:
+        self.repo, self.total, self.sort_by, self.logger, self.live = repo, total, sort_by, logger, live
+        self.started = time.monotonic()
         self.metric: dict[str, float] = {}
         self.failed: list[str] = []
         self.pruned: dict[str, int] = {}  # experiment: the epoch its pruner stopped it after (the study tells)
@@ -93,13 +142,25 @@ class Progress:
         finished = {exp: value for exp, value in self.metric.items() if exp not in self.pruned}
         return max(finished, key=finished.get) if finished else None
 
-    def line(self) -> str:
+    def ended_so_far(self) -> str:
         done = len(self.metric) + len(self.failed)
-        best = self.best()
-        so_far = f"best so far {best} ({self.sort_by} {self.metric[best]})" if best else "no point finished yet"
         pruned = f" ({len(self.pruned)} pruned)" if self.pruned else ""
-        return (f"progress: {done}/{self.total} ended{pruned}, {len(self.failed)} failed, "
-                f"{self.total - done} remaining; {so_far}")
+        return f"{done}/{self.total} ended{pruned}, {len(self.failed)} failed"
+
+    def best_so_far(self) -> str:
+        best = self.best()
+        return f"best so far {best} ({self.sort_by} {self.metric[best]})" if best else "no point finished yet"
+
+    def line(self) -> str:
+        remaining = self.total - len(self.metric) - len(self.failed)
+        return f"progress: {self.ended_so_far()}, {remaining} remaining; {self.best_so_far()}"
+
+    def poll(self, running: int, waiting: int) -> None:
+        """What the points in flight are doing, looked at now: to the live line, what changes most first."""
+        if self.live is not None:
+            minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+            self.live.show(f"progress: {self.ended_so_far()}; {running} running, {waiting} waiting; "
+                           f"{minutes}:{seconds:02d}; {self.best_so_far()}")
 
 
 POLL_S = 5.0  # how often the points in flight are looked at
@@ -133,6 +194,7 @@ class LocalQueue:
         self.repo, self.jobs, self.logger = repo, jobs, logger
         self.env = {**dvc_environment(), **(study_env or {})}  # where the points' training finds the study
         self.pending: set[str] = set()
+        self.on_poll: Callable[[int, int], None] = lambda running, waiting: None
         self._own_workers()
 
     def _own_workers(self, timeout_s: float = 60) -> None:
@@ -172,6 +234,8 @@ class LocalQueue:
                 continue
             # Out of the queue (removed by hand) is ended too: `progress.ended` reads how from `dvc exp show`.
             ended = {exp for exp in self.pending if statuses.get(exp) not in ("Queued", "Running")}
+            self.on_poll(sum(statuses.get(exp) == "Running" for exp in self.pending),
+                         sum(statuses.get(exp) == "Queued" for exp in self.pending))
             if ended:
                 self.pending -= ended
                 return ended
@@ -195,6 +259,7 @@ class PoolRunner:
         self.on_origin = work_pool.pushed_experiments(repo)
         self.runs: dict[str, Any] = {}
         self.ended_already: set[str] = set()
+        self.on_poll: Callable[[int, int], None] = lambda running, waiting: None
 
     def submit(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         from pipelines import pool as work_pool
@@ -217,7 +282,12 @@ class PoolRunner:
         if self.ended_already:
             ended, self.ended_already = self.ended_already, set()
             return ended
-        final = work_pool.wait_for(self.runs, lambda *_: None, POLL_S, any_of=True)
+
+        def polled(states: dict[str, Any]) -> None:
+            running = sum(state.is_running() for state in states.values())
+            self.on_poll(running, sum(not state.is_final() for state in states.values()) - running)
+
+        final = work_pool.wait_for(self.runs, POLL_S, any_of=True, on_poll=polled)
         for exp, state in final.items():
             del self.runs[exp]
             if state.is_completed():
@@ -268,7 +338,8 @@ def sweep(
     # Where the points' train stage finds the study: pool workers clone elsewhere, so it is always named.
     study_env = {STORAGE_ENV: url or str(study_journal(repo, name))} if pruner else {}
     total = n if kind == "tpe" else len(points)
-    progress = Progress(repo, total, sort_by, logger)
+    live = LiveLine()
+    progress = Progress(repo, total, sort_by, logger, live)
     search = search_of(kind, space or {}, seed, total, pruner)
     study = open_study(study_storage(repo, name, url), name, search, points)
     resumed = recover(repo, study, kind, progress, pool)
@@ -277,7 +348,9 @@ def sweep(
     runner = (PoolRunner(repo, logger, pool=pool, git_url=git_url, rev=rev, sweep_name=name, gpu_pool=gpu_pool,
                          study_env=study_env) if pool else LocalQueue(repo, jobs, logger, study_env))
     started = time.perf_counter()
-    run_trials(repo, study, kind, space or {}, total, jobs, name, progress, logger, runner, prune=pruner is not None)
+    with live:
+        run_trials(repo, study, kind, space or {}, total, jobs, name, progress, logger, runner,
+                   prune=pruner is not None)
     where = f"on work pool '{pool}'" if pool else f"with {jobs} job(s)"
     logger.info(f"sweep {name}: {total} points ended, after {time.perf_counter() - started:.0f} s here {where}")
     names, points = ended_points(repo, study, kind)
@@ -439,6 +512,7 @@ def run_trials(repo: Path, study: Any, kind: str, space: dict[str, Any], n: int,
     asked: dict[str, Any] = {}  # experiment: its trial
     running: set[str] = set()
     progress.on_ended = functools.partial(tell_ended, study, asked, progress)
+    runner.on_poll = progress.poll
     while True:
         todo = n - len(_ended(study)) - len(running)
         if kind == "tpe":

@@ -124,6 +124,38 @@ def cli(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProc
     return subprocess.run([str(BIN / "cifar10-pipeline"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def cli_on_terminal(env: dict, *args: str, timeout: float = 600) -> tuple[int, str]:
+    """`cifar10-pipeline ARGS` with its stdout and stderr on an 80-column pseudo-terminal, as a user
+    at a terminal runs it: its exit code and everything the terminal received, control codes and all."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main_fd, terminal_fd = pty.openpty()
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80 columns, 24 rows
+    env = {key: value for key, value in env.items() if key not in ("COLUMNS", "LINES")}  # the terminal's size rules
+    proc = subprocess.Popen([str(BIN / "cifar10-pipeline"), *args], env={**env, "TERM": "xterm"}, stdin=subprocess.DEVNULL,
+                            stdout=terminal_fd, stderr=terminal_fd, start_new_session=True)
+    os.close(terminal_fd)
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # read as it comes: a full terminal would block the command
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: the command and all it started closed the terminal
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(main_fd)
+    try:
+        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), received.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 def api(url: str, method: str, path: str, json: dict | None = None, attempts: int = 5):
     """A Prefect REST call, retried on 429/502/503 as Prefect's own client retries them (a
     create_flow_run call got a 503 from the test server in one CI run on a busy 2-core machine)."""

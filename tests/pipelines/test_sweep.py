@@ -1,5 +1,7 @@
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,7 +17,7 @@ import yaml
 
 from pipelines.registry import stale_stages
 from pipelines.study import check_search, open_study, optuna_distributions, sample_points, search_of
-from pipelines.sweep import _override
+from pipelines.sweep import WIPE, LiveLine, Progress, _override
 from stages.common import run_params as presets
 from stages.common.errors import ConfigError
 from stages.common.params import read_params, read_sweep_file, whole_lists
@@ -25,6 +27,7 @@ from tests.helpers import (
     ENV,
     REPO,
     cli,
+    cli_on_terminal,
     copy_repo,
     dvc,
     git_dvc_project,
@@ -252,14 +255,69 @@ def test_a_tpe_search_asks_the_next_point_as_soon_as_one_ends(tmp_path, prefect_
     seed = next(s for s in range(50) if len({p["train.epochs"] for p in first_tpe_points(space, s, 2)}) == 2)
     repo = slow_scored_project(tmp_path / "project", seconds=0, per_epoch=3)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"kind": "tpe", "n": 3, "seed": seed, "space": space}))
-    result = cli(prefect_env, "sweep", str(tmp_path / "space.yaml"), "--name", "a", "-j", "2", "--repo", str(repo))
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, terminal = cli_on_terminal(prefect_env, "sweep", str(tmp_path / "space.yaml"), "--name", "a", "-j", "2",
+                                     "--repo", str(repo))
+    assert code == 0, terminal[-3000:]
+    # The live line, rewritten in place while points run, wiped before each log line.
+    live = [shown for shown in terminal.split(WIPE) if re.match(r"progress: .*running, \d+ waiting; \d+:\d\d; ", shown)]
+    assert live and live[0].startswith("progress: 0/3 ended, 0 failed; "), live
+    assert any(shown.startswith("progress: 1/3 ended") for shown in live), live
+    running = [int(re.search(r"; (\d+) running, ", shown)[1]) for shown in live]
+    assert max(running) <= 2 and sum(running) > 0, f"-j 2 runs up to two points at once: {live}"
+    assert max(map(len, live)) < 80, "the live line is wider than the terminal's 80 columns"
+    assert not [shown for shown in live if "\n" in shown], "a log line shares the live line"
+    assert "Best: `" in terminal, terminal[-2000:]
     first, second, third = sorted(study_trials(repo, "a"), key=lambda t: t.number)
     assert {t.state for t in (first, second, third)} == {optuna.trial.TrialState.COMPLETE}
     quick, slow = sorted((first, second), key=lambda t: t.params["train.epochs"])
     # Asked when the quick point ended, while the slow one still ran: never a batch waiting for its slowest.
     assert quick.datetime_complete <= third.datetime_start < slow.datetime_complete, (quick, slow, third)
     assert set(pd.read_csv(repo / "comparisons" / "a.csv")["status"]) == {"ok"}
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_live_line_is_rewritten_in_place_on_a_terminal_and_wiped_before_a_log_line(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setenv("TERM", "xterm")
+    terminal = Terminal()
+    handler = logging.StreamHandler(terminal)
+    logger = logging.getLogger("test-live-line")
+    logger.addHandler(handler)
+    try:
+        with LiveLine(terminal, [handler]) as live:
+            live.show("x" * 100)  # as wide as the terminal, less one: a wrapped line would not be wiped
+            live.show("progress: 1/4")
+            logger.warning("a point ended")
+            live.show("progress: 2/4")
+        logger.warning("after the sweep")
+    finally:
+        logger.removeHandler(handler)
+    assert terminal.getvalue() == (f"{WIPE}{'x' * 39}{WIPE}progress: 1/4{WIPE}a point ended\n{WIPE}progress: 2/4{WIPE}"
+                                   "after the sweep\n")
+
+
+def test_no_live_line_off_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    plain = io.StringIO()
+    LiveLine(plain, []).show("progress")
+    monkeypatch.setenv("TERM", "dumb")
+    dumb = Terminal()
+    LiveLine(dumb, []).show("progress")
+    assert plain.getvalue() == dumb.getvalue() == ""
+
+
+def test_the_live_line_counts_points_ended_running_and_waiting_and_the_time_taken(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    terminal = Terminal()
+    progress = Progress(tmp_path, 4, "accuracy", logging.getLogger("test-live-line"), LiveLine(terminal, []))
+    progress.metric, progress.failed, progress.started = {"s-1": 0.5}, ["s-2"], time.monotonic() - 75
+    progress.poll(running=1, waiting=1)
+    assert terminal.getvalue() == (f"{WIPE}progress: 2/4 ended, 1 failed; 1 running, 1 waiting; 1:15; "
+                                   "best so far s-1 (accuracy 0.5)")
 
 
 @pytest.mark.e2e
