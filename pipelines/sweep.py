@@ -102,6 +102,9 @@ class LiveLine:
             handler.removeFilter(self.wipe)
 
 
+RESULTS_RETRY_S = (2, 4, 8, 16, 30)
+
+
 class Progress:
     """Which points ended, their metric, and one log line per change: done/failed/remaining, best
     so far; while points run, the same with those running and waiting and the time taken, on the
@@ -115,14 +118,16 @@ class Progress:
         self.pruned: dict[str, int] = {}  # experiment: the epoch its pruner stopped it after (the study tells)
         self.on_ended: Callable[[set[str]], None] = lambda names: None  # the study hears of each as it ends
 
-    def results(self, attempts: int = 3) -> pd.DataFrame:
-        # `dvc exp show` can fail while DVC's queue is saving another point (its lock, its refs): look again.
-        for attempt in range(1, attempts):
+    def results(self) -> pd.DataFrame:
+        # `dvc exp show` fails while DVC's queue saves a point (its lock, its refs) and while it sets
+        # up or cleans up a point's workspace (the point's infofile not written yet, or gone; longer
+        # on a busy machine): look again, for about a minute in all.
+        for wait_s in RESULTS_RETRY_S:
             try:
                 return experiments_table(self.repo, sort_by=None)
             except CommandFailed as err:
-                self.logger.warning(f"reading the points' results failed ({err}); trying again")
-                time.sleep(2 * attempt)
+                self.logger.warning(f"reading the points' results failed ({err}); trying again in {wait_s} s")
+                time.sleep(wait_s)
         return experiments_table(self.repo, sort_by=None)
 
     def ended(self, names: set[str]) -> None:

@@ -15,11 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipelines import sweep as sweep_module
 from pipelines.registry import stale_stages
 from pipelines.study import check_search, open_study, optuna_distributions, sample_points, search_of
 from pipelines.sweep import WIPE, LiveLine, Progress, _override
 from stages.common import run_params as presets
-from stages.common.errors import ConfigError
+from stages.common.errors import CommandFailed, ConfigError
 from stages.common.params import read_params, read_sweep_file, whole_lists
 from stages.common.trial import PRUNED_AT, pruner_of
 from tests.helpers import (
@@ -318,6 +319,31 @@ def test_the_live_line_counts_points_ended_running_and_waiting_and_the_time_take
     progress.poll(running=1, waiting=1)
     assert terminal.getvalue() == (f"{WIPE}progress: 2/4 ended, 1 failed; 1 running, 1 waiting; 1:15; "
                                    "best so far s-1 (accuracy 0.5)")
+
+
+def test_results_unreadable_while_the_queue_sets_up_a_point_are_read_again_for_about_a_minute(tmp_path, monkeypatch):
+    # `dvc exp show` fails while DVC's queue sets up a point's workspace (its infofile not written
+    # yet), for longer on a busy machine: a sweep that gave up after a few seconds crashed there.
+    infofile_missing = CommandFailed("dvc exp show --json: unexpected error - [Errno 2] No such file or directory: "
+                                     "'.dvc/tmp/exps/run/28a4/28a4.run'")
+    answers = [infofile_missing] * 4 + [pd.DataFrame([{"name": "s-1", "status": "ok", "accuracy": 0.5}])]
+    waited: list[float] = []
+
+    def exp_show(repo, sort_by):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(sweep_module, "experiments_table", exp_show)
+    monkeypatch.setattr(sweep_module.time, "sleep", waited.append)
+    progress = Progress(tmp_path, 2, "accuracy", logging.getLogger("test-results"))
+    progress.ended({"s-1"})
+    assert progress.metric == {"s-1": 0.5} and waited == [2, 4, 8, 16]
+    answers[:] = [infofile_missing] * 6
+    with pytest.raises(CommandFailed, match="No such file or directory"):
+        progress.ended({"s-2"})
+    assert waited[4:] == [2, 4, 8, 16, 30] and not answers  # bounded: six looks over a minute, then the error
 
 
 @pytest.mark.e2e
