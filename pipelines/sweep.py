@@ -360,7 +360,7 @@ def sweep(
     logger.info(f"sweep {name}: {total} points ended, after {time.perf_counter() - started:.0f} s here {where}")
     names, points = ended_points(repo, study, kind)
 
-    result = ranked(experiments_table(repo, sort_by=sort_by), names, points, progress)
+    result = ranked(progress.results(), names, points, progress)
     failed = result.loc[result["status"] == "failed", "name"].tolist() if not result.empty else []
     points_by_name = dict(zip(names, points))
     rerun = f"--name {name}" + (f" --pool {pool}" if pool else "")
