@@ -414,8 +414,15 @@ class RemoteUnreachable(TransientError):
 
 # What botocore, aiohttp and git say when the other end is down or the network is: worth a rerun.
 _UNREACHABLE = re.compile(r"Could not connect|Connection refused|connection was closed|Cannot connect to host|"
-                          r"timed out|Temporary failure in name resolution|Connect timeout|Unable to access",
-                          re.IGNORECASE)
+                          r"timed out|Temporary failure in name resolution|Connect timeout|Unable to access|"
+                          r"could not resolve host", re.IGNORECASE)
+# Not git's "does not appear to be a git repository" nor "Could not read from remote": it says those
+# of an origin moved or mistyped too, which no rerun mends; a host down comes with one of the above.
+
+
+def unreachable(said: str) -> bool:
+    """Whether a dvc or git command's output says a remote cannot be reached (rerun when it is up)."""
+    return _UNREACHABLE.search(said) is not None
 
 
 def dvc(repo_dir: Path, *args: str) -> str:
@@ -426,7 +433,7 @@ def dvc(repo_dir: Path, *args: str) -> str:
     if result.returncode != 0:
         errors = _DVC_ERROR.findall(result.stderr + result.stdout)
         line = errors[-1] if errors else result.stderr.strip()
-        if _UNREACHABLE.search(result.stderr + result.stdout):
+        if unreachable(result.stderr + result.stdout):
             raise RemoteUnreachable(f"dvc {args[0]}: a remote is unreachable ({line}); check that it is up and "
                                     f"rerun: DVC writes each object whole, so nothing is half-written")
         raise CommandFailed(f"dvc {' '.join(args)}: {line}")

@@ -34,7 +34,7 @@ from typing import Any
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 
-from pipelines.dvcrepo import RemoteUnreachable, git, git_tracked_outputs
+from pipelines.dvcrepo import RemoteUnreachable, git, git_tracked_outputs, unreachable
 from pipelines.flow import pipeline, publish_gate_verdict, push_outputs
 from pipelines.gate import promote_champion
 from pipelines.registry import fetch_origin_tags, stage_version
@@ -59,13 +59,14 @@ def default_workdir(git_url: str, branch: str) -> Path:
 
 
 def _git(repo: Path, *args: str, what: str) -> str:
-    """A git command that must succeed; its last error line, and whether origin was unreachable, decide
-    the error."""
+    """A git command that must succeed; its first fatal line (git's advice follows it), and whether
+    origin was unreachable, decide the error."""
     done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
     if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        if re.search(r"unable to access|could not read from remote|does not appear to be a git repository|"
-                     r"connection refused|could not resolve host", done.stderr, re.IGNORECASE):
+        said = done.stderr.strip().splitlines()
+        reason = next((line for line in said if line.startswith(("fatal:", "error:"))),
+                      said[-1] if said else f"exit {done.returncode}")
+        if unreachable(done.stderr):
             raise RemoteUnreachable(f"{what}: origin cannot be reached ({reason}); rerun when it is up")
         raise CommandFailed(f"{what}: {reason}")
     return done.stdout.strip()

@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from pipelines.alerts import AUTOMATION_NAME
+from pipelines.dvcrepo import RemoteUnreachable
 from pipelines.registry import fetch_origin_tags, stage_version
 from pipelines.retrain import RETRAIN_ARTIFACT, RETRAIN_FLOW, changed_run_files, checkout_newest, commit_run
-from stages.common.errors import TransientError
+from stages.common.errors import CommandFailed, TransientError
 from tests.helpers import (
     BIN,
     BUCKET,
@@ -32,6 +33,7 @@ from tests.helpers import (
     cli,
     create_pool,
     dvc,
+    free_port,
     inference_api,
     kill_tree,
     running_under,
@@ -304,6 +306,25 @@ def test_retrain_needs_origin_a_dvc_remote_and_a_server(tmp_path):
     assert no_server.returncode == 2, no_server.stderr
     assert no_server.stderr == ("error: scheduled retraining needs a Prefect server: set PREFECT_API_URL "
                                 "(see docs/scaling.md)\n")
+
+
+def test_an_origin_that_cannot_be_reached_is_a_transient_error_and_one_not_there_is_not(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}/origin.git"  # a port nobody serves: a server down
+    with pytest.raises(RemoteUnreachable, match=r"^git clone .*: origin cannot be reached \(.+\); rerun when it is up$"):
+        checkout_newest(down, "main", tmp_path / "retrain")
+    gone = tmp_path / "gone.git"  # a mistyped path: rerunning will not help
+    with pytest.raises(CommandFailed, match=rf"^git clone {gone}: fatal: repository '{gone}' does not exist$"):
+        checkout_newest(str(gone), "main", tmp_path / "retrain")
+    assert not (tmp_path / "retrain").exists()
+    origin, work = tmp_path / "origin.git", tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "--bare", "-b", "main", str(origin))
+    git(tmp_path, "clone", "--quiet", str(origin), str(work))
+    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "--allow-empty", "-m", "first")
+    git(work, "push", "--quiet", "origin", "main")
+    checkout_newest(str(origin), "main", tmp_path / "retrain")
+    origin.rename(gone)  # origin moved: the next fetch fails the same way at every rerun
+    with pytest.raises(CommandFailed, match=rf"^git fetch origin main: fatal: '{origin}' does not appear to be a git repository$"):
+        checkout_newest(str(origin), "main", tmp_path / "retrain")
 
 
 def test_a_run_origin_moved_past_is_not_pushed_and_says_why(tmp_path):
