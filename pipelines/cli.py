@@ -22,6 +22,7 @@ from stages.common.errors import (
     interrupt_on_sigterm,
 )
 from stages.common.params import parse_assignments
+from stages.common.paths import COMPARISONS_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run, schedule and inspect the CIFAR-10 DVC pipeline through Prefect.")
@@ -280,7 +281,7 @@ def compare(
 
     repo = require_repo(repo)
     if all_runs:
-        history, page = write_history(repo, out or repo / "comparisons", pages, sort_by)
+        history, page = write_history(repo, out or repo / COMPARISONS_DIR, pages, sort_by)
         table = history.table(sort_by)
         if csv:
             table.to_csv(csv, index=False)
@@ -292,7 +293,7 @@ def compare(
         return
     if a is None:
         raise ConfigError("compare needs a revision or experiment (or --all)")
-    folder = out or repo / "comparisons" / safe_name(f"{a}_vs_{b or 'workspace'}")
+    folder = out or repo / COMPARISONS_DIR / safe_name(f"{a}_vs_{b or 'workspace'}")
     text, findings = compare_runs(repo, a, b, folder)
     if as_json:
         typer.echo(json.dumps(findings, indent=2, default=str))
@@ -377,7 +378,7 @@ def sweep(
         result = sweep_flow(repo_dir=str(repo), space=cfg["space"], kind=kind, n=n, seed=seed, jobs=jobs, name=name,
                             pool=pool, gpu_pool=gpu_pool, storage=SecretStr(storage) if storage else None,
                             pruner=pruner)
-    typer.echo((repo / "comparisons" / f"{result['name']}.md").read_text())
+    typer.echo((repo / COMPARISONS_DIR / f"{result['name']}.md").read_text())
     if result["failed"]:
         raise PipelineError(f"{len(result['failed'])} of {result['points']} points failed: {', '.join(result['failed'])}")
 

@@ -15,6 +15,9 @@ from pathlib import Path
 from stages.common.errors import ConfigError
 
 DVC_YAML = "dvc.yaml"
+# In the project, beside the pipeline's outputs: what the CLI writes of comparisons (compare's
+# folders, the history page, each sweep's table, page and, by default, its study).
+COMPARISONS_DIR = Path("comparisons")
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.errors import ConfigError
+from stages.common.paths import COMPARISONS_DIR
 
 TRIAL_KEY = "train.trial"
 STORAGE_ENV = "CIFAR10_STUDY_STORAGE"
-STUDY_DIR = Path("comparisons")  # in the project: a sweep's table, page and (by default) its study
+STUDY_DIR = COMPARISONS_DIR  # a sweep's table, page and (by default) its study
 PRUNED_AT = "pruned_after_epoch"  # the trial's and the run's record of where its pruner stopped it
 PRUNERS = ("median", "successive_halving", "hyperband")
 
