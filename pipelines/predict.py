@@ -4,14 +4,13 @@ decoded as a person sees them, from files, folders and archives of any size, str
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import os
 import tarfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stages.common.dataio import archive_members
 from stages.common.errors import ConfigError
 from stages.common.schemas import IMAGE_SHAPE
 
@@ -101,28 +101,6 @@ def archive_kind(path: Path) -> str | None:
         return container_of(path)
     except (IntegrityError, OSError):
         return None
-
-
-def archive_members(path: Path, kind: str) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
-    """Each regular file of the archive, in archive order: its name, size and a reader. Unlike the
-    prepare stage's dataio.iter_members, nothing is read unless asked, so a member too large to
-    be an image is skipped unread."""
-    if kind == "zip":
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.is_dir():
-                    yield info.filename, info.file_size, functools.partial(zf.read, info)
-    else:
-        with tarfile.open(path, "r|*") as tf:  # a stream: one pass, no index of a huge archive
-            for member in tf:
-                if member.isfile():
-                    yield member.name, member.size, functools.partial(read_tar_member, tf, member)
-
-
-def read_tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    stream = archive.extractfile(member)
-    assert stream is not None  # a regular file
-    return stream.read()
 
 
 def archive_images(path: Path, kind: str) -> Iterator[Source]:

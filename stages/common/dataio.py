@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -163,21 +164,33 @@ def container_of(path: Path) -> str:
     )
 
 
+def archive_members(path: Path, container: str) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
+    """Each regular file of the archive, in archive order: its name, size and a reader. Nothing is
+    read unless asked (a member too large to use can be skipped unread), and a tar is read as a
+    stream: one pass, no index of a huge archive."""
+    if container == "zip":
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    yield info.filename, info.file_size, functools.partial(zf.read, info)
+    else:
+        with tarfile.open(path, "r|*") as tf:
+            for member in tf:
+                if member.isfile():
+                    yield member.name, member.size, functools.partial(_read_tar_member, tf, member)
+
+
+def _read_tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    stream = archive.extractfile(member)
+    assert stream is not None  # a regular file
+    return stream.read()
+
+
 def iter_members(path: Path, container: str) -> Iterator[tuple[str, bytes]]:
     """(name, content) of each regular file in the archive, in archive order."""
     try:
-        if container == "zip":
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if not info.is_dir():
-                        yield info.filename, zf.read(info)
-        else:
-            with tarfile.open(path, "r:*") as tf:
-                for member in tf:
-                    if member.isfile():
-                        fh = tf.extractfile(member)
-                        assert fh is not None
-                        yield member.name, fh.read()
+        for name, _, read in archive_members(path, container):
+            yield name, read()
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise

@@ -45,12 +45,6 @@ class OnnxClassifier:
                    for i in range(0, len(pixels), batch_size)]
         return np.concatenate(batches) if batches else np.zeros((0, len(self.classes)), np.float32)
 
-    def top_k(self, pixels: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """For each image its k likeliest classes, best first, as (name, probability)."""
-        probabilities = self.probabilities(pixels)
-        order = np.argsort(-probabilities, axis=1)[:, :k]
-        return [[(self.classes[j], float(row[j])) for j in best] for row, best in zip(probabilities, order)]
-
 
 def load_exported(folder: Path, threads: int = 0) -> tuple[OnnxClassifier, dict[str, Any]]:
     """The export's ONNX model and its signature.json (classes, version, metrics)."""
