@@ -5,15 +5,21 @@ Stands up what the scale-out test does (tests/pipelines/test_cluster.py): a Pref
 S3 server as the DVC remote, a bare git origin, a generated dataset served over HTTP. For each
 mode it starts the workers, each in its own empty folder (pinned: `taskset -c i` and one
 TensorFlow thread, standing in for a one-core machine each), times `cifar10-pipeline sweep
---pool`, and reads each point's clone/pipeline/push seconds from the workers' logs. One warm-up
-run first computes the data stages once, so every mode restores them from the run-cache alike.
+--pool`, and reads each point's clone/pipeline/push seconds from the workers' logs and the CPU the
+workers and everything else used meanwhile. One warm-up run first computes the data stages once,
+so every mode restores them from the run-cache alike; a control measures what two pinned,
+compute-bound processes get done beside one, the most a second pinned worker could add here.
 
     python benchmarks/pool_scaling.py [--modes pinned1 pinned2 unpinned1 unpinned2] [--points 4]
+
+The points are a seeded random search over learning rate and seed, so every mode runs the same
+points.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.server
 import json
@@ -33,33 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's cluster set-up is reused; tests/ is not installed
 
 from tests import synthetic
-from tests.helpers import BIN, free_port, serving, sha256_of
-from tests.pipelines.test_cluster import (
+from tests.helpers import (
+    BIN,
     BUCKET,
     CREDENTIALS,
     create_pool,
-    git,
     kill_tree,
+    prefect_server,
     s3_client,
     s3_remote,
-    shared_project,
+    sha256_of,
     start_worker,
 )
+from tests.pipelines.test_cluster import git, shared_project
 
 TIMINGS = re.compile(r"timings: clone_s ([\d.]+), pipeline_s ([\d.]+), push_s ([\d.]+)")
 ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
-
-def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    log = open(home.parent / "server.log", "w")  # noqa: SIM115 - written until the server stops
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    if not serving(f"{url}/health", proc, timeout_s=180, interval_s=1):
-        raise SystemExit("the Prefect server did not start; see server.log")
-    return proc, url
 
 
 def http_root(root: Path) -> str:
@@ -88,8 +83,11 @@ def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
     create_pool(pool, env)
     workers = [start_worker(work / f"{mode}-worker{i}", {**env, **(ONE_THREAD if pinned else {})}, pool,
                             ("taskset", "-c", str(i)) if pinned else ()) for i in range(workers_n)]
+    busy_before, idle_before = machine_cpu_s()
     try:
         seconds, error = cli(dev, env, "sweep", str(space), "--pool", pool, "--name", f"sw-{mode}", may_fail=True)
+        busy, idle = (after - before for after, before in zip(machine_cpu_s(), (busy_before, idle_before)))
+        workers_cpu = sum(tree_cpu_s(proc.pid) for proc in workers)
     finally:
         for proc in workers:
             kill_tree(proc)
@@ -99,7 +97,38 @@ def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
             "points": len(points),
             "clone_s": round(statistics.mean(p[0] for p in points), 1),
             "pipeline_s": round(statistics.mean(p[1] for p in points), 1),
-            "push_s": round(statistics.mean(p[2] for p in points), 1)}
+            "push_s": round(statistics.mean(p[2] for p in points), 1),
+            # Core-seconds while the sweep ran: the workers' (their flow runs and stages included),
+            # everything else's (server, S3, the sweep itself), and what no process used.
+            "cpu_s": {"workers": round(workers_cpu, 1), "rest": round(busy - workers_cpu, 1), "idle": round(idle, 1)}}
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """The machine's busy and idle CPU-seconds since boot, all cores together (/proc/stat)."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), idle / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU-seconds of a process and of every child it waited for, theirs included (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+MATMULS = ("import time, numpy as np; a = np.ones((1024, 1024), np.float32); t = time.perf_counter()\n"
+           "for _ in range(150): a @ a\nprint(time.perf_counter() - t)")
+
+
+def pinned_compute_ceiling() -> float:
+    """How much two single-threaded, compute-bound processes pinned to cores 0 and 1 get done
+    beside one alone: the most a second pinned worker could add on this machine."""
+    def run_on(cores: list[int]) -> float:
+        procs = [subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", MATMULS], stdout=subprocess.PIPE,
+                                  text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+                 for core in cores]
+        return max(float(proc.communicate()[0]) for proc in procs)
+    return round(2 * run_on([0]) / run_on([0, 1]), 2)
 
 
 def bucket_size(s3_url: str) -> tuple[int, float]:
@@ -125,18 +154,18 @@ def pull_into_fresh_clone(work: Path, origin: Path, env: dict, names: list[str])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=["pinned1", "pinned2", "unpinned1", "unpinned2"])
-    parser.add_argument("--points", type=int, default=4, choices=[2, 4, 6, 8])
+    parser.add_argument("--points", type=int, default=4)
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("pool_scaling.json"))
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pool-bench-"))
     (work / "prefect").mkdir()
-    server, api_url = prefect_server(work / "prefect")
     s3 = s3_remote()
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(s3.stop)
+        api_url = stack.enter_context(prefect_server(work / "prefect"))
         www = work / "www"
         www.mkdir()
         archive = synthetic.write_tar_gz(www / "data.tar.gz",
@@ -150,25 +179,23 @@ def main() -> None:
                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_WORKER_QUERY_SECONDS": "2",
                "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
         space = work / "space.yaml"
-        rates = args.learning_rates[: max(args.points // 2, 1)]
-        space.write_text(yaml.safe_dump({"kind": "grid", "space": {"train.learning_rate": rates,
-                                                                    "train.seed": [1, 2]}}))
+        space.write_text(yaml.safe_dump({"kind": "random", "n": args.points, "seed": 0,
+                                         "space": {"train.learning_rate": {"log_uniform": [0.05, 0.4]},
+                                                   "train.seed": {"choice": [1, 2]}}}))
         create_pool("bench-warmup", env)
         warm = start_worker(work / "warmup-worker", env, "bench-warmup")
         warmup_s, _ = cli(dev, env, "run", "--pool", "bench-warmup", "-S", "train.seed=0")
         kill_tree(warm)
         results = {"cpu": cpu_model(), "per_class": args.per_class, "epochs": args.epochs,
-                   "warmup_run_s": round(warmup_s, 1), "modes": []}
+                   "warmup_run_s": round(warmup_s, 1), "pinned_compute_ceiling": pinned_compute_ceiling(),
+                   "modes": []}
         for mode in args.modes:  # written after each mode: a long run interrupted keeps what it measured
             results["modes"].append(run_mode(mode, work, dev, env, space))
             write(args.out, results)
         objects, megabytes = bucket_size(s3.url)
         results["s3_after_all"] = {"objects": objects, "mb": round(megabytes, 2)}
-        names = [f"sw-{args.modes[0]}-{i}" for i in range(1, len(rates) * 2 + 1)]
+        names = [f"sw-{args.modes[0]}-{i}" for i in range(1, args.points + 1)]
         results["pull_one_sweep"] = pull_into_fresh_clone(work, origin, env, names)
-    finally:
-        s3.stop()
-        server.terminate()
     write(args.out, results)
     print(json.dumps(results, indent=2))
 
