@@ -321,6 +321,31 @@ def test_the_live_line_counts_points_ended_running_and_waiting_and_the_time_take
                                    "best so far s-1 (accuracy 0.5)")
 
 
+def test_a_queue_status_that_cannot_be_read_is_looked_at_again_never_taken_for_every_point_ended(tmp_path, monkeypatch):
+    # `dvc queue status` fails now and then while DVC's queue saves a point (its lock): a sweep that
+    # read that as an empty queue took every point in flight for ended, and their results as failed.
+    header, workers = "Task     Name    Created    Status", "Worker status: 1 active, 0 idle"
+    answers = [(0, f"{header}\nWorker status: 0 active, 0 idle"),  # no other sweep's worker to stop first
+               (255, ""), (0, f"{header}\n1a2b3c   q-1     10:01 AM   Running\n4d5e6f   q-2     10:01 AM   Queued\n{workers}"),
+               (255, ""), (0, f"{header}\n1a2b3c   q-1     10:01 AM   Success\n4d5e6f   q-2     10:01 AM   Running\n{workers}")]
+    for number, (code, said) in enumerate(answers):
+        (tmp_path / f"answer-{number}").write_text(said + "\n")
+        (tmp_path / f"code-{number}").write_text(str(code))
+    (tmp_path / "asked").write_text("0")
+    fake = tmp_path / "dvc"  # answers `dvc queue status` as DVC does, one canned answer per call
+    fake.write_text(f"#!/bin/sh\nn=$(cat {tmp_path}/asked); echo $((n + 1)) > {tmp_path}/asked\n"
+                    f"cat {tmp_path}/answer-$n; [ $(cat {tmp_path}/code-$n) = 0 ] || echo 'ERROR: lock' >&2\n"
+                    f"exit $(cat {tmp_path}/code-$n)\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sweep_module, "dvc_executable", lambda: str(fake))
+    monkeypatch.setattr(sweep_module.time, "sleep", lambda seconds: None)
+    seen: list[tuple[int, int]] = []
+    queue = sweep_module.LocalQueue(tmp_path, 2, logging.getLogger("test-queue"))
+    queue.pending, queue.on_poll = {"q-1", "q-2"}, lambda running, waiting: seen.append((running, waiting))
+    assert queue.wait() == {"q-1"}
+    assert queue.pending == {"q-2"} and seen == [(1, 1), (1, 0)] and (tmp_path / "asked").read_text().strip() == "5"
+
+
 def test_results_unreadable_while_the_queue_sets_up_a_point_are_read_again_for_about_a_minute(tmp_path, monkeypatch):
     # `dvc exp show` fails while DVC's queue sets up a point's workspace (its infofile not written
     # yet), for longer on a busy machine: a sweep that gave up after a few seconds crashed there.
