@@ -20,6 +20,11 @@ from stages.common.errors import ConfigError
 from stages.common.paths import artifact_paths
 
 WIDTH, HEIGHT, MARGIN = 920, 340, (30, 30, 50, 60)  # top, right, bottom, left
+PAD = 14  # between the frame and the first and last epoch: a cross drawn there stays clear of the labels
+CHAR_PX = 7  # about what a character of the 11-12 px labels takes: enough to keep two labels apart
+# The ranked table may have more columns than a window is wide: its headers wrap at the dots of
+# their names, and it scrolls on its own rather than the whole page.
+PAGE_STYLE = STYLE + "#ranked th{white-space:normal;vertical-align:bottom}.scroll{overflow-x:auto;max-width:100%}"
 COLOURS = {"ok": "#1f77b4", "pruned": "#d62728", "best": "#2a7d2a"}
 # DVCLive's file for the validation accuracy per epoch, under the train stage's folder (dvc.yaml's plots:).
 VAL_CURVE = "plots/metrics/eval/accuracy.tsv"
@@ -79,14 +84,15 @@ def curves_svg(table: pd.DataFrame, per_point: dict[str, list[float]]) -> str:
     parts, top, left, width, height = _frame("curves", "validation accuracy per epoch, each point")
 
     def px(epoch: int) -> float:
-        return left + width * (epoch - 1) / max(epochs - 1, 1)
+        return left + PAD + (width - 2 * PAD) * (epoch - 1) / max(epochs - 1, 1)
 
     def py(value: float) -> float:
-        return top + height * (1 - (value - low) / max(high - low, 1e-9))
+        return top + PAD + (height - 2 * PAD) * (1 - (value - low) / max(high - low, 1e-9))
 
     for tick in _ticks(low, high):
         parts.append(f"<text x='{left - 6}' y='{py(tick) + 4:.1f}' text-anchor='end' font-size='12'>{tick:.3g}</text>")
-    for epoch in range(1, epochs + 1):
+    every = math.ceil(4 * CHAR_PX / ((width - 2 * PAD) / max(epochs - 1, 1)))  # many epochs: every n-th labelled
+    for epoch in range(1, epochs + 1, every):
         parts.append(f"<text x='{px(epoch):.1f}' y='{top + height + 16}' text-anchor='middle' font-size='12'>{epoch}</text>")
     parts.append(f"<text x='{left + width / 2}' y='{HEIGHT - 6}' text-anchor='middle' font-size='12'>epoch</text>")
     status = dict(zip(table["name"], table["status"]))
@@ -134,6 +140,20 @@ def _axis(values: list[Any]) -> tuple[Any, list[str]]:
     return (lambda v: levels.index(str(v)) / max(len(levels) - 1, 1)), [levels[-1], levels[0]]
 
 
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each dotted key as the fewest of its last parts that no other key ends with (the whole key
+    stays in the label's tooltip)."""
+    def tail(key: str, n: int) -> str:
+        return ".".join(key.split(".")[-n:])
+
+    named = {}
+    for key in keys:
+        n = next(n for n in range(1, key.count(".") + 2)
+                 if not any(other != key and (other == tail(key, n) or other.endswith("." + tail(key, n))) for other in keys))
+        named[key] = tail(key, n)
+    return named
+
+
 def parallel_svg(table: pd.DataFrame, keys: list[str], metric: str) -> str:
     shown = table[table["status"] != "failed"]
     axes = [k for k in keys if k in shown and shown[k].astype(str).nunique() > 1] + ([metric] if metric in shown else [])
@@ -145,10 +165,14 @@ def parallel_svg(table: pd.DataFrame, keys: list[str], metric: str) -> str:
     def px(i: int) -> float:
         return left + width * i / (len(axes) - 1)
 
+    names = short_names(axes)
+    crowded = max(len(name) for name in names.values()) * CHAR_PX > width / (len(axes) - 1)
     for i, key in enumerate(axes):
         _, (high, low) = scales[key]
+        below = top + height + 16 + (14 if crowded and i % 2 else 0)  # crowded: every other name a line lower
         parts.append(f"<line x1='{px(i):.1f}' x2='{px(i):.1f}' y1='{top}' y2='{top + height}' stroke='#888'/>"
-                     f"<text x='{px(i):.1f}' y='{top + height + 16}' text-anchor='middle' font-size='11'>{html.escape(key)}</text>"
+                     f"<text x='{px(i):.1f}' y='{below}' text-anchor='middle' font-size='11'>"
+                     f"<title>{html.escape(key)}</title>{html.escape(names[key])}</text>"
                      f"<text x='{px(i) + 3:.1f}' y='{top - 4}' font-size='10'>{html.escape(high)}</text>"
                      f"<text x='{px(i) + 3:.1f}' y='{top + height - 3}' font-size='10'>{html.escape(low)}</text>")
     best = table["name"].iloc[0] if table["status"].iloc[0] == "ok" else None
@@ -164,7 +188,7 @@ def parallel_svg(table: pd.DataFrame, keys: list[str], metric: str) -> str:
 
 
 def ranked_table(table: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    head = "".join(f"<th>{'.<wbr>'.join(html.escape(part) for part in str(c).split('.'))}</th>" for c in table.columns)
     rows = [f"<tr class='{html.escape(str(row['status']))}'>" + "".join(_cell(None if pd.isna(v) else v) if not
             isinstance(v, list) else _cell(str(v)) for v in row.values()) + "</tr>" for row in table.to_dict("records")]
     return f"<table id='ranked'><tr>{head}</tr>{''.join(rows)}</table>"
@@ -175,10 +199,10 @@ def render(name: str, table: pd.DataFrame, keys: list[str], metric: str, per_poi
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     said = ", ".join(f"{counts[s]} {s}" for s in ("ok", "pruned", "failed") if s in counts) or "no point ended"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>Sweep {html.escape(name)}</h1>"
+            f"<style>{PAGE_STYLE}</style></head><body><h1>Sweep {html.escape(name)}</h1>"
             f"<p>{len(table)} points: {said}. Ranked by {html.escape(metric)}; pruned points come after the finished "
             "and are never the best.</p>"
-            f"<h2>Points</h2>{ranked_table(table)}"
+            f"<h2>Points</h2><div class='scroll'>{ranked_table(table)}</div>"
             f"<h2>Validation accuracy per epoch</h2>{curves_svg(table, per_point)}"
             f"<h2>Parameter importances</h2>{importances_svg(found)}"
             f"<h2>Parallel coordinates</h2>{parallel_svg(table, keys, metric)}</body></html>\n")

@@ -229,7 +229,7 @@ def inference_api(*args: str, env: dict | None = None, startup_s: float = 90) ->
 # Debian's Chromium, headless, with its own background traffic off.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-default-apps", "--hide-scrollbars", "--window-size=1280,1600"]
+                  "--disable-default-apps", "--hide-scrollbars"]
 LOCAL_URL = re.compile(r"^(file://|data:|blob:|about:|https?://(127\.0\.0\.1|localhost)[:/])")
 # Drawn charts: Vega's canvas or SVG marks, and any other canvas or SVG with content.
 CHARTS_JS = ("[...document.querySelectorAll('canvas, svg')].filter(e => e.getBoundingClientRect().width > 50"
@@ -261,9 +261,11 @@ class PageVisit:
 
 
 def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | None = None, timeout_s: float = 60,
-          upload: tuple[str, list[Path], str] | None = None, script: list[str] = ()) -> PageVisit:
-    """Open `url` in headless Chromium through the DevTools protocol: record every request the page
-    makes, let its scripts run (until `wait_for_text` shows, when given), then, with `upload`
+          upload: tuple[str, list[Path], str] | None = None, script: list[str] = (),
+          window: tuple[int, int] = (1280, 1600)) -> PageVisit:
+    """Open `url` in headless Chromium (a `window` of width and height) through the DevTools
+    protocol: record every request the page makes, let its scripts run (until `wait_for_text`
+    shows, when given), then, with `upload`
     (a file input's selector, files, text to wait for), pick those files in that input; count
     drawn charts, evaluate each of `script`'s JavaScript expressions in turn (what a user's clicks
     and typing do) and take a screenshot."""
@@ -275,7 +277,8 @@ def visit(url: str, workdir: Path, settle_s: float = 3.0, wait_for_text: str | N
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "profile" / "DevToolsActivePort"
     port_file.unlink(missing_ok=True)  # a reused workdir must not hand over an earlier browser's port
-    browser = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}",
+    browser = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--window-size={window[0]},{window[1]}",
+                                f"--user-data-dir={workdir / 'profile'}",
                                 "--remote-debugging-port=0", "about:blank"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

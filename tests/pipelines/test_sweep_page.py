@@ -1,8 +1,10 @@
 import re
 
 import pandas as pd
+import pytest
 
-from pipelines.sweep_page import importances, render
+from pipelines.sweep_page import importances, render, short_names
+from tests.helpers import visit
 
 SPACE = {"train.learning_rate": {"log_uniform": [0.001, 1.0]}, "train.optimizer": {"choice": ["adam", "sgd"]}}
 
@@ -39,3 +41,40 @@ def test_importances_need_three_finished_points_and_a_parameter_that_varies():
     assert importances(same, {"s-3": 0.5, "s-4": 0.6, "s-5": 0.7}, SPACE) == {}
     mappings = {name: {"train.augment": {"flip": i % 2 == 0}} for i, name in enumerate(drawn)}
     assert importances(mappings, {"s-3": 0.5, "s-4": 0.6, "s-5": 0.7}, {"train.augment": [{"flip": True}, {"flip": False}]}) == {}
+
+
+def test_a_parameter_is_named_by_the_fewest_last_parts_no_other_ends_with():
+    keys = ["train.arch.fast_vgg.widths", "train.learning_rate", "train.optimizer.learning_rate", "accuracy"]
+    assert short_names(keys) == {"train.arch.fast_vgg.widths": "widths", "train.learning_rate": "train.learning_rate",
+                                 "train.optimizer.learning_rate": "optimizer.learning_rate", "accuracy": "accuracy"}
+
+
+# In the page: an SVG's labels that overlap another label or a pruned point's cross (crosses may meet).
+OVERLAPS_JS = """[...document.querySelectorAll('svg')].flatMap(svg => {
+  const marks = [...svg.querySelectorAll('text, path.cut')].map(e => [e.textContent || 'x', e.getBoundingClientRect()]);
+  const meet = (a, b) => a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+  return marks.flatMap(([n, a], i) => marks.slice(i + 1).filter(([m, b]) => (n !== 'x' || m !== 'x') && meet(a, b))
+    .map(([m]) => svg.id + ': ' + n + ' / ' + m));
+})"""
+
+
+@pytest.mark.slow
+def test_a_wide_long_sweep_fits_a_1000_pixel_window_and_no_label_overlaps_another(tmp_path):
+    keys = [f"train.arch.fast_vgg.block_{i}_width" for i in range(6)] + ["train.optimizer.weight_decay",
+                                                                           "train.learning_rate"]
+    rows = [{"name": f"w-{i}", **{key: 0.001 * (i + 1) * (j + 1) for j, key in enumerate(keys)}, "accuracy": 0.3 + 0.01 * i,
+             "f1_macro": 0.3, "loss": 1.9, "status": "ok" if i < 2 else "pruned", "pruned_after_epoch": None if i < 2 else 1}
+            for i in range(16)]
+    table = pd.DataFrame(rows).sort_values(["status", "accuracy"], ascending=[True, False]).reset_index(drop=True)
+    # 60 epochs for the finished points; each pruned one stopped after its first, at the lowest value drawn.
+    curves = {row["name"]: [0.1 + 0.008 * e for e in range(60)] if row["status"] == "ok" else [0.1] for row in rows}
+    page = tmp_path / "w.html"
+    page.write_text(render("w", table, keys, "accuracy", curves, {}))
+    shown = visit(page.as_uri(), tmp_path / "browser", settle_s=0.5, window=(1000, 1400), script=[
+        "document.documentElement.scrollWidth - window.innerWidth", OVERLAPS_JS,
+        "document.querySelector('#ranked').getBoundingClientRect().width > window.innerWidth"])
+    page_wider_than_window, overlaps, table_wider_than_window = shown.values
+    assert table_wider_than_window  # the case at hand: more columns than the window holds
+    assert page_wider_than_window <= 0, "the page scrolls sideways: the table should scroll on its own"
+    assert overlaps == [], overlaps
+    assert shown.charts == 2 and not shown.external()
