@@ -146,12 +146,12 @@ def short_names(keys: list[str]) -> dict[str, str]:
     def tail(key: str, n: int) -> str:
         return ".".join(key.split(".")[-n:])
 
-    named = {}
-    for key in keys:
-        n = next(n for n in range(1, key.count(".") + 2)
-                 if not any(other != key and (other == tail(key, n) or other.endswith("." + tail(key, n))) for other in keys))
-        named[key] = tail(key, n)
-    return named
+    def unique(name: str, key: str) -> bool:
+        return not any(other != key and (other == name or other.endswith("." + name)) for other in keys)
+
+    # A key that another ends with ("lr" beside "train.lr") is shown whole.
+    return {key: next((tail(key, n) for n in range(1, key.count(".") + 1) if unique(tail(key, n), key)), key)
+            for key in keys}
 
 
 def parallel_svg(table: pd.DataFrame, keys: list[str], metric: str) -> str:

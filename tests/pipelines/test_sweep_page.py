@@ -47,6 +47,7 @@ def test_a_parameter_is_named_by_the_fewest_last_parts_no_other_ends_with():
     keys = ["train.arch.fast_vgg.widths", "train.learning_rate", "train.optimizer.learning_rate", "accuracy"]
     assert short_names(keys) == {"train.arch.fast_vgg.widths": "widths", "train.learning_rate": "train.learning_rate",
                                  "train.optimizer.learning_rate": "optimizer.learning_rate", "accuracy": "accuracy"}
+    assert short_names(["lr", "train.lr"]) == {"lr": "lr", "train.lr": "train.lr"}
 
 
 # In the page: an SVG's labels that overlap another label or a pruned point's cross (crosses may meet).
