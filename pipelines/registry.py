@@ -82,10 +82,15 @@ def promote(repo: Path, experiment: str, branch: str | None, stage: str | None) 
         hint = difflib.get_close_matches(experiment, experiments, n=1)
         raise ConfigError(f"no experiment named '{experiment}' in {repo}; "
                           + (f"did you mean '{hint[0]}'?" if hint else "`dvc exp list --all-commits` lists them"))
+    from pipelines.pool import pull_outputs_if_pushed
+
+    refuse_pruned(repo, experiment)
+    pull_outputs_if_pushed(repo, experiment)
     if not branch:
         if stage:
             raise ConfigError("--stage registers a commit: pass --branch too, or apply, commit and `register --stage`")
         output = apply_experiment(repo, experiment)
+        forget_trial(repo)
         skipped = stale_stages((repo / DVC_YAML).read_text(), (repo / "dvc.lock").read_text())
         if skipped:
             dvc(repo, "repro", *skipped)
@@ -112,6 +117,48 @@ def apply_experiment(repo: Path, experiment: str) -> str:
         return f"{experiment} applied to the workspace"
 
 
+def experiment_revision(repo: Path, experiment: str) -> str | None:
+    """The commit of a named DVC experiment (its ref under refs/exps)."""
+    from pipelines.dvcrepo import git
+
+    refs = (git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps") or "").splitlines()
+    return next((line.split()[0] for line in refs if line.endswith(f"/{experiment}")), None)
+
+
+def refuse_pruned(repo: Path, experiment: str) -> None:
+    """A point its sweep's pruner stopped holds a model trained part of the way: never promoted."""
+    import json
+
+    from pipelines.dvcrepo import git
+    from stages.common.paths import RUN_INFO, artifact_paths
+    from stages.common.trial import PRUNED_AT
+
+    rev = experiment_revision(repo, experiment)
+    info = git(repo, "show", f"{rev}:{(artifact_paths(repo)['train'] / RUN_INFO).as_posix()}") if rev else None
+    pruned_after = json.loads(info).get(PRUNED_AT) if info else None
+    if pruned_after:
+        raise ConfigError(f"{experiment} was pruned after epoch {pruned_after}: its model is a partial run; promote a "
+                          "finished point (the sweep's table ranks them first)")
+
+
+def forget_trial(tree: Path) -> bool:
+    """Clear train.trial, the sweep's trial a promoted point's params still name: its study is the
+    sweep's (not committed), so training after a later change would look for it and fail. The
+    trial only listened to a point that trained to the end, so the train stage's record is
+    committed as is (`dvc commit`), not run again. Whether anything changed."""
+    from pipelines.dvcrepo import dvc
+    from stages.common.params import PARAMS_FILE, read_params, update_params_file
+    from stages.common.trial import TRIAL_KEY
+
+    params_file = tree / PARAMS_FILE
+    section, key = TRIAL_KEY.split(".")
+    if (read_params(params_file).get(section) or {}).get(key) is None:
+        return False
+    update_params_file(params_file, {TRIAL_KEY: None})
+    dvc(tree, "commit", "--force", section)
+    return True
+
+
 def stale_stages(dvc_yaml: str, lock_text: str) -> list[str]:
     """The stages dvc.yaml declares that dvc.lock has no record of, or whose record names an input
     another stage's record has since changed: a sweep's point runs up to evaluate, so its export
@@ -135,8 +182,6 @@ def run_skipped_stages(repo: Path, branch: str, experiment: str) -> list[str]:
     from pipelines.dvcrepo import dvc, git
 
     skipped = stale_stages(git(repo, "show", f"{branch}:{DVC_YAML}") or "", git(repo, "show", f"{branch}:dvc.lock") or "")
-    if not skipped:
-        return []
     tree = Path(tempfile.mkdtemp(prefix="cifar10-promote-")) / "tree"
     if git(repo, "worktree", "add", "--quiet", str(tree), branch) is None:
         raise ConfigError(f"could not check out {branch} in a worktree to run {', '.join(skipped)}; "
@@ -144,8 +189,13 @@ def run_skipped_stages(repo: Path, branch: str, experiment: str) -> list[str]:
     try:
         dvc(tree, "cache", "dir", "--local", dvc(repo, "cache", "dir").strip())
         dvc(tree, "checkout", "--allow-missing")  # the stages never run have nothing to check out
-        dvc(tree, "repro", *skipped)
-        committed = subprocess.run(["git", "commit", "-qam", f"promote {experiment}: {', '.join(skipped)} run for it"],
+        forgot = forget_trial(tree)
+        if skipped:
+            dvc(tree, "repro", *skipped)
+        if not (skipped or forgot):
+            return []
+        done = [*([f"{', '.join(skipped)} run for it"] if skipped else []), *(["train.trial cleared"] if forgot else [])]
+        committed = subprocess.run(["git", "commit", "-qam", f"promote {experiment}: {'; '.join(done)}"],
                                    cwd=tree, capture_output=True, text=True)
         if committed.returncode != 0:
             raise ConfigError(f"git commit on {branch} failed ({committed.stderr.strip() or committed.stdout.strip()}); "

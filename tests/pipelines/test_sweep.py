@@ -186,6 +186,20 @@ def test_a_pruned_point_stops_early_is_kept_as_an_experiment_and_is_never_ranked
     again = cli(prefect_env, "sweep", str(space), "--name", "p", "--repo", str(repo))  # ended: nothing runs
     assert again.returncode == 0 and pd.read_csv(repo / "comparisons" / "p.csv").equals(table), again.stderr[-2000:]
 
+    # A pruned point's model is a partial run: never promoted. The finished one is promoted without
+    # its sweep's trial (the study is not committed: training after a later change would look for it).
+    refused = cli(prefect_env, "promote", "p-2", "--repo", str(repo))
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "p-2 was pruned after epoch" in refused.stderr and "promote a finished point" in refused.stderr
+    promoted = cli(prefect_env, "promote", "p-1", "--branch", "p-1", "--repo", str(repo))
+    assert promoted.returncode == 0 and "train.trial" not in promoted.stderr, promoted.stderr[-2000:]
+    on_branch = yaml.safe_load(subprocess.run(["git", "show", "p-1:params.yaml"], cwd=repo, capture_output=True,
+                                              text=True, check=True).stdout)
+    assert on_branch["train"]["trial"] is None and on_branch["train"]["learning_rate"] == 0.01
+    subprocess.run(["git", "checkout", "-q", "p-1"], cwd=repo, check=True)
+    dvc(repo, "checkout")
+    assert dvc(repo, "status").stdout.strip() == "Data and pipelines are up to date."
+
 
 def test_tpe_space_maps_to_optuna_distributions():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
