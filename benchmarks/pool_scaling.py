@@ -11,9 +11,12 @@ so every mode restores them from the run-cache alike; a control measures what tw
 compute-bound processes get done beside one, the most a second pinned worker could add here.
 
     python benchmarks/pool_scaling.py [--modes pinned1 pinned2 unpinned1 unpinned2] [--points 4]
+    python benchmarks/pool_scaling.py --source ../shared/data/cifar10-jpeg.tar.gz --sha256 HASH \
+        --train-per-class 300 --test-per-class 100 --epochs 3 --points 16 --modes pinned1 pinned2
 
-The points are a seeded random search over learning rate and seed, so every mode runs the same
-points.
+The points are a seeded random search, so every mode runs the same points: on generated data, over
+learning rate and seed; on a slice of a class-folder archive (`--source`, the CIFAR-10 mirror),
+the pruning benchmark's search (benchmarks/sweep_setup.py's space, seed 0) on the same slice.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's cluster set-up is reused; tests/ is not installed
 
+from benchmarks.sweep_setup import SPACE
 from tests import synthetic
 from tests.helpers import (
     BIN,
@@ -155,7 +159,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=["pinned1", "pinned2", "unpinned1", "unpinned2"])
     parser.add_argument("--points", type=int, default=4)
-    parser.add_argument("--per-class", type=int, default=100, help="training images per class")
+    parser.add_argument("--per-class", type=int, default=100, help="generated training images per class")
+    parser.add_argument("--source", type=Path, help="a class-folder archive to take a slice of, instead")
+    parser.add_argument("--sha256", help="of --source")
+    parser.add_argument("--train-per-class", type=int, default=300, help="of --source")
+    parser.add_argument("--test-per-class", type=int, default=100, help="of --source")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("pool_scaling.json"))
     args = parser.parse_args()
@@ -168,25 +176,37 @@ def main() -> None:
         api_url = stack.enter_context(prefect_server(work / "prefect"))
         www = work / "www"
         www.mkdir()
-        archive = synthetic.write_tar_gz(www / "data.tar.gz",
-                                         synthetic.class_folder_files(args.per_class, args.per_class // 5))
-        params = {"download": {"md5": None, "sha256": sha256_of(archive)},
-                  "validate": {"expected_per_class": {"train": args.per_class, "test": args.per_class // 5}},
-                  "train": {"epochs": args.epochs, "batch_size": 64},
-                  "report": {"misclassified": 4, "samples_per_class": 2}}
+        if args.source:
+            archive = www / "data.tar.gz"
+            archive.symlink_to(args.source.resolve())
+            params = {"download": {"md5": None, "sha256": args.sha256},
+                      "prepare": {"train_limit_per_class": args.train_per_class,
+                                  "test_limit_per_class": args.test_per_class},
+                      "validate": {"expected_per_class": None},
+                      "train": {"epochs": args.epochs, "batch_size": 256}}
+            search = {"seed": 0, "space": SPACE}
+        else:
+            archive = synthetic.write_tar_gz(www / "data.tar.gz",
+                                             synthetic.class_folder_files(args.per_class, args.per_class // 5))
+            params = {"download": {"md5": None, "sha256": sha256_of(archive)},
+                      "validate": {"expected_per_class": {"train": args.per_class, "test": args.per_class // 5}},
+                      "train": {"epochs": args.epochs, "batch_size": 64},
+                      "report": {"misclassified": 4, "samples_per_class": 2}}
+            search = {"seed": 0, "space": {"train.learning_rate": {"log_uniform": [0.05, 0.4]},
+                                           "train.seed": {"choice": [1, 2]}}}
         origin, dev = shared_project(work, f"{http_root(www)}/data.tar.gz", params, s3.url)
         env = {**os.environ, **CREDENTIALS, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "client"),
                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_WORKER_QUERY_SECONDS": "2",
                "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
         space = work / "space.yaml"
-        space.write_text(yaml.safe_dump({"kind": "random", "n": args.points, "seed": 0,
-                                         "space": {"train.learning_rate": {"log_uniform": [0.05, 0.4]},
-                                                   "train.seed": {"choice": [1, 2]}}}))
+        space.write_text(yaml.safe_dump({"kind": "random", "n": args.points, **search}))
         create_pool("bench-warmup", env)
         warm = start_worker(work / "warmup-worker", env, "bench-warmup")
         warmup_s, _ = cli(dev, env, "run", "--pool", "bench-warmup", "-S", "train.seed=0")
         kill_tree(warm)
-        results = {"cpu": cpu_model(), "per_class": args.per_class, "epochs": args.epochs,
+        data = ({"source": args.source.name, "train_per_class": args.train_per_class,
+                 "test_per_class": args.test_per_class} if args.source else {"per_class": args.per_class})
+        results = {"cpu": cpu_model(), **data, "epochs": args.epochs, "space": search,
                    "warmup_run_s": round(warmup_s, 1), "pinned_compute_ceiling": pinned_compute_ceiling(),
                    "modes": []}
         for mode in args.modes:  # written after each mode: a long run interrupted keeps what it measured

@@ -267,11 +267,16 @@ def wait_for(runs: dict[str, Any], poll_s: float = 5.0, any_of: bool = False,
     Cancelled), or with `any_of` until one or more do, calling `on_poll({name: state})` after each
     look at those still waited for; returns {name: final state} of those that ended."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     final: dict[str, Any] = {}
     with get_client(sync_client=True) as client:
         while len(final) < len(runs):
-            states = {name: client.read_flow_run(run.id).state for name, run in runs.items() if name not in final}
+            # One request for all of them: the server shares the machine with the work it waits for.
+            waited = {run.id: name for name, run in runs.items() if name not in final}
+            read = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(waited))),
+                                         limit=len(waited))
+            states = {waited[run.id]: run.state for run in read}
             final |= {name: state for name, state in states.items() if state is not None and state.is_final()}
             if on_poll is not None:
                 on_poll({name: state for name, state in states.items() if state is not None})
@@ -282,6 +287,20 @@ def wait_for(runs: dict[str, Any], poll_s: float = 5.0, any_of: bool = False,
     return final
 
 
-def pull_experiment(repo: Path, name: str) -> None:
-    """Its git ref and its outputs (the DVC remote), so `dvc exp show` and `compare` see it."""
-    dvc(repo, "exp", "pull", "origin", name)
+def pull_experiment(repo: Path, name: str, outputs: bool = True) -> None:
+    """Its git ref, so `dvc exp show` and `compare` see it, and with `outputs` what it keeps in
+    the DVC remote (its model), so it can be applied."""
+    dvc(repo, "exp", "pull", *([] if outputs else ["--no-cache"]), "origin", name)
+
+
+def pull_outputs_if_pushed(repo: Path, name: str) -> None:
+    """The outputs of an experiment origin holds (a sweep on a pool pulled only its ref), before it
+    is applied: without its model, the stages after it would train it again."""
+    if "origin" not in (git(repo, "remote") or "").split():
+        return
+    try:
+        pushed = name in pushed_experiments(repo)
+    except CommandFailed:  # origin unreachable: what the local cache holds is all there is
+        return
+    if pushed:
+        pull_experiment(repo, name)

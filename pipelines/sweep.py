@@ -14,7 +14,8 @@ meanwhile (DVC's queue runs on without the sweep), else stopped, marked failed a
 Progress (done, failed, remaining, best so far) is logged as points finish, and on a terminal it
 stays in a line at its foot, rewritten while points run. With a work pool
 (`pool`), each point is instead a flow run of the pool's deployment (pipelines/pool.py), taken by
-whichever workers serve it, and its experiment is pulled from the git and DVC remotes.
+whichever workers serve it, and its experiment's ref is pulled from the git remote (its outputs stay
+in the DVC remote until it is promoted).
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ class PoolRunner:
         from pipelines import pool as work_pool
 
         for exp in (exp for exp, _ in batch if exp in self.on_origin):
-            work_pool.pull_experiment(self.repo, exp)
+            work_pool.pull_experiment(self.repo, exp, outputs=False)
             self.logger.info(f"{exp} is already on origin (an earlier run of this sweep): pulled, not run again")
             self.ended_already.add(exp)
         todo = {exp: {k: _rounded(v) for k, v in point.items()} for exp, point in batch if exp not in self.on_origin}
@@ -296,7 +297,7 @@ class PoolRunner:
         for exp, state in final.items():
             del self.runs[exp]
             if state.is_completed():
-                work_pool.pull_experiment(self.repo, exp)
+                work_pool.pull_experiment(self.repo, exp, outputs=False)
             else:
                 self.logger.error(f"{exp}: flow run {state.name} ({state.message}); rerunning the sweep asks it once more")
         return set(final)
@@ -452,7 +453,7 @@ def recover(repo: Path, study: Any, kind: str, progress: Progress, pool: str | N
         pushed = work_pool.pushed_experiments(repo)
         for exp in (trial.user_attrs.get("experiment") for trial in left):
             if exp in pushed:
-                work_pool.pull_experiment(repo, exp)
+                work_pool.pull_experiment(repo, exp, outputs=False)
                 statuses[exp] = "Success"
     kept = [exp for trial in left if (exp := _ended_meanwhile(repo, study, trial, progress, statuses))]
     retried = []

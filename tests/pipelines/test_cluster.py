@@ -20,6 +20,7 @@ import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from stages.common.paths import RUN_INFO, artifact_paths
 from tests.helpers import (
     BIN,
     BUCKET,
@@ -215,14 +216,19 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     # 4. A third clone pulls and compares; an applied experiment is up to date after `dvc pull`.
     third = cluster["tmp"] / "third"
     git(cluster["tmp"], "clone", "-q", str(origin), str(third))
-    dvc(third, "exp", "pull", "origin", *sorted(points), env=env)
+    dvc(third, "exp", "pull", "--no-cache", "origin", *sorted(points), env=env)  # as the sweep pulls them
+    assert not any(path.is_file() for path in (third / ".dvc" / "cache").rglob("*"))  # refs only, no model
     compared = run_in(third, env, "compare", "--all", "--json")
     assert compared.returncode == 0, compared.stderr
     assert all(p in compared.stdout for p in points)
     # A point stops at evaluate (this baseline never ran export and report, so `dvc exp apply` alone
-    # fails to check them out): promoting it applies it and runs them here.
+    # fails to check them out): promoting it pulls its model, applies it and runs them here, training nothing.
     promoted = run_in(third, env, "promote", "grid-1")
     assert promoted.returncode == 0 and "ran export, report for it" in promoted.stdout, promoted.stderr[-2000:]
+    refs = git(third, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").split("\n")
+    point_rev = next(line.split()[0] for line in refs if line.endswith("/grid-1"))
+    run_info = f"{artifact_paths(third)['train'].as_posix()}/{RUN_INFO}"
+    assert (third / run_info).read_text() == git(third, "show", f"{point_rev}:{run_info}")  # not trained again
     assert dvc(third, "status", env=env).stdout.strip() == "Data and pipelines are up to date."
     #    `--pull` in a fresh clone restores from the run-cache the stages whose outputs DVC caches;
     #    train's git-tracked outputs (cache: false) are not pushed with its run-cache entry, so it
