@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's cluster set-up is reused; tests/ is not installed
 
 from benchmarks.sweep_setup import SPACE
+from stages.common.params import read_params
 from tests import synthetic
 from tests.helpers import (
     BIN,
@@ -57,6 +58,7 @@ from tests.helpers import (
 )
 from tests.pipelines.test_cluster import git, shared_project
 
+DEFAULT = read_params(ROOT / "params.yaml")["train"]
 TIMINGS = re.compile(r"timings: clone_s ([\d.]+), pipeline_s ([\d.]+), push_s ([\d.]+)")
 ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -183,7 +185,9 @@ def main() -> None:
                       "prepare": {"train_limit_per_class": args.train_per_class,
                                   "test_limit_per_class": args.test_per_class},
                       "validate": {"expected_per_class": None},
-                      "train": {"epochs": args.epochs, "batch_size": 256}}
+                      # The default recipe's share of warm-up, in this shorter run.
+                      "train": {"epochs": args.epochs, "batch_size": 256, "warmup_epochs": round(
+                          DEFAULT["warmup_epochs"] * args.epochs / DEFAULT["epochs"], 2)}}
             search = {"seed": 0, "space": SPACE}
         else:
             archive = synthetic.write_tar_gz(www / "data.tar.gz",
