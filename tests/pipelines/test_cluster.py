@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -212,6 +213,18 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     # Rerun: nothing is run again.
     again = run_in(dev, env, "sweep", str(space), "--pool", POOL, "--name", "grid")
     assert again.returncode == 0 and len(flow_runs(prefect_api, "sweep:grid")) == 2, again.stderr[-2000:]
+    #    TPE on the pool, two trials in flight: the third is asked, and submitted, once one has ended.
+    tpe = cluster["tmp"] / "tpe.yaml"
+    tpe.write_text(yaml.safe_dump({"kind": "tpe", "n": 3, "seed": 1,
+                                   "space": {"train.learning_rate": {"log_uniform": [0.001, 0.003]}}}))
+    done = run_in(dev, env, "sweep", str(tpe), "--pool", POOL, "--name", "tpe", "--jobs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {r["parameters"]["name"]: r for r in flow_runs(prefect_api, "sweep:tpe")}
+    assert sorted(runs) == ["tpe-1", "tpe-2", "tpe-3"], runs
+    assert {r["state"]["type"] for r in runs.values()} == {"COMPLETED"}, runs
+    at = {name: {key: datetime.fromisoformat(run[key]) for key in ("created", "end_time")} for name, run in runs.items()}
+    assert at["tpe-3"]["created"] >= min(at[n]["end_time"] for n in ("tpe-1", "tpe-2")), at
+    assert set(pd.read_csv(dev / "comparisons" / "tpe.csv")["status"]) == {"ok"}
 
     # 4. A third clone pulls and compares; an applied experiment is up to date after `dvc pull`.
     third = cluster["tmp"] / "third"
