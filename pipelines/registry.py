@@ -117,23 +117,16 @@ def apply_experiment(repo: Path, experiment: str) -> str:
         return f"{experiment} applied to the workspace"
 
 
-def experiment_revision(repo: Path, experiment: str) -> str | None:
-    """The commit of a named DVC experiment (its ref under refs/exps)."""
-    from pipelines.dvcrepo import git
-
-    refs = (git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps") or "").splitlines()
-    return next((line.split()[0] for line in refs if line.endswith(f"/{experiment}")), None)
-
-
 def refuse_pruned(repo: Path, experiment: str) -> None:
     """A point its sweep's pruner stopped holds a model trained part of the way: never promoted."""
     import json
 
     from pipelines.dvcrepo import git
+    from pipelines.runs import experiment_commit
     from stages.common.paths import RUN_INFO, artifact_paths
     from stages.common.trial import PRUNED_AT
 
-    rev = experiment_revision(repo, experiment)
+    rev = experiment_commit(repo, experiment)
     info = git(repo, "show", f"{rev}:{(artifact_paths(repo)['train'] / RUN_INFO).as_posix()}") if rev else None
     pruned_after = json.loads(info).get(PRUNED_AT) if info else None
     if pruned_after:

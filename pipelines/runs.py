@@ -30,12 +30,16 @@ def resolve(repo: Path, rev: str | None) -> str | None:
     found = git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     if found:
         return found
-    refs = (git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps") or "").splitlines()
-    for line in refs:
-        sha, ref = line.split(" ", 1)
-        if ref.rsplit("/", 1)[-1] == rev:
-            return sha
+    found = experiment_commit(repo, rev)
+    if found:
+        return found
     raise ConfigError(f"'{rev}' is neither a git revision nor a DVC experiment here; see `git log` and `dvc exp show`")
+
+
+def experiment_commit(repo: Path, name: str) -> str | None:
+    """The commit of the DVC experiment named `name` (its ref under refs/exps); None when there is none."""
+    refs = (git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps") or "").splitlines()
+    return next((line.split(" ", 1)[0] for line in refs if line.rsplit("/", 1)[-1] == name), None)
 
 
 def lower_is_better(metric: str) -> bool:

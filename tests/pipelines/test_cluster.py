@@ -21,6 +21,7 @@ import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from pipelines.runs import experiment_commit
 from stages.common.paths import RUN_INFO, artifact_paths
 from tests.helpers import (
     BIN,
@@ -238,8 +239,7 @@ def test_pipeline_and_sweep_on_a_work_pool_share_only_git_and_s3(cluster):
     # fails to check them out): promoting it pulls its model, applies it and runs them here, training nothing.
     promoted = run_in(third, env, "promote", "grid-1")
     assert promoted.returncode == 0 and "ran export, report for it" in promoted.stdout, promoted.stderr[-2000:]
-    refs = git(third, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").split("\n")
-    point_rev = next(line.split()[0] for line in refs if line.endswith("/grid-1"))
+    point_rev = experiment_commit(third, "grid-1")
     run_info = f"{artifact_paths(third)['train'].as_posix()}/{RUN_INFO}"
     assert (third / run_info).read_text() == git(third, "show", f"{point_rev}:{run_info}")  # not trained again
     assert dvc(third, "status", env=env).stdout.strip() == "Data and pipelines are up to date."
