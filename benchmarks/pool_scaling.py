@@ -12,22 +12,25 @@ compute-bound processes get done beside one, the most a second pinned worker cou
 
     python benchmarks/pool_scaling.py [--modes pinned1 pinned2 unpinned1 unpinned2] [--points 4]
     python benchmarks/pool_scaling.py --source ../shared/data/cifar10-jpeg.tar.gz --sha256 HASH \
-        --train-per-class 300 --test-per-class 100 --epochs 3 --points 16 --modes pinned1 pinned2
+        --train-per-class 300 --test-per-class 100 --epochs 9 --points 16 --modes pinned1 pinned2
 
 The points are a seeded random search, so every mode runs the same points: on generated data, over
 learning rate and seed; on a slice of a class-folder archive (`--source`, the CIFAR-10 mirror),
-the pruning benchmark's search (benchmarks/sweep_setup.py's space, seed 0) on the same slice.
+the pruning benchmark's search (benchmarks/sweep_setup.py's project and space, seed 0): with its
+epochs and batch size, the same 16 points it runs with and without a pruner.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import functools
 import http.server
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,13 +39,13 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's cluster set-up is reused; tests/ is not installed
 
-from benchmarks.sweep_setup import SPACE
-from stages.common.params import read_params
+from benchmarks.sweep_setup import SPACE, mirror_params
 from tests import synthetic
 from tests.helpers import (
     BIN,
@@ -58,7 +61,6 @@ from tests.helpers import (
 )
 from tests.pipelines.test_cluster import git, shared_project
 
-DEFAULT = read_params(ROOT / "params.yaml")["train"]
 TIMINGS = re.compile(r"timings: clone_s ([\d.]+), pipeline_s ([\d.]+), push_s ([\d.]+)")
 ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -90,23 +92,29 @@ def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
     workers = [start_worker(work / f"{mode}-worker{i}", {**env, **(ONE_THREAD if pinned else {})}, pool,
                             ("taskset", "-c", str(i)) if pinned else ()) for i in range(workers_n)]
     busy_before, idle_before = machine_cpu_s()
+    parts_before = rest_cpu_s()
     try:
         seconds, error = cli(dev, env, "sweep", str(space), "--pool", pool, "--name", f"sw-{mode}", may_fail=True)
         busy, idle = (after - before for after, before in zip(machine_cpu_s(), (busy_before, idle_before)))
+        parts = {part: round(after - parts_before[part], 1) for part, after in rest_cpu_s().items()}
         workers_cpu = sum(tree_cpu_s(proc.pid) for proc in workers)
     finally:
         for proc in workers:
             kill_tree(proc)
+    ranked = list(csv.DictReader((dev / "comparisons" / f"sw-{mode}.csv").open()))
+    finished = [row for row in ranked if row["status"] == "ok"]
     points = [tuple(map(float, m)) for i in range(workers_n)
               for m in TIMINGS.findall((work / f"{mode}-worker{i}" / "worker.log").read_text())]
     return {"mode": mode, "workers": workers_n, "pinned": pinned, "sweep_s": round(seconds, 1), "error": error,
-            "points": len(points),
+            "points": len(points), "finished": len(finished),
+            "best": {key: finished[0][key] for key in ("name", "accuracy")} if finished else None,
             "clone_s": round(statistics.mean(p[0] for p in points), 1),
             "pipeline_s": round(statistics.mean(p[1] for p in points), 1),
             "push_s": round(statistics.mean(p[2] for p in points), 1),
             # Core-seconds while the sweep ran: the workers' (their flow runs and stages included),
             # everything else's (server, S3, the sweep itself), and what no process used.
-            "cpu_s": {"workers": round(workers_cpu, 1), "rest": round(busy - workers_cpu, 1), "idle": round(idle, 1)}}
+            "cpu_s": {"workers": round(workers_cpu, 1), "rest": round(busy - workers_cpu, 1), "idle": round(idle, 1),
+                      "rest_parts": parts}}
 
 
 def machine_cpu_s() -> tuple[float, float]:
@@ -120,6 +128,27 @@ def tree_cpu_s(pid: int) -> float:
     """CPU-seconds of a process and of every child it waited for, theirs included (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
+def rest_cpu_s() -> dict[str, float]:
+    """CPU-seconds so far of what runs beside the workers: the Prefect server (its process tree),
+    the sweeps this process ran and waited for, and this process itself (moto's S3 server and the
+    data's HTTP server are threads of it)."""
+    this = psutil.Process()
+    servers = [child for child in this.children() if "server" in child.cmdline()]
+    own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"prefect_server": sum(live_tree_cpu_s(server) for server in servers),
+            "sweep": waited.ru_utime + waited.ru_stime, "s3_and_http": own.ru_utime + own.ru_stime}
+
+
+def live_tree_cpu_s(proc: psutil.Process) -> float:
+    """CPU-seconds of a running process and all its descendants, those they waited for included."""
+    total = 0.0
+    for member in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 MATMULS = ("import time, numpy as np; a = np.ones((1024, 1024), np.float32); t = time.perf_counter()\n"
@@ -167,6 +196,7 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=300, help="of --source")
     parser.add_argument("--test-per-class", type=int, default=100, help="of --source")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=256, help="on --source")
     parser.add_argument("--out", type=Path, default=Path("pool_scaling.json"))
     args = parser.parse_args()
 
@@ -181,13 +211,7 @@ def main() -> None:
         if args.source:
             archive = www / "data.tar.gz"
             archive.symlink_to(args.source.resolve())
-            params = {"download": {"md5": None, "sha256": args.sha256},
-                      "prepare": {"train_limit_per_class": args.train_per_class,
-                                  "test_limit_per_class": args.test_per_class},
-                      "validate": {"expected_per_class": None},
-                      # The default recipe's share of warm-up, in this shorter run.
-                      "train": {"epochs": args.epochs, "batch_size": 256, "warmup_epochs": round(
-                          DEFAULT["warmup_epochs"] * args.epochs / DEFAULT["epochs"], 2)}}
+            params = mirror_params(args)  # the pruning benchmark's project, its archive served over HTTP
             search = {"seed": 0, "space": SPACE}
         else:
             archive = synthetic.write_tar_gz(www / "data.tar.gz",
