@@ -114,7 +114,7 @@ def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | N
         # `dvc status` already said so and nothing upstream ran: `dvc repro` would only skip it.
         outcome = StageOutcome(stage, ran=False, seconds=0.0)
     elif stage == progress.STAGE:
-        with training_progress(Path(repo_dir), logger.info):
+        with training_progress(Path(repo_dir), logger.info, logger.warning):
             outcome = run_stage(Path(repo_dir), stage, log=logger.info, timeout_s=timeout_s, pull=pull)
     else:
         outcome = run_stage(Path(repo_dir), stage, log=logger.info, timeout_s=timeout_s, pull=pull)
@@ -122,7 +122,7 @@ def stage_task(repo_dir: str, stage: str, up_to_date: bool, timeout_s: float | N
     return outcome
 
 
-def training_progress(repo: Path, log: Callable[[str], None]) -> progress.Watcher:
+def training_progress(repo: Path, log: Callable[[str], None], warn: Callable[[str], None]) -> progress.Watcher:
     """The train stage's epochs as they end, from DVCLive's files: a Prefect progress artifact
     (the UI draws a bar under the epoch's line) and a log line each."""
     from stages.common.paths import artifact_paths
@@ -134,7 +134,7 @@ def training_progress(repo: Path, log: Callable[[str], None]) -> progress.Watche
         update_progress_artifact(artifact_id, epoch.percent, description=line)
         log(line)
 
-    return progress.Watcher(repo / artifact_paths(repo)["train"], time.time(), report)
+    return progress.Watcher(repo / artifact_paths(repo)["train"], time.time(), report, warn)
 
 
 @task(name="dvc-download", task_run_name="{stage}", retries=3, retry_condition_fn=_transient_only,

@@ -5,6 +5,7 @@ progress artifact and a log line per epoch."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,9 +37,19 @@ class Epoch:
             parts.append(f"loss {self.loss:.4f}")
         if self.val_accuracy is not None:
             parts.append(f"val_accuracy {self.val_accuracy:.4f}")
-        if self.epoch_seconds is not None:
+        if self.epoch_seconds is not None and math.isfinite(self.epoch_seconds):
             parts.append(f"about {self.epoch_seconds * (self.epochs - self.done):.0f} s left")
         return ", ".join(parts)
+
+
+def _number(value: object) -> float | None:
+    """A metric as DVCLive writes it: a number, or a string for one JSON cannot hold ("nan", "inf")."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def read_epoch(folder: Path, since: float) -> Epoch | None:
@@ -54,27 +65,41 @@ def read_epoch(folder: Path, since: float) -> Epoch | None:
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
         return None  # not written yet, or caught half-written: the next look reads it
     train, evaluation = latest.get("train") or {}, latest.get("eval") or {}
-    return Epoch(step + 1, epochs, train.get("loss"), evaluation.get("accuracy"), train.get("epoch_seconds"))
+    return Epoch(step + 1, epochs, _number(train.get("loss")), _number(evaluation.get("accuracy")),
+                 _number(train.get("epoch_seconds")))
 
 
 class Watcher:
     """Reads `folder` every `every_s` seconds on a thread and calls `report` with each new epoch,
-    then once more when stopped, so the last epoch is reported however short the run."""
+    then once more when stopped, so the last epoch is reported however short the run.
 
-    def __init__(self, folder: Path, since: float, report: Callable[[Epoch], None], every_s: float = 2.0) -> None:
-        self.folder, self.since, self.report, self.every_s = folder, since, report, every_s
+    Progress only describes the run: the first error in reading or reporting it (a Prefect API that
+    stops answering, say) is one line to `warn` and the end of the updates, never a traceback in the
+    run's output nor a failed run."""
+
+    def __init__(self, folder: Path, since: float, report: Callable[[Epoch], None],
+                 warn: Callable[[str], None], every_s: float = 2.0) -> None:
+        self.folder, self.since, self.report, self.warn, self.every_s = folder, since, report, warn, every_s
         self.stopped = threading.Event()
+        self.failed = False
         self.last: Epoch | None = None
         self.thread = threading.Thread(target=self.watch, name="train-progress", daemon=True)
 
     def look(self) -> None:
-        epoch = read_epoch(self.folder, self.since)
-        if epoch is not None and epoch != self.last:
-            self.last = epoch
-            self.report(epoch)
+        if self.failed:
+            return
+        try:
+            epoch = read_epoch(self.folder, self.since)
+            # By its number: an epoch whose loss is nan never equals itself.
+            if epoch is not None and (self.last is None or epoch.done != self.last.done):
+                self.last = epoch
+                self.report(epoch)
+        except Exception as exc:  # noqa: BLE001 - see the class: any error ends the updates, in one line
+            self.failed = True
+            self.warn(f"training progress stopped updating: {type(exc).__name__}: {exc}")
 
     def watch(self) -> None:
-        while not self.stopped.wait(self.every_s):
+        while not self.failed and not self.stopped.wait(self.every_s):
             self.look()
 
     def __enter__(self) -> Self:

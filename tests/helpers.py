@@ -47,6 +47,12 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+# Training that diverges: at batch 8, a learning rate of 10 sends plain SGD's loss to nan in the
+# first epoch (the tests of exit 5 and of what a failed train stage leaves behind).
+DIVERGES = {"model": "tutorial_cnn", "arch": {}, "epochs": 3, "optimizer": "sgd", "learning_rate": 10.0,
+            "batch_size": 8, "schedule": "constant"}
+
+
 def tiny_params(archive: Path) -> dict[str, dict]:
     """Params for a generated dataset of TINY_TRAIN/TINY_TEST images per class, 1 epoch."""
     return {

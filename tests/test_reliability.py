@@ -15,7 +15,18 @@ import yaml
 
 from pipelines.dvcrepo import with_default_sigint
 from tests import synthetic
-from tests.helpers import BIN, ENV, copy_repo, dvc, git_dvc_project, set_params, sha256_of, stages_run, tiny_params
+from tests.helpers import (
+    BIN,
+    DIVERGES,
+    ENV,
+    copy_repo,
+    dvc,
+    git_dvc_project,
+    set_params,
+    sha256_of,
+    stages_run,
+    tiny_params,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -110,13 +121,12 @@ def test_interrupted_repro_leaves_lock_and_outputs_as_they_were(prepared_project
 
 def test_diverging_training_exits_5_and_writes_no_model(prepared_project):
     repo = prepared_project
-    set_params(repo / "params.yaml", train={"model": "tutorial_cnn", "arch": {}, "epochs": 3, "optimizer": "sgd",
-                                            "learning_rate": 10.0, "batch_size": 8, "schedule": "constant"})
+    set_params(repo / "params.yaml", train=DIVERGES)
     result = dvc(repo, "repro", "train", check=False)
     assert result.returncode != 0
     assert "exited with 5" in result.stderr
     # Either NaN loss stopped it, or the loss stayed finite while weights did not: both are caught.
-    assert re.search(r"error: training (diverged \(loss nan|ended with non-finite weights)", result.stderr)
+    assert re.search(r"error: training (diverged \(loss (nan|inf)|ended with non-finite weights)", result.stderr)
     assert not (repo / "models/model.keras").exists()
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from tests.helpers import (
     BIN,
+    DIVERGES,
     STAGES,
     api,
     cli,
@@ -316,10 +317,6 @@ def test_a_run_cache_restore_reruns_what_depends_on_it_and_leaves_nothing_stale(
     assert "Data and pipelines are up to date" in status.stdout, status.stdout
     manifest = json.loads((flow_project / "data/raw/manifest.json").read_text())
     assert manifest["sha256"] == sha256_of(tiny_archive)
-
-
-DIVERGES = {"model": "tutorial_cnn", "arch": {}, "epochs": 3, "optimizer": "sgd", "learning_rate": 10.0,
-            "batch_size": 8, "schedule": "constant"}
 
 
 @pytest.mark.parametrize("code, sets, message", [
