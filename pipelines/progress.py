@@ -82,7 +82,7 @@ class Watcher:
         self.folder, self.since, self.report, self.warn, self.every_s = folder, since, report, warn, every_s
         self.stopped = threading.Event()
         self.failed = False
-        self.last: Epoch | None = None
+        self.last_done = 0  # the number of the last epoch reported
         self.thread = threading.Thread(target=self.watch, name="train-progress", daemon=True)
 
     def look(self) -> None:
@@ -91,8 +91,8 @@ class Watcher:
         try:
             epoch = read_epoch(self.folder, self.since)
             # By its number: an epoch whose loss is nan never equals itself.
-            if epoch is not None and (self.last is None or epoch.done != self.last.done):
-                self.last = epoch
+            if epoch is not None and epoch.done != self.last_done:
+                self.last_done = epoch.done
                 self.report(epoch)
         except Exception as exc:  # noqa: BLE001 - see the class: any error ends the updates, in one line
             self.failed = True
