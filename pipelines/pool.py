@@ -27,6 +27,7 @@ from pipelines.dvcrepo import (
     git,
     git_tracked_outputs,
 )
+from pipelines.runs import experiment_commit
 from stages.common.errors import CommandFailed, ConfigError, StageFailed
 
 FLOW_NAME = "cifar10-experiment"
@@ -99,9 +100,8 @@ def restore_from_pool(repo: Path, handback: str, stages: list[str]) -> None:
     """The hand-off experiment's dvc.lock and the stages' outputs into this workspace (exactly its
     files: stale ones removed first); then the experiment is removed here and from origin."""
     dvc(repo, "exp", "pull", "--no-cache", "origin", handback)
-    ref = next((r for r in (git(repo, "for-each-ref", "--format=%(refname)", "refs/exps") or "").split()
-                if r.rsplit("/", 1)[-1] == handback), None)
-    if ref is None:
+    commit = experiment_commit(repo, handback)
+    if commit is None:
         raise CommandFailed(f"experiment {handback} is not on origin after its flow run completed; rerun")
     tracked = git_tracked_outputs(repo, stages)
     for path in tracked:
@@ -109,7 +109,7 @@ def restore_from_pool(repo: Path, handback: str, stages: list[str]) -> None:
             shutil.rmtree(repo / path)
         else:
             (repo / path).unlink(missing_ok=True)
-    if git(repo, "restore", f"--source={ref}", "--worktree", "--", *HANDED_OVER[1:], *tracked) is None:
+    if git(repo, "restore", f"--source={commit}", "--worktree", "--", *HANDED_OVER[1:], *tracked) is None:
         raise CommandFailed(f"could not restore {', '.join(tracked)} from experiment {handback}; rerun")
     transfer(repo, "pull", stages)
     dvc(repo, "exp", "remove", "--git-remote", "origin", handback)

@@ -38,8 +38,47 @@ def resolve(repo: Path, rev: str | None) -> str | None:
 
 def experiment_commit(repo: Path, name: str) -> str | None:
     """The commit of the DVC experiment named `name` (its ref under refs/exps); None when there is none."""
-    refs = (git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps") or "").splitlines()
-    return next((line.split(" ", 1)[0] for line in refs if line.rsplit("/", 1)[-1] == name), None)
+    return experiment_commits(repo).get(name)
+
+
+def experiment_refs(repo: Path) -> list[tuple[str, str, str]]:
+    """(name, baseline, commit) of each DVC experiment here, from its ref: git alone, so DVC's lock
+    and its queue's workspaces never get in the way. Not DVC's own bookkeeping (queues, executors)."""
+    from dvc.repo.experiments.exceptions import InvalidExpRefError
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    found = []
+    for line in (git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps") or "").splitlines():
+        sha, ref = line.split(" ", 1)
+        try:
+            info = ExpRefInfo.from_ref(ref)
+        except InvalidExpRefError:
+            continue
+        if info.name and re.fullmatch(r"[0-9a-f]{40}", info.baseline_sha or ""):
+            found.append((info.name, info.baseline_sha, sha))
+    return found
+
+
+def experiment_commits(repo: Path) -> dict[str, str]:
+    """{name: commit} of DVC's experiments; a name used on several baselines is HEAD's experiment,
+    where HEAD has one of that name."""
+    head = git(repo, "rev-parse", "--verify", "--quiet", "HEAD")
+    return {name: sha for name, _, sha in sorted(experiment_refs(repo), key=lambda ref: ref[1] == head)}
+
+
+def experiment_metrics(repo: Path, names: set[str]) -> dict[str, dict[str, Any]]:
+    """What evaluate wrote (its metrics file) in each named experiment's commit; a name without an
+    experiment (it failed, or never ran) or whose experiment holds no readable metrics is left out."""
+    path, commits = evaluation_files(repo)["metrics"], experiment_commits(repo)
+    found = {}
+    for name in names & set(commits):
+        try:
+            metrics = json.loads(read_at(repo, path, commits[name]) or "null")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(metrics, dict):
+            found[name] = metrics
+    return found
 
 
 def lower_is_better(metric: str) -> bool:
@@ -93,7 +132,8 @@ class BrokenResult(DataError):
     evaluate writes: edited by hand, truncated, or merged badly."""
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A JSON number: not a bool, which Python counts as one."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -107,7 +147,7 @@ def _parse_json(text: str, where: str) -> Any:
 
 def parse_metrics(text: str, where: str) -> dict[str, Any]:
     metrics = _parse_json(text, where)
-    if not isinstance(metrics, dict) or not _number(metrics.get("accuracy")):
+    if not isinstance(metrics, dict) or not is_number(metrics.get("accuracy")):
         raise BrokenResult(f"{where} has no numeric 'accuracy' (it holds {str(metrics)[:80]}); restore it "
                            "(`git checkout` it, or rerun `dvc repro -f evaluate`)")
     return metrics
@@ -116,7 +156,7 @@ def parse_metrics(text: str, where: str) -> dict[str, Any]:
 def parse_report(text: str, where: str) -> dict[str, Any]:
     report = _parse_json(text, where)
     rows = [row for name, row in report.items() if name != "accuracy"] if isinstance(report, dict) else None
-    if rows is None or not all(isinstance(row, dict) and all(_number(row.get(k)) for k in ("precision", "recall",
+    if rows is None or not all(isinstance(row, dict) and all(is_number(row.get(k)) for k in ("precision", "recall",
                                                                                        "f1-score")) for row in rows):
         raise BrokenResult(f"{where} is not a classification report (one row of precision, recall and f1-score per "
                            "class); restore it (`git checkout` it, or rerun `dvc repro -f evaluate`)")
@@ -215,18 +255,7 @@ def run_commits(repo: Path) -> list[str]:
 
 def experiment_baselines(repo: Path) -> list[str]:
     """The commits DVC's experiments branched from (their refs name them)."""
-    from dvc.repo.experiments.exceptions import InvalidExpRefError
-    from dvc.repo.experiments.refs import ExpRefInfo
-
-    baselines = []
-    for ref in (git(repo, "for-each-ref", "--format=%(refname)", "refs/exps") or "").split():
-        try:
-            baseline = ExpRefInfo.from_ref(ref).baseline_sha
-        except InvalidExpRefError:
-            continue
-        if re.fullmatch(r"[0-9a-f]{40}", baseline):  # not DVC's own bookkeeping (queues, executors)
-            baselines.append(baseline)
-    return baselines
+    return list(dict.fromkeys(baseline for _, baseline, _ in experiment_refs(repo)))
 
 
 def shown_runs(repo: Path) -> list[ShownRun]:

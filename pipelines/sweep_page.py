@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipelines.dvcrepo import git
 from pipelines.history import STYLE, _cell, _ticks
-from pipelines.runs import shown_runs
+from pipelines.runs import experiment_commits
 from pipelines.study import optuna_distributions
 from stages.common.errors import ConfigError
 from stages.common.paths import artifact_paths
@@ -32,7 +32,7 @@ VAL_CURVE = "plots/metrics/eval/accuracy.tsv"
 
 def curves(repo: Path, names: list[str]) -> dict[str, list[float]]:
     """Each named experiment's validation accuracy per epoch, read from its commit."""
-    revs = {run.name: run.rev for run in shown_runs(repo) if run.kind == "experiment"}
+    revs = experiment_commits(repo)
     path = artifact_paths(repo)["train"] / VAL_CURVE
     out = {}
     for name in names:

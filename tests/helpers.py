@@ -114,6 +114,27 @@ def copy_repo(src: Path, dest: Path) -> Path:
     return dest
 
 
+def commit_experiment(repo: Path, name: str, files: dict[str, str], baseline: str = "HEAD") -> str:
+    """A commit on `baseline` holding `files` (repo-relative path: text), under the ref DVC gives an
+    experiment named `name` (refs/exps/<baseline sha split 2/38>/<name>); the checkout is left as it was."""
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    base = subprocess.run(["git", "rev-parse", baseline], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}  # the checkout's own index untouched
+        subprocess.run(["git", "read-tree", base], cwd=repo, env=env, check=True)
+        for path, text in files.items():
+            blob = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=repo, input=text, check=True,
+                                  capture_output=True, text=True).stdout.strip()
+            subprocess.run(["git", "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}"], cwd=repo, env=env,
+                           check=True)
+        tree = subprocess.run(["git", "write-tree"], cwd=repo, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    sha = subprocess.run([*git, "commit-tree", tree, "-p", base, "-m", f"experiment {name}"], cwd=repo, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    subprocess.run(["git", "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/{name}", sha], cwd=repo, check=True)
+    return sha
+
+
 def dvc(repo: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env or ENV, capture_output=True, text=True,
                             timeout=900)
