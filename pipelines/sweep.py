@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ from pydantic import SecretStr
 
 from pipelines.compare import safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
-from pipelines.runs import experiments_table
+from pipelines.runs import experiment_commits, experiment_metrics, experiments_table, is_number
 from pipelines.study import open_study, optuna_distributions, sample_points, search_of, study_storage
 from stages.common.errors import CommandFailed
 from stages.common.params import read_params, whole_lists
@@ -132,12 +133,13 @@ class Progress:
         return experiments_table(self.repo, sort_by=None)
 
     def ended(self, names: set[str]) -> None:
-        table = self.results()
-        rows = {row["name"]: row for row in table.to_dict("records")} if not table.empty else {}
+        # Each ended point's own commit, read with git: `dvc exp show` reads every experiment, and
+        # would cost more with each point a sweep adds.
+        metrics = experiment_metrics(self.repo, names)
         for exp in sorted(names):
-            row = rows.get(exp, {})
-            if row.get("status") == "ok" and pd.notna(row.get(self.sort_by)):
-                self.metric[exp] = float(row[self.sort_by])
+            value = metrics.get(exp, {}).get(self.sort_by)
+            if is_number(value) and math.isfinite(value):
+                self.metric[exp] = float(value)
             else:
                 self.failed.append(exp)
         self.on_ended(names)
@@ -170,6 +172,7 @@ class Progress:
 
 
 POLL_S = 5.0  # how often the points in flight are looked at
+LOOK_MAX_S = 30.0  # the longest a local sweep takes to notice a failed point
 
 
 def queue_state(repo: Path) -> tuple[dict[str, str] | None, int]:
@@ -200,6 +203,7 @@ class LocalQueue:
         self.repo, self.jobs, self.logger = repo, jobs, logger
         self.env = {**dvc_environment(), **(study_env or {})}  # where the points' training finds the study
         self.pending: set[str] = set()
+        self.before: dict[str, str | None] = {}  # each point's experiment commit when it was queued: none, normally
         self.on_poll: Callable[[int, int], None] = lambda running, waiting: None
         self._own_workers()
 
@@ -224,29 +228,45 @@ class LocalQueue:
                 raise CommandFailed(f"dvc queue start: {said.read().decode(errors='replace').strip()}")
 
     def submit(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        committed = experiment_commits(self.repo)
         for exp, point in batch:
             sets = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
             dvc(self.repo, "exp", "run", "--queue", "--name", exp, *sets, POINT_UNTIL)
             self.logger.info(f"queued {exp}: {point}")
             self.pending.add(exp)
+            self.before[exp] = committed.get(exp)
         self._start_workers()
 
+    def _committed(self) -> set[str]:
+        """Points in flight whose experiment is committed (a ref new since it was queued)."""
+        committed = experiment_commits(self.repo)
+        return {exp for exp in self.pending if committed.get(exp) not in (None, self.before.get(exp))}
+
     def wait(self) -> set[str]:
-        """Block until at least one queued point ended; those that did."""
+        """Block until at least one queued point ended; those that did. What ended, failed, runs
+        and whether a worker is up, DVC's queue tells (`dvc queue status`: about a second of CPU),
+        asked every 5 s at first, then every quarter of the time waited so far, at most every
+        LOOK_MAX_S; and at once when a point's experiment shows in git, as one that ended well
+        does (until the queue has let go of it, it is not taken for ended: DVC still saves it)."""
+        started, next_look, counts = time.monotonic(), 0.0, None
         while self.pending:
-            statuses, workers = queue_state(self.repo)
-            if statuses is None:  # unreadable this time (DVC's lock): look again
-                time.sleep(POLL_S)
-                continue
-            # Out of the queue (removed by hand) is ended too: `progress.ended` reads how from `dvc exp show`.
-            ended = {exp for exp in self.pending if statuses.get(exp) not in ("Queued", "Running")}
-            self.on_poll(sum(statuses.get(exp) == "Running" for exp in self.pending),
-                         sum(statuses.get(exp) == "Queued" for exp in self.pending))
+            now = time.monotonic()
+            ended: set[str] = set()
+            if now >= next_look or self._committed():
+                next_look = now + min(max(POLL_S, (now - started) / 4), LOOK_MAX_S)
+                statuses, workers = queue_state(self.repo)
+                if statuses is not None:  # None: unreadable this time (DVC's lock), looked at again next time
+                    # Out of the queue (removed by hand) is ended too: `progress.ended` finds no experiment.
+                    ended = {exp for exp in self.pending if statuses.get(exp) not in ("Queued", "Running")}
+                    counts = (sum(statuses.get(exp) == "Running" for exp in self.pending),
+                              sum(statuses.get(exp) == "Queued" for exp in self.pending))
+                    if not ended and not workers:  # an idle worker stops itself after a few seconds
+                        self._start_workers()
+            if counts is not None:
+                self.on_poll(*counts)
             if ended:
                 self.pending -= ended
                 return ended
-            if not workers:  # an idle worker stops itself after a few seconds: one left between two points
-                self._start_workers()
             time.sleep(POLL_S)
         return set()
 

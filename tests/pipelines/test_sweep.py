@@ -1,5 +1,6 @@
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -18,10 +19,11 @@ import yaml
 from pipelines import sweep as sweep_module
 from pipelines.registry import stale_stages
 from pipelines.study import check_search, open_study, optuna_distributions, sample_points, search_of
-from pipelines.sweep import WIPE, LiveLine, Progress, _override
+from pipelines.sweep import LOOK_MAX_S, WIPE, LiveLine, Progress, _override
 from stages.common import run_params as presets
 from stages.common.errors import CommandFailed, ConfigError
 from stages.common.params import read_params, read_sweep_file, whole_lists
+from stages.common.paths import evaluation_files
 from stages.common.trial import PRUNED_AT, pruner_of
 from tests.helpers import (
     BIN,
@@ -29,6 +31,7 @@ from tests.helpers import (
     REPO,
     cli,
     cli_on_terminal,
+    commit_experiment,
     copy_repo,
     dvc,
     git_dvc_project,
@@ -338,29 +341,93 @@ def test_the_live_line_counts_points_ended_running_and_waiting_and_the_time_take
                                    "best so far s-1 (accuracy 0.5)")
 
 
-def test_a_queue_status_that_cannot_be_read_is_looked_at_again_never_taken_for_every_point_ended(tmp_path, monkeypatch):
-    # `dvc queue status` fails now and then while DVC's queue saves a point (its lock): a sweep that
-    # read that as an empty queue took every point in flight for ended, and their results as failed.
-    header, workers = "Task     Name    Created    Status", "Worker status: 1 active, 0 idle"
-    answers = [(0, f"{header}\nWorker status: 0 active, 0 idle"),  # no other sweep's worker to stop first
-               (255, ""), (0, f"{header}\n1a2b3c   q-1     10:01 AM   Running\n4d5e6f   q-2     10:01 AM   Queued\n{workers}"),
-               (255, ""), (0, f"{header}\n1a2b3c   q-1     10:01 AM   Success\n4d5e6f   q-2     10:01 AM   Running\n{workers}")]
+def fake_queue(tmp_path: Path, answers: list[tuple[int, str]], monkeypatch) -> Path:
+    """A `dvc` that answers `dvc queue status` as DVC does, one canned answer per call (the last
+    one again when they run out); the number of calls in `asked`."""
     for number, (code, said) in enumerate(answers):
         (tmp_path / f"answer-{number}").write_text(said + "\n")
         (tmp_path / f"code-{number}").write_text(str(code))
     (tmp_path / "asked").write_text("0")
-    fake = tmp_path / "dvc"  # answers `dvc queue status` as DVC does, one canned answer per call
+    last = len(answers) - 1
+    fake = tmp_path / "dvc"
     fake.write_text(f"#!/bin/sh\nn=$(cat {tmp_path}/asked); echo $((n + 1)) > {tmp_path}/asked\n"
+                    f"[ $n -gt {last} ] && n={last}\n"
                     f"cat {tmp_path}/answer-$n; [ $(cat {tmp_path}/code-$n) = 0 ] || echo 'ERROR: lock' >&2\n"
                     f"exit $(cat {tmp_path}/code-$n)\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sweep_module, "dvc_executable", lambda: str(fake))
-    monkeypatch.setattr(sweep_module.time, "sleep", lambda seconds: None)
+    return tmp_path / "asked"
+
+
+def fake_clock(monkeypatch) -> list[float]:
+    """time.monotonic as a list's one value, moved on by time.sleep, which returns at once."""
+    now = [0.0]
+    monkeypatch.setattr(sweep_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(sweep_module.time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    return now
+
+
+QUEUE_HEADER, NO_WORKERS = "Task     Name    Created    Status", "Worker status: 0 active, 0 idle"
+ONE_WORKER = "Worker status: 1 active, 0 idle"
+
+
+def test_a_queue_status_that_cannot_be_read_is_looked_at_again_never_taken_for_every_point_ended(tmp_path, monkeypatch):
+    # `dvc queue status` fails now and then while DVC's queue saves a point (its lock): a sweep that
+    # read that as an empty queue took every point in flight for ended, and their results as failed.
+    asked = fake_queue(tmp_path, [
+        (0, f"{QUEUE_HEADER}\n{NO_WORKERS}"),  # no other sweep's worker to stop first
+        (255, ""), (0, f"{QUEUE_HEADER}\n1a2b3c   q-1     10:01 AM   Running\n4d5e6f   q-2     10:01 AM   Queued\n{ONE_WORKER}"),
+        (255, ""), (0, f"{QUEUE_HEADER}\n1a2b3c   q-1     10:01 AM   Success\n4d5e6f   q-2     10:01 AM   Running\n{ONE_WORKER}")],
+        monkeypatch)
+    fake_clock(monkeypatch)
     seen: list[tuple[int, int]] = []
     queue = sweep_module.LocalQueue(tmp_path, 2, logging.getLogger("test-queue"))
     queue.pending, queue.on_poll = {"q-1", "q-2"}, lambda running, waiting: seen.append((running, waiting))
     assert queue.wait() == {"q-1"}
-    assert queue.pending == {"q-2"} and seen == [(1, 1), (1, 0)] and (tmp_path / "asked").read_text().strip() == "5"
+    assert queue.pending == {"q-2"} and seen == [(1, 1), (1, 1), (1, 0)] and asked.read_text().strip() == "5"
+
+
+def test_the_queue_is_asked_at_once_when_a_point_commits_its_experiment_and_not_for_one_from_before(tmp_path,
+                                                                                                   monkeypatch):
+    repo = git_dvc_project(tmp_path / "project")
+    running = f"{QUEUE_HEADER}\n1a2b3c   q-1     10:01 AM   Running\n4d5e6f   q-2     10:01 AM   Queued\n{ONE_WORKER}"
+    fake_queue(tmp_path, [(0, f"{QUEUE_HEADER}\n{NO_WORKERS}"), (0, running)], monkeypatch)
+    now = fake_clock(monkeypatch)
+    queue = sweep_module.LocalQueue(repo, 1, logging.getLogger("test-queue"))
+    commit_experiment(repo, "q-2", {"notes.txt": "an earlier sweep's q-2"})
+    queue.pending, queue.before = {"q-1", "q-2"}, sweep_module.experiment_commits(repo)  # as submit finds them
+    looks: list[float] = []
+    real_look, real_sleep = sweep_module.queue_state, sweep_module.time.sleep
+
+    def sleep(seconds: float) -> None:
+        real_sleep(seconds)
+        if now[0] == 100:  # q-1 ends: its experiment is saved, then the queue lets go of it
+            commit_experiment(repo, "q-1", {"notes.txt": "q-1 ended"})
+            (tmp_path / "answer-1").write_text(running.replace("Running", "Success", 1) + "\n")
+
+    monkeypatch.setattr(sweep_module.time, "sleep", sleep)
+    monkeypatch.setattr(sweep_module, "queue_state", lambda repo: looks.append(now[0]) or real_look(repo))
+    assert queue.wait() == {"q-1"} and queue.pending == {"q-2"}
+    # Looked at on its own schedule (0, 5, ... 75, 95; next at 120) until q-1's experiment showed.
+    assert looks[-3:] == [75, 95, 100]
+
+
+def test_the_queue_is_asked_less_often_the_longer_a_point_runs_and_at_least_twice_a_minute(tmp_path, monkeypatch):
+    # `dvc queue status` costs about a second of CPU: asked every 5 s, it took a sixth of a core
+    # beside the training all along.
+    running = f"{QUEUE_HEADER}\n1a2b3c   q-1     10:01 AM   Running\n{ONE_WORKER}"
+    fake_queue(tmp_path, [(0, f"{QUEUE_HEADER}\n{NO_WORKERS}"), *[(0, running)] * 24,
+                          (0, running.replace("Running", "Failed"))], monkeypatch)
+    now = fake_clock(monkeypatch)
+    queue = sweep_module.LocalQueue(tmp_path, 1, logging.getLogger("test-queue"))
+    looks: list[float] = []
+    real = sweep_module.queue_state
+    monkeypatch.setattr(sweep_module, "queue_state", lambda repo: looks.append(now[0]) or real(repo))
+    queue.pending = {"q-1"}
+    assert queue.wait() == {"q-1"}  # its failure seen at the 25th look
+    gaps = [later - earlier for earlier, later in itertools.pairwise(looks)]
+    assert len(looks) == 25 and gaps[:5] == [5.0] * 5 and gaps == sorted(gaps) and max(gaps) == LOOK_MAX_S
+    assert looks[-1] > 8 * 60  # every 5 s, 25 looks would have been two minutes
 
 
 def test_results_unreadable_while_the_queue_sets_up_a_point_are_read_again_for_about_a_minute(tmp_path, monkeypatch):
@@ -380,12 +447,22 @@ def test_results_unreadable_while_the_queue_sets_up_a_point_are_read_again_for_a
     monkeypatch.setattr(sweep_module, "experiments_table", exp_show)
     monkeypatch.setattr(sweep_module.time, "sleep", waited.append)
     progress = Progress(tmp_path, 2, "accuracy", logging.getLogger("test-results"))
-    progress.ended({"s-1"})
-    assert progress.metric == {"s-1": 0.5} and waited == [2, 4, 8, 16]
+    assert progress.results()["accuracy"].tolist() == [0.5] and waited == [2, 4, 8, 16]
     answers[:] = [infofile_missing] * 6
     with pytest.raises(CommandFailed, match="No such file or directory"):
-        progress.ended({"s-2"})
+        progress.results()
     assert waited[4:] == [2, 4, 8, 16, 30] and not answers  # bounded: six looks over a minute, then the error
+
+
+def test_an_ended_points_metric_is_its_own_experiments_and_one_without_a_finite_metric_failed(tmp_path):
+    repo = git_dvc_project(tmp_path / "project")
+    metrics = evaluation_files(repo)["metrics"]
+    commit_experiment(repo, "s-1", {metrics: json.dumps({"accuracy": 0.5})})
+    commit_experiment(repo, "s-2", {metrics: json.dumps({"accuracy": float("nan")})})  # how json writes a nan
+    commit_experiment(repo, "s-4", {metrics: json.dumps({"accuracy": 0.7})})
+    progress = Progress(repo, 4, "accuracy", logging.getLogger("test-ended"))
+    progress.ended({"s-1", "s-2", "s-3"})  # s-3 has no experiment: it failed
+    assert progress.metric == {"s-1": 0.5} and progress.failed == ["s-2", "s-3"]
 
 
 @pytest.mark.e2e
