@@ -73,8 +73,8 @@ def experiment_metrics(repo: Path, names: set[str]) -> dict[str, dict[str, Any]]
     found = {}
     for name in names & set(commits):
         try:
-            metrics = json.loads(read_at(repo, path, commits[name]) or "null")
-        except json.JSONDecodeError:
+            metrics = _parse_json(read_at(repo, path, commits[name]) or "null", f"{path} of '{name}'")
+        except BrokenResult:
             continue
         if isinstance(metrics, dict):
             found[name] = metrics
