@@ -8,7 +8,10 @@ TensorFlow thread, standing in for a one-core machine each), times `cifar10-pipe
 --pool`, and reads each point's clone/pipeline/push seconds from the workers' logs and the CPU the
 workers and everything else used meanwhile. One warm-up run first computes the data stages once,
 so every mode restores them from the run-cache alike; a control measures what two pinned,
-compute-bound processes get done beside one, the most a second pinned worker could add here.
+compute-bound processes get done beside one, the most a second pinned worker could add here. A
+mode named again runs again (its turn counted in its name): in turns, e.g. `--modes pinned1 pinned2
+pinned2 pinned1`, a host that slows down or speeds up part-way weighs on both modes alike; the
+control is taken before each turn and once after the last.
 
     python benchmarks/pool_scaling.py [--modes pinned1 pinned2 unpinned1 unpinned2] [--points 4]
     python benchmarks/pool_scaling.py --source ../shared/data/cifar10-jpeg.tar.gz --sha256 HASH \
@@ -84,28 +87,29 @@ def cli(cwd: Path, env: dict, *args: str, may_fail: bool = False) -> tuple[float
     return time.perf_counter() - started, error
 
 
-def run_mode(mode: str, work: Path, dev: Path, env: dict, space: Path) -> dict:
+def run_mode(mode: str, turn: int, work: Path, dev: Path, env: dict, space: Path) -> dict:
     workers_n = int(mode[-1])
     pinned = mode.startswith("pinned")
-    pool = f"bench-{mode}"
+    label = f"{mode}-t{turn}"
+    pool = f"bench-{label}"
     create_pool(pool, env)
-    workers = [start_worker(work / f"{mode}-worker{i}", {**env, **(ONE_THREAD if pinned else {})}, pool,
+    workers = [start_worker(work / f"{label}-worker{i}", {**env, **(ONE_THREAD if pinned else {})}, pool,
                             ("taskset", "-c", str(i)) if pinned else ()) for i in range(workers_n)]
     busy_before, idle_before = machine_cpu_s()
     parts_before = rest_cpu_s()
     try:
-        seconds, error = cli(dev, env, "sweep", str(space), "--pool", pool, "--name", f"sw-{mode}", may_fail=True)
+        seconds, error = cli(dev, env, "sweep", str(space), "--pool", pool, "--name", f"sw-{label}", may_fail=True)
         busy, idle = (after - before for after, before in zip(machine_cpu_s(), (busy_before, idle_before)))
         parts = {part: round(after - parts_before[part], 1) for part, after in rest_cpu_s().items()}
         workers_cpu = sum(tree_cpu_s(proc.pid) for proc in workers)
     finally:
         for proc in workers:
             kill_tree(proc)
-    ranked = list(csv.DictReader((dev / "comparisons" / f"sw-{mode}.csv").open()))
+    ranked = list(csv.DictReader((dev / "comparisons" / f"sw-{label}.csv").open()))
     finished = [row for row in ranked if row["status"] == "ok"]
     points = [tuple(map(float, m)) for i in range(workers_n)
-              for m in TIMINGS.findall((work / f"{mode}-worker{i}" / "worker.log").read_text())]
-    return {"mode": mode, "workers": workers_n, "pinned": pinned, "sweep_s": round(seconds, 1), "error": error,
+              for m in TIMINGS.findall((work / f"{label}-worker{i}" / "worker.log").read_text())]
+    return {"mode": mode, "turn": turn, "workers": workers_n, "pinned": pinned, "sweep_s": round(seconds, 1), "error": error,
             "points": len(points), "finished": len(finished),
             "best": {key: finished[0][key] for key in ("name", "accuracy")} if finished else None,
             "clone_s": round(statistics.mean(p[0] for p in points), 1),
@@ -163,7 +167,8 @@ def pinned_compute_ceiling() -> float:
                                   text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
                  for core in cores]
         return max(float(proc.communicate()[0]) for proc in procs)
-    return round(2 * run_on([0]) / run_on([0, 1]), 2)
+    # The host's neighbours move a single look by tenths: the middle of three.
+    return round(statistics.median(2 * run_on([0]) / run_on([0, 1]) for _ in range(3)), 2)
 
 
 def bucket_size(s3_url: str) -> tuple[int, float]:
@@ -235,14 +240,19 @@ def main() -> None:
         data = ({"source": args.source.name, "train_per_class": args.train_per_class,
                  "test_per_class": args.test_per_class} if args.source else {"per_class": args.per_class})
         results = {"cpu": cpu_model(), **data, "epochs": args.epochs, "space": search,
-                   "warmup_run_s": round(warmup_s, 1), "pinned_compute_ceiling": pinned_compute_ceiling(),
-                   "modes": []}
-        for mode in args.modes:  # written after each mode: a long run interrupted keeps what it measured
-            results["modes"].append(run_mode(mode, work, dev, env, space))
+                   "warmup_run_s": round(warmup_s, 1), "modes": []}
+        for i, mode in enumerate(args.modes):  # written after each: a long run interrupted keeps what it measured
+            ceiling = pinned_compute_ceiling()
+            results["modes"].append({**run_mode(mode, args.modes[:i + 1].count(mode), work, dev, env, space),
+                                     "pinned_compute_ceiling_before": ceiling})
             write(args.out, results)
+        results["pinned_compute_ceiling_after"] = pinned_compute_ceiling()
+        results["sweep_s_by_mode"] = {mode: round(statistics.mean(m["sweep_s"] for m in results["modes"]
+                                                                  if m["mode"] == mode), 1)
+                                      for mode in dict.fromkeys(args.modes)}
         objects, megabytes = bucket_size(s3.url)
         results["s3_after_all"] = {"objects": objects, "mb": round(megabytes, 2)}
-        names = [f"sw-{args.modes[0]}-{i}" for i in range(1, args.points + 1)]
+        names = [f"sw-{args.modes[0]}-t1-{i}" for i in range(1, args.points + 1)]
         results["pull_one_sweep"] = pull_into_fresh_clone(work, origin, env, names)
     write(args.out, results)
     print(json.dumps(results, indent=2))
