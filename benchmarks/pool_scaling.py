@@ -87,10 +87,15 @@ def cli(cwd: Path, env: dict, *args: str, may_fail: bool = False) -> tuple[float
     return time.perf_counter() - started, error
 
 
+def turn_label(mode: str, turn: int) -> str:
+    """What names a turn's pool, its workers' folders and its sweep."""
+    return f"{mode}-t{turn}"
+
+
 def run_mode(mode: str, turn: int, work: Path, dev: Path, env: dict, space: Path) -> dict:
     workers_n = int(mode[-1])
     pinned = mode.startswith("pinned")
-    label = f"{mode}-t{turn}"
+    label = turn_label(mode, turn)
     pool = f"bench-{label}"
     create_pool(pool, env)
     workers = [start_worker(work / f"{label}-worker{i}", {**env, **(ONE_THREAD if pinned else {})}, pool,
@@ -252,7 +257,7 @@ def main() -> None:
                                       for mode in dict.fromkeys(args.modes)}
         objects, megabytes = bucket_size(s3.url)
         results["s3_after_all"] = {"objects": objects, "mb": round(megabytes, 2)}
-        names = [f"sw-{args.modes[0]}-t1-{i}" for i in range(1, args.points + 1)]
+        names = [f"sw-{turn_label(args.modes[0], 1)}-{i}" for i in range(1, args.points + 1)]
         results["pull_one_sweep"] = pull_into_fresh_clone(work, origin, env, names)
     write(args.out, results)
     print(json.dumps(results, indent=2))
