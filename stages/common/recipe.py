@@ -5,6 +5,8 @@ TensorFlow in the train stage and under JAX on a GPU machine (benchmarks/gpu_rec
 
 from __future__ import annotations
 
+import itertools
+
 import keras
 import numpy as np
 
@@ -18,19 +20,34 @@ from stages.common.schemas import ALTERNATING_FLIPS, TrainParams
 
 @keras.saving.register_keras_serializable(package="cifar10_pipeline")
 class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to the peak, then linear decay to zero (the fast trainers' triangle)."""
+    """Linear warmup to the peak, then linear decay to zero (the fast trainers' triangle). With
+    `restarts` (steps), each stretch between them is such a triangle, warming up for the same
+    share of its length."""
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, restarts: list[int] | tuple[int, ...] = ()):
         self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+        self.restarts = list(restarts)
+
+    def _triangle(self, step, start: int, end: int, warmup: float):
+        up = (step - start) / max(warmup, 1)
+        down = (end - step) / max(end - start - warmup, 1)
+        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        up = step / max(self.warmup_steps, 1)
-        down = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
-        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+        if not self.restarts:
+            return self._triangle(step, 0, self.total_steps, self.warmup_steps)
+        bounds = [0, *self.restarts, self.total_steps]
+        lr = keras.ops.zeros_like(step)
+        for start, end in itertools.pairwise(bounds):
+            warmup = self.warmup_steps * (end - start) / self.total_steps
+            inside = keras.ops.logical_and(step >= start, step < end)
+            lr = lr + keras.ops.where(inside, self._triangle(step, start, end, warmup), 0.0)
+        return lr
 
     def get_config(self) -> dict:
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "restarts": self.restarts}
 
 
 def precision_policy(setting: bool | str, gpu: bool, isa: list[str], onednn_max_isa: str | None = None) -> str:
@@ -86,7 +103,7 @@ def make_schedule(params: TrainParams, steps_per_epoch: int):
             lr if not warmup else 0.0, max(total - warmup, 1), warmup_target=lr if warmup else None,
             warmup_steps=warmup)
     if params.schedule == "onecycle":
-        return OneCycle(lr, warmup, total)
+        return OneCycle(lr, warmup, total, params.restart_steps(steps_per_epoch))
     return lr  # constant, and plateau (ReduceLROnPlateau lowers it)
 
 

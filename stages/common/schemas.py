@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,10 @@ class TrainParams:
     # The Optuna trial (STUDY/NUMBER) a sweep with a pruner runs this point for (stages/common/trial.py);
     # null outside such a sweep, and a params.yaml written before it existed may lack it.
     trial: str | None = None
+    # onecycle: the epochs after which the learning rate, decayed to zero, rises again, each stretch
+    # its own triangle; at a pruner's rungs, each decision then sees an annealed model, not one
+    # caught at the peak. Null or empty: one cycle (a params.yaml older than it may lack it).
+    restarts: list[int] | None = None
 
     def __post_init__(self) -> None:
         # Each model's own options are checked against its builder by models.check_builds.
@@ -167,6 +172,17 @@ class TrainParams:
                 raise ConfigError(f"params.yaml: 'train.arch.{model}' names no model; {fix}")
             if not isinstance(options, dict):
                 raise ConfigError(f"params.yaml: 'train.arch.{model}' must be a mapping of options, got {options!r}")
+        self._check_restarts()
+
+    def _check_restarts(self) -> None:
+        restarts = self.restarts or []
+        if restarts and self.schedule != "onecycle":
+            raise ConfigError(f"params.yaml: 'train.restarts' {restarts} restarts the onecycle schedule, not "
+                              f"{self.schedule}; set train.schedule to onecycle, or train.restarts to []")
+        inside = all(0 < epoch < self.epochs for epoch in restarts)
+        if not inside or any(a >= b for a, b in itertools.pairwise(restarts)):
+            raise ConfigError(f"params.yaml: 'train.restarts' is {restarts}; list epochs in increasing order, each "
+                              f"between 1 and {self.epochs - 1} (train.epochs is {self.epochs}), or []")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -176,6 +192,9 @@ class TrainParams:
     def warmup_steps(self, steps_per_epoch: int) -> int:
         """Warmup within the run: a warmup as long as the run would never reach its decay."""
         return int(min(self.warmup_epochs, self.epochs / 2) * steps_per_epoch)
+
+    def restart_steps(self, steps_per_epoch: int) -> list[int]:
+        return [epoch * steps_per_epoch for epoch in self.restarts or []]
 
     def recorded(self) -> dict[str, Any]:
         """The params as the run records them; a run outside a sweep records no trial."""

@@ -115,6 +115,32 @@ def test_a_warmup_longer_than_the_run_is_shortened_so_the_schedule_decays():
     assert params(epochs=16, schedule="onecycle", warmup_epochs=2.0).warnings() == []
 
 
+def test_restarts_anneal_the_onecycle_rate_to_zero_at_each_and_rise_again():
+    p = params(epochs=9, schedule="onecycle", warmup_epochs=3.0, learning_rate=0.6, restarts=[1, 3])
+    schedule = make_schedule(p, steps_per_epoch=100)
+    lr = np.array([float(schedule(step)) for step in range(900)])
+    for start, end in ((0, 100), (100, 300), (300, 900)):
+        cycle = lr[start:end]
+        peak = start + (end - start) // 3  # each stretch warms up for the run's share, a third
+        assert cycle.max() == pytest.approx(0.6, rel=0.02) and abs(int(cycle.argmax()) + start - peak) <= 1
+        assert cycle[0] == 0.0 and cycle[-1] < 0.02 * 0.6  # annealed as the stretch's last epoch ends
+    single = make_schedule(params(epochs=9, schedule="onecycle", warmup_epochs=3.0, learning_rate=0.6), 100)
+    assert [float(single(s)) for s in (0, 150, 300, 600, 899)] == pytest.approx([0.0, 0.3, 0.6, 0.3, 0.001], abs=1e-6)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"restarts": [3, 1]}, "'train.restarts' is [3, 1]; list epochs in increasing order, each between 1 and 8"),
+    ({"restarts": [9]}, "between 1 and 8 (train.epochs is 9)"),
+    ({"restarts": [0, 3]}, "between 1 and 8"),
+    ({"restarts": [2], "schedule": "cosine"}, "restarts the onecycle schedule, not cosine"),
+])
+def test_restarts_outside_the_run_or_out_of_order_are_config_errors(changes, fragment):
+    with pytest.raises(ConfigError, match="^params.yaml: 'train.restarts'") as err:
+        params(**{"epochs": 9, "schedule": "onecycle", **changes})
+    assert fragment in str(err.value)
+    assert params(epochs=9, schedule="cosine", restarts=[]).restarts == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["efficientnetb0", "xception"])
 def test_other_transfer_backbones_build(base):
@@ -134,7 +160,8 @@ def test_unknown_arch_option_is_a_config_error():
 def test_schedules_augmentation_and_training_switches_run(schedule):
     p = params(epochs=2, schedule=schedule, warmup_epochs=0.5, step_every=1, label_smoothing=0.1, ema=True, lookahead=True,
                weight_decay=1e-4, optimizer="sgd", learning_rate=0.01, early_stopping=5,
-               augment=Augment(True, 4, 0.05, 0.1, 0.1, 0.1, "nearest"), mixed_precision=schedule == "onecycle")
+               augment=Augment(True, 4, 0.05, 0.1, 0.1, 0.1, "nearest"), mixed_precision=schedule == "onecycle",
+               restarts=[1] if schedule == "onecycle" else None)
     _model, history = train(p, splits(), CLASSES, NORM)
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
     assert len(history["epoch_seconds"]) == 2 and all(s > 0 for s in history["epoch_seconds"])
