@@ -59,18 +59,14 @@ def replay(points: list[dict[str, Any]], spec: dict[str, dict[str, Any]] | None)
     return {"epochs": trained, "pruned": len(pruned), "best": best["name"], "best_accuracy": best["test"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, required=True)
-    parser.add_argument("--sweep", required=True, help="its name: comparisons/NAME.csv lists its points")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+def replay_all(repo: Path, sweep: str) -> dict[str, Any]:
+    """Every pruner in PRUNERS replayed on the finished, unpruned sweep `sweep` in `repo`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    table = pd.read_csv(args.repo / "comparisons" / f"{args.sweep}.csv")
+    table = pd.read_csv(repo / "comparisons" / f"{sweep}.csv")
     if set(table["status"]) != {"ok"}:
-        raise SystemExit(f"sweep {args.sweep} has pruned or failed points: replay a search that ran every point to the end")
+        raise SystemExit(f"sweep {sweep} has pruned or failed points: replay a search that ran every point to the end")
     order = sorted(table["name"], key=lambda name: int(name.rsplit("-", 1)[1]))  # trial order
-    per_point = curves(args.repo, order)
+    per_point = curves(repo, order)
     tests = dict(zip(table["name"], table["accuracy"]))
     points = [{"name": name, "val": per_point[name], "test": float(tests[name])} for name in order]
     whole = replay(points, None)
@@ -78,10 +74,19 @@ def main() -> None:
     for found in results.values():
         found["epochs_share"] = round(found["epochs"] / whole["epochs"], 3)
         found["gap_points"] = round(100 * (whole["best_accuracy"] - found["best_accuracy"]), 2)
-    figures = {"sweep": args.sweep, "points": points, "unpruned": whole, "pruners": PRUNERS, "replayed": results}
+    return {"sweep": sweep, "points": points, "unpruned": whole, "pruners": PRUNERS, "replayed": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, required=True)
+    parser.add_argument("--sweep", required=True, help="its name: comparisons/NAME.csv lists its points")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    figures = replay_all(args.repo, args.sweep)
     args.out.write_text(json.dumps(figures, indent=1))
-    print(f"unpruned: {whole}")
-    for label, found in results.items():
+    print(f"unpruned: {figures['unpruned']}")
+    for label, found in figures["replayed"].items():
         print(f"{label:34s} {found}")
 
 

@@ -6,9 +6,14 @@ Builds a project on a slice of a class-folder archive (the CIFAR-10 mirror), run
 baseline once (every point shares its download, prepare and validate), then runs
 `cifar10-pipeline sweep` on the space twice, `--name plain` and `--name pruned` (the same points:
 same kind, n and seed; the second with `pruner:`), one point at a time, on a temporary Prefect API.
+The unpruned search's validation curves are kept with Optuna's other pruners replayed on them
+(benchmarks/pruner_replay.py), so one run tells what each would have done.
 
     python benchmarks/sweep_pruning.py --source ../shared/data/cifar10-jpeg.tar.gz --sha256 HASH \\
-        [--train-per-class 300] [--test-per-class 100] [--n 16] [--epochs 9] --out RAW.json
+        [--train-per-class 300] [--test-per-class 100] [--n 16] [--epochs 9] [--restarts 1 3] --out RAW.json
+
+`--restarts` sets the baseline's `train.restarts` (both searches train so): at the pruner's rungs
+(epochs 1 and 3 for successive halving from epoch 1 by thirds), each decision sees an annealed model.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
+from benchmarks.pruner_replay import replay_all
 from benchmarks.sweep_setup import SPACE, bench_env, committed_baseline, mirror_params
 from stages.common.paths import RUN_INFO, artifact_paths
 from tests.helpers import BIN
@@ -87,16 +93,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--restarts", type=int, nargs="*", default=[], help="train.restarts: epochs (default: none)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     env = bench_env()
     root = Path(tempfile.mkdtemp(prefix="sweep-pruning-"))
     try:
         started = time.perf_counter()
-        repo = committed_baseline(root / "project", env, **mirror_params(args))
+        params = mirror_params(args)
+        params["train"]["restarts"] = args.restarts
+        repo = committed_baseline(root / "project", env, **params)
         figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")}, "space": SPACE,
                    "pruner": PRUNER, "baseline_s": round(time.perf_counter() - started, 1)}
         figures["plain"] = search(repo, "plain", args, env, None)
+        try:
+            figures["replay"] = replay_all(repo, "plain")
+        except SystemExit as err:  # a point failed: there is no whole search to replay
+            figures["replay"] = {"skipped": str(err)}
+        args.out.write_text(json.dumps(figures, indent=1))  # the unpruned half survives a failed second
         figures["pruned"] = search(repo, "pruned", args, env, PRUNER)
         plain, pruned = figures["plain"], figures["pruned"]
         figures["speedup"] = round(plain["wall_s"] / pruned["wall_s"], 2)
