@@ -138,7 +138,9 @@ class EpochLog(keras.callbacks.Callback):
 
 class ReportToTrial(keras.callbacks.Callback):
     """After each epoch, report `monitor` to the trial at step = epochs done, and stop training
-    when the pruner prunes it; `pruned_after` then holds that epoch (the trial records it too)."""
+    when the pruner prunes it; `pruned_after` then holds that epoch (the trial records it too).
+    After the last epoch the pruner is not asked: a point that trained to the end is finished,
+    and ranked as such, even where that epoch is one of its pruner's rungs."""
 
     def __init__(self, trial: Any, monitor: str) -> None:
         super().__init__()
@@ -150,7 +152,7 @@ class ReportToTrial(keras.callbacks.Callback):
         if value is None:
             return
         self.trial.report(float(value), epoch + 1)
-        if self.trial.should_prune():
+        if epoch + 1 < self.params["epochs"] and self.trial.should_prune():
             self.pruned_after = epoch + 1
             self.trial.set_user_attr(PRUNED_AT, epoch + 1)
             self.model.stop_training = True
