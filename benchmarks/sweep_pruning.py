@@ -59,10 +59,16 @@ def point_records(repo: Path, names: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def search(repo: Path, name: str, args: argparse.Namespace, env: dict[str, str], pruner: dict | None) -> dict:
-    space = {"kind": "random", "n": args.n, "seed": args.seed, "space": SPACE, **({"pruner": pruner} if pruner else {})}
+def random_search(args: argparse.Namespace, pruner: dict | None) -> dict:
+    """The benchmark's sweep file: a random search over SPACE, with `pruner` when given."""
+    return {"kind": "random", "n": args.n, "seed": args.seed, "space": SPACE, **({"pruner": pruner} if pruner else {})}
+
+
+def search(repo: Path, name: str, sweep_file: dict, env: dict[str, str]) -> dict:
+    """`cifar10-pipeline sweep` on `sweep_file` (its content) as `name`: wall time, points, pruned,
+    failed, best, epochs and training seconds, the rest per point, and the table."""
     path = repo.parent / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(space))
+    path.write_text(yaml.safe_dump(sweep_file))
     started = time.perf_counter()
     done = subprocess.run([str(BIN / "cifar10-pipeline"), "sweep", str(path), "--name", name, "--repo", str(repo)],
                           env=env, capture_output=True, text=True)
@@ -105,13 +111,13 @@ def main() -> None:
         repo = committed_baseline(root / "project", env, **params)
         figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")}, "space": SPACE,
                    "pruner": PRUNER, "baseline_s": round(time.perf_counter() - started, 1)}
-        figures["plain"] = search(repo, "plain", args, env, None)
+        figures["plain"] = search(repo, "plain", random_search(args, None), env)
         try:
             figures["replay"] = replay_all(repo, "plain")
         except SystemExit as err:  # a point failed: there is no whole search to replay
             figures["replay"] = {"skipped": str(err)}
         args.out.write_text(json.dumps(figures, indent=1))  # the unpruned half survives a failed second
-        figures["pruned"] = search(repo, "pruned", args, env, PRUNER)
+        figures["pruned"] = search(repo, "pruned", random_search(args, PRUNER), env)
         plain, pruned = figures["plain"], figures["pruned"]
         figures["speedup"] = round(plain["wall_s"] / pruned["wall_s"], 2)
         if plain["best_accuracy"] is not None and pruned["best_accuracy"] is not None:
