@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
 from benchmarks.sweep_pruning import search
-from benchmarks.sweep_setup import bench_env, committed_baseline, mirror_params
+from benchmarks.sweep_setup import add_mirror_arguments, bench_env, committed_baseline, mirror_params
 
 
 def pairs(table: list[dict], restarts: list[int]) -> list[dict]:
@@ -40,12 +40,7 @@ def pairs(table: list[dict], restarts: list[int]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--sha256", required=True)
-    parser.add_argument("--train-per-class", type=int, default=500)
-    parser.add_argument("--test-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=9)
-    parser.add_argument("--batch-size", type=int, default=256)
+    add_mirror_arguments(parser, epochs=9, train_per_class=500)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1.41, 0.83])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     parser.add_argument("--restarts", type=int, nargs="+", default=[1, 3])

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
 from benchmarks.pruner_replay import replay_all
-from benchmarks.sweep_setup import SPACE, bench_env, committed_baseline, mirror_params
+from benchmarks.sweep_setup import SPACE, add_mirror_arguments, bench_env, committed_baseline, mirror_params
 from stages.common.paths import RUN_INFO, artifact_paths
 from tests.helpers import BIN
 
@@ -91,12 +91,7 @@ def search(repo: Path, name: str, sweep_file: dict, env: dict[str, str]) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--sha256", required=True)
-    parser.add_argument("--train-per-class", type=int, default=300)
-    parser.add_argument("--test-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=9)
-    parser.add_argument("--batch-size", type=int, default=256)
+    add_mirror_arguments(parser, epochs=9)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--restarts", type=int, nargs="*", default=[], help="train.restarts: epochs (default: none)")

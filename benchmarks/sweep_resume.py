@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
-from benchmarks.sweep_setup import SPACE, bench_env, committed_baseline, mirror_params
+from benchmarks.sweep_setup import SPACE, add_mirror_arguments, bench_env, committed_baseline, mirror_params
 from stages.common.trial import STUDY_DIR, study_journal
 from tests.helpers import BIN
 
@@ -94,12 +94,7 @@ def killed_and_resumed(repo: Path, file: Path, env: dict[str, str], kill_after: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--sha256", required=True)
-    parser.add_argument("--train-per-class", type=int, default=300)
-    parser.add_argument("--test-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=256)
+    add_mirror_arguments(parser, epochs=1)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--kill-after", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@ baseline is run and committed once, so every point restores download, prepare an
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -39,6 +40,16 @@ def committed_baseline(folder: Path, env: dict[str, str], **params: dict[str, An
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline run"], cwd=repo, check=True)
     return repo
+
+
+def add_mirror_arguments(parser: argparse.ArgumentParser, *, epochs: int, train_per_class: int = 300) -> None:
+    """The options `mirror_params` reads: the archive, its slice, the epochs and the batch size."""
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--sha256", required=True)
+    parser.add_argument("--train-per-class", type=int, default=train_per_class)
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=256)
 
 
 def mirror_params(args: Any) -> dict[str, dict[str, Any]]:
