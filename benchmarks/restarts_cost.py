@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
 from benchmarks.sweep_pruning import search
-from benchmarks.sweep_setup import add_mirror_arguments, bench_env, committed_baseline, mirror_params
+from benchmarks.sweep_setup import add_mirror_arguments, bench_env, mirror_baseline
 
 
 def pairs(table: list[dict], restarts: list[int]) -> list[dict]:
@@ -47,12 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     env = bench_env()
-    root = Path(tempfile.mkdtemp(prefix="restarts-cost-"))
-    try:
-        started = time.perf_counter()
-        repo = committed_baseline(root / "project", env, **mirror_params(args))
-        figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")},
-                   "baseline_s": round(time.perf_counter() - started, 1)}
+    with mirror_baseline(args, env, "restarts-cost-") as (repo, figures):
         grid = {"kind": "grid", "space": {"train.learning_rate": args.learning_rates, "train.seed": args.seeds,
                                           "train.restarts": [[], args.restarts]}}
         figures["sweep"] = search(repo, "r", grid, env)
@@ -63,8 +55,6 @@ def main() -> None:
         for pair in figures["pairs"]:
             print(pair)
         print("mean difference, restarts less one cycle (points):", figures["mean_difference_points"])
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

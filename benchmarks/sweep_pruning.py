@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
 from benchmarks.pruner_replay import replay_all
-from benchmarks.sweep_setup import SPACE, add_mirror_arguments, bench_env, committed_baseline, mirror_params
+from benchmarks.sweep_setup import SPACE, add_mirror_arguments, bench_env, mirror_baseline
 from stages.common.paths import RUN_INFO, artifact_paths
 from tests.helpers import BIN
 
@@ -98,14 +96,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     env = bench_env()
-    root = Path(tempfile.mkdtemp(prefix="sweep-pruning-"))
-    try:
-        started = time.perf_counter()
-        params = mirror_params(args)
-        params["train"]["restarts"] = args.restarts
-        repo = committed_baseline(root / "project", env, **params)
-        figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")}, "space": SPACE,
-                   "pruner": PRUNER, "baseline_s": round(time.perf_counter() - started, 1)}
+    with mirror_baseline(args, env, "sweep-pruning-", restarts=args.restarts) as (repo, figures):
+        figures.update(space=SPACE, pruner=PRUNER)
         figures["plain"] = search(repo, "plain", random_search(args, None), env)
         try:
             figures["replay"] = replay_all(repo, "plain")
@@ -121,8 +113,6 @@ def main() -> None:
         print(json.dumps({k: v for k, v in figures.items() if k not in ("plain", "pruned")}, indent=1))
         for name in ("plain", "pruned"):
             print(name, {k: v for k, v in figures[name].items() if k != "table"})
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test suite's project set-up is reused; tests/ is not installed
 
-from benchmarks.sweep_setup import SPACE, add_mirror_arguments, bench_env, committed_baseline, mirror_params
+from benchmarks.sweep_setup import SPACE, add_mirror_arguments, bench_env, mirror_baseline
 from stages.common.trial import STUDY_DIR, study_journal
 from tests.helpers import BIN
 
@@ -101,13 +99,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     env = bench_env()
-    root = Path(tempfile.mkdtemp(prefix="sweep-resume-"))
-    try:
-        started = time.perf_counter()
-        repo = committed_baseline(root / "project", env, **mirror_params(args))
-        figures = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")}, "space": SPACE,
-                   "baseline_s": round(time.perf_counter() - started, 1)}
-        file = root / "search.yaml"
+    with mirror_baseline(args, env, "sweep-resume-") as (repo, figures):
+        figures["space"] = SPACE
+        file = repo.parent / "search.yaml"
         file.write_text(yaml.safe_dump({"kind": "random", "n": args.n, "seed": args.seed, "space": SPACE}))
         whole_s, done = sweep(repo, file, "whole", env)
         if done.returncode not in (0, 1):
@@ -117,8 +111,6 @@ def main() -> None:
         figures["same_points_finished"] = figures["whole"]["ok"] == figures["killed"]["ok"]
         args.out.write_text(json.dumps(figures, indent=1))
         print(json.dumps(figures, indent=1))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

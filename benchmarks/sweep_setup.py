@@ -4,9 +4,14 @@ baseline is run and committed once, so every point restores download, prepare an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +64,21 @@ def mirror_params(args: Any) -> dict[str, dict[str, Any]]:
             "prepare": {"train_limit_per_class": args.train_per_class, "test_limit_per_class": args.test_per_class},
             "validate": {"expected_per_class": None},
             "train": {"epochs": args.epochs, "batch_size": args.batch_size}}
+
+
+@contextlib.contextmanager
+def mirror_baseline(args: argparse.Namespace, env: dict[str, str], prefix: str,
+                    **train: Any) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A committed baseline on the mirror slice `args` names (train's params changed by `train`), in a
+    temporary folder removed afterwards, with a record's first figures: the settings and the
+    seconds the baseline took."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        started = time.perf_counter()
+        params = mirror_params(args)
+        params["train"].update(train)
+        repo = committed_baseline(root / "project", env, **params)
+        yield repo, {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "source")},
+                     "baseline_s": round(time.perf_counter() - started, 1)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
