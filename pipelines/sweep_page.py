@@ -128,7 +128,9 @@ def importances_svg(found: dict[str, float]) -> str:
 
 
 def _axis(values: list[Any]) -> tuple[Any, list[str]]:
-    """A value's place along an axis, 0..1 (log for a range over a decade), and the axis' labels."""
+    """A value's place along an axis, 0..1 (log for a range over a decade), and the axis' labels.
+    A missing value (a pruned point has no test metric) has no place."""
+    values = [v for v in values if not (v is None or v is pd.NA or isinstance(v, float) and math.isnan(v))]
     numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if len(numeric) == len(values) and len(set(numeric)) > 1:
         low, high = min(numeric), max(numeric)

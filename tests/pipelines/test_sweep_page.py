@@ -13,7 +13,7 @@ def sweep_table() -> tuple[pd.DataFrame, dict]:
     drawn = {f"s-{i}": {"train.learning_rate": 0.001 * 3**i, "train.optimizer": "adam" if i % 2 else "sgd"}
              for i in range(1, 6)}
     rows = [{"name": name, **point, "accuracy": 0.5 + 0.05 * i, "status": "ok"} for i, (name, point) in enumerate(drawn.items())]
-    rows[0].update(status="pruned", pruned_after_epoch=1)
+    rows[0].update(status="pruned", pruned_after_epoch=1, accuracy=None)  # a pruned model is not evaluated
     rows[1].update(status="failed", accuracy=None)
     table = pd.DataFrame(rows).iloc[[4, 3, 2, 0, 1]].reset_index(drop=True)  # as the sweep ranks them
     return table, drawn
@@ -32,6 +32,19 @@ def test_the_page_ranks_draws_each_curve_cuts_the_pruned_and_weighs_the_paramete
     assert page.count("class='importance'") == 2 and "<script" not in page and "http://" not in page.replace(
         "http://www.w3.org/2000/svg", "")
     assert len(re.findall(r"class='point (?:ok|best|pruned)'", page)) == 4  # failed points have no values to draw
+
+
+def test_pruned_points_without_a_test_metric_are_drawn_on_their_parameters():
+    """One point finished and two were pruned (evaluate does not evaluate a pruned model): the
+    metric's axis holds the one figure there is, the pruned points' lines end before it."""
+    table, _ = sweep_table()
+    table = table.iloc[[0, 3]].copy()
+    table = pd.concat([table, table.iloc[[1]].assign(name="s-6", **{"train.optimizer": "sgd"})], ignore_index=True)
+    page = render("s", table, ["train.learning_rate", "train.optimizer"], "accuracy", {"s-5": [0.5, 0.7]}, {})
+    axis = re.search(r"<svg id='parallel'.*?</svg>", page, re.DOTALL).group(0)
+    assert len(re.findall(r"class='point (?:best|pruned)'", axis)) == 3 and "nan" not in axis.lower()
+    lines = dict(re.findall(r"class='point (\w+)'.*?points='([^']*)'", axis))
+    assert len(lines["best"].split()) == 3 and len(lines["pruned"].split()) == 2
 
 
 def test_importances_need_three_finished_points_and_a_parameter_that_varies():
