@@ -137,9 +137,12 @@ class Progress:
         # would cost more with each point a sweep adds.
         metrics = experiment_metrics(self.repo, names)
         for exp in sorted(names):
-            value = metrics.get(exp, {}).get(self.sort_by)
+            found = metrics.get(exp, {})
+            value = found.get(self.sort_by)
             if is_number(value) and math.isfinite(value):
                 self.metric[exp] = float(value)
+            elif is_number(found.get(PRUNED_AT)):
+                self.pruned[exp] = int(found[PRUNED_AT])  # evaluate does not evaluate a pruned model
             else:
                 self.failed.append(exp)
         self.on_ended(names)
@@ -150,8 +153,11 @@ class Progress:
         finished = {exp: value for exp, value in self.metric.items() if exp not in self.pruned}
         return max(finished, key=finished.get) if finished else None
 
+    def ended_count(self) -> int:
+        return len(self.metric.keys() | self.pruned.keys()) + len(self.failed)
+
     def ended_so_far(self) -> str:
-        done = len(self.metric) + len(self.failed)
+        done = self.ended_count()
         pruned = f" ({len(self.pruned)} pruned)" if self.pruned else ""
         return f"{done}/{self.total} ended{pruned}, {len(self.failed)} failed"
 
@@ -160,7 +166,7 @@ class Progress:
         return f"best so far {best} ({self.sort_by} {self.metric[best]})" if best else "no point finished yet"
 
     def line(self) -> str:
-        remaining = self.total - len(self.metric) - len(self.failed)
+        remaining = self.total - self.ended_count()
         return f"progress: {self.ended_so_far()}, {remaining} remaining; {self.best_so_far()}"
 
     def poll(self, running: int, waiting: int) -> None:
@@ -424,13 +430,15 @@ def write_page(repo: Path, page: Path, study: Any, kind: str, space: dict[str, A
 
 def ranked(table: pd.DataFrame, names: list[str], points: list[dict[str, Any]], progress: Progress) -> pd.DataFrame:
     """One row per ended point: its values, metrics and status. Finished points come first, best
-    metric first; then the pruned (never ranked among the finished), then the failed."""
+    metric first; then the pruned (never ranked among the finished; those that trained longest first),
+    then the failed."""
     rows_by_name = {row["name"]: row for row in table.to_dict("records")} if not table.empty else {}
     metrics = list(dict.fromkeys([progress.sort_by, "accuracy", "f1_macro", "loss"]))
     rows = []
     for exp, point in zip(names, points):
         row = rows_by_name.get(exp)
-        status = "failed" if row is None or exp not in progress.metric else "pruned" if exp in progress.pruned else "ok"
+        status = ("failed" if row is None else "pruned" if exp in progress.pruned
+                  else "ok" if exp in progress.metric else "failed")
         rows.append({"name": exp, **point, **({k: row.get(k) for k in metrics} if status != "failed" else {}),
                      "status": status, **({PRUNED_AT: progress.pruned[exp]} if status == "pruned" else {})})
     result = pd.DataFrame(rows)
@@ -440,9 +448,11 @@ def ranked(table: pd.DataFrame, names: list[str], points: list[dict[str, Any]], 
         result[PRUNED_AT] = result[PRUNED_AT].astype("Int64")  # an epoch count, blank where not pruned
     order = result["status"].map({"ok": 0, "pruned": 1, "failed": 2})
     value = pd.to_numeric(result.get(progress.sort_by, pd.Series(index=result.index, dtype=float)), errors="coerce")
-    return (result.assign(_order=order, _value=value)
-            .sort_values(["_order", "_value"], ascending=[True, False], na_position="last", kind="stable")
-            .drop(columns=["_order", "_value"]).reset_index(drop=True))
+    reached = result[PRUNED_AT] if PRUNED_AT in result else pd.Series(index=result.index, dtype="Int64")
+    return (result.assign(_order=order, _value=value, _reached=reached)
+            .sort_values(["_order", "_reached", "_value"], ascending=[True, False, False], na_position="last",
+                         kind="stable")
+            .drop(columns=["_order", "_value", "_reached"]).reset_index(drop=True))
 
 
 def _died(study: Any) -> set[int]:
@@ -493,9 +503,10 @@ def recover(repo: Path, study: Any, kind: str, progress: Progress, pool: str | N
         if trial.state == TrialState.FAIL:
             progress.failed.append(exp)
             continue
-        progress.metric[exp] = trial.user_attrs.get("metric", trial.value)
         if trial.state == TrialState.PRUNED:
             progress.pruned[exp] = trial.user_attrs[PRUNED_AT]
+        else:
+            progress.metric[exp] = trial.value
     if not (ended or left or retried):
         return ""
     return (f"{len(ended)} points had ended; {len(left)} were left running ({', '.join(kept) or 'none'} ended well "
@@ -511,7 +522,7 @@ def _ended_meanwhile(repo: Path, study: Any, trial: Any, progress: Progress, sta
     if statuses.get(exp) == "Success":
         progress.on_ended = functools.partial(tell_ended, study, {exp: trial}, progress)
         progress.ended({exp})
-        if exp in progress.metric:
+        if exp in progress.metric.keys() | progress.pruned.keys():
             return exp
     # Out of DVC's queue, or it would run beside its retry; a task that ended meanwhile cannot be killed.
     with contextlib.suppress(CommandFailed):
@@ -574,8 +585,7 @@ def ask(study: Any, kind: str, distributions: dict[str, Any], params: dict[str, 
 
 def tell_ended(study: Any, trials: dict[str, Any], progress: Progress, names: set[str]) -> None:
     """Tell the study the metric of each named point that ended: a failed one is a failed trial,
-    one its training pruned (its trial records where) a pruned trial, valued at its last report;
-    its test metric is kept beside it for the table."""
+    one its training pruned (its trial records where) a pruned trial, valued at its last report."""
     from optuna.trial import TrialState
 
     for exp in names & set(trials):
@@ -583,11 +593,10 @@ def tell_ended(study: Any, trials: dict[str, Any], progress: Progress, names: se
         frozen = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
         if frozen.state.is_finished():
             continue
-        if exp not in progress.metric:
+        if exp not in progress.metric.keys() | progress.pruned.keys():
             study.tell(number, state=TrialState.FAIL)
-        elif PRUNED_AT in frozen.user_attrs:
-            progress.pruned[exp] = frozen.user_attrs[PRUNED_AT]
-            study._storage.set_trial_user_attr(frozen._trial_id, "metric", progress.metric[exp])
+        elif exp in progress.pruned or PRUNED_AT in frozen.user_attrs:
+            progress.pruned[exp] = frozen.user_attrs.get(PRUNED_AT, progress.pruned.get(exp))
             study.tell(number, state=TrialState.PRUNED)
         else:
             study.tell(number, progress.metric[exp])

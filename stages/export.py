@@ -27,6 +27,7 @@ from stages.common.paths import CLASSES, EVALUATION, EXPORT_METRICS, split_file,
 from stages.common.provenance import code_revision, file_md5
 from stages.common.schemas import IMAGE_SHAPE, ExportParams
 from stages.common.serving import EXPORTED, INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from stages.common.trial import refuse_pruned_model
 
 
 def agreement(reference: np.ndarray, exported: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
@@ -173,6 +174,7 @@ def main() -> None:
     classes = dataio.read_json(paths["prepared"] / CLASSES)
     images, labels = dataio.load_split(paths["prepared"] / split_file("test"))
     metrics = dataio.read_json(paths["evaluate"] / EVALUATION["metrics"])
+    refuse_pruned_model(metrics, paths["evaluate"] / EVALUATION["metrics"])
     from stages.common.inference import load_trained
 
     model = load_trained(paths["model"])

@@ -32,6 +32,7 @@ from stages.common.paths import (
 from stages.common.provenance import code_revision, file_md5
 from stages.common.render import per_class_table, render_html, validation_table
 from stages.common.schemas import ReportParams
+from stages.common.trial import refuse_pruned_model
 
 # --- figures -------------------------------------------------------------------------------
 
@@ -157,6 +158,7 @@ def main() -> None:
     params: ReportParams = load_section("report")
     classes = dataio.read_json(prepared / CLASSES)
     metrics = dataio.read_json(evaluate_dir / EVALUATION["metrics"])
+    refuse_pruned_model(metrics, evaluate_dir / EVALUATION["metrics"])
     # The split the metrics were computed on, not today's evaluate.split.
     split = metrics.get("split")
     if split not in ("test", "val"):

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stages.common.errors import ConfigError
+from stages.common.errors import ConfigError, DataError
 from stages.common.paths import COMPARISONS_DIR
 
 TRIAL_KEY = "train.trial"
@@ -23,6 +23,14 @@ STORAGE_ENV = "CIFAR10_STUDY_STORAGE"
 STUDY_DIR = COMPARISONS_DIR  # a sweep's table, page and (by default) its study
 PRUNED_AT = "pruned_after_epoch"  # the trial's and the run's record of where its pruner stopped it
 PRUNERS = ("median", "successive_halving", "hyperband")
+
+
+def refuse_pruned_model(metrics: dict[str, Any], where: Path) -> None:
+    """Export and report are for a model that trained to its end: evaluate records no figures of
+    one its sweep's pruner stopped (`metrics` is what evaluate wrote, in `where`)."""
+    if pruned_after := metrics.get(PRUNED_AT):
+        raise DataError(f"{where} holds no evaluation: the model's training was pruned by its sweep after epoch "
+                        f"{pruned_after}; set train.trial: null in params.yaml and run `dvc repro` to train it to the end")
 
 
 def study_journal(root: Path, name: str) -> Path:

@@ -167,15 +167,16 @@ def test_a_pruned_point_stops_early_is_kept_as_an_experiment_and_is_never_ranked
     result = cli(prefect_env, "sweep", str(space), "--name", "p", "--repo", str(repo))
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(repo / "comparisons" / "p.csv")
-    # The pruned come after the finished, among themselves by their partial models' accuracy.
+    # The pruned come after the finished, and their models are not evaluated: no test figures.
     assert list(table["status"]) == ["ok", "pruned", "pruned"] and set(table["name"][1:]) == {"p-2", "p-3"}, table
-    assert (table.loc[1:, PRUNED_AT] == 1).all() and table["accuracy"].notna().all()
+    assert (table.loc[1:, PRUNED_AT] == 1).all() and table["accuracy"].isna().tolist() == [False, True, True]
     assert "progress: 3/3 ended (2 pruned), 0 failed, 0 remaining; best so far p-1" in result.stdout + result.stderr
     assert "Best: `p-1`" in result.stdout
     shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     runs = {exp["name"]: exp for baseline in shown for exp in baseline.get("experiments") or []}
-    pruned = runs["p-2"]["revs"][0]["data"]["metrics"]["results/train/metrics.json"]["data"]
-    assert pruned["pruned_after_epoch"] == 1  # kept, with where it stopped
+    pruned = runs["p-2"]["revs"][0]["data"]["metrics"]
+    assert pruned["results/train/metrics.json"]["data"][PRUNED_AT] == 1  # kept, with where it stopped
+    assert pruned["results/evaluate/metrics.json"]["data"] == {PRUNED_AT: 1, "split": "test"}
     trials = {t.user_attrs["experiment"]: t for t in study_trials(repo, "p")}
     assert trials["p-2"].state == optuna.trial.TrialState.PRUNED and trials["p-1"].state.name == "COMPLETE"
     assert len(trials["p-1"].intermediate_values) == 3 and len(trials["p-2"].intermediate_values) == 1

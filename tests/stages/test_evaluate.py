@@ -1,7 +1,10 @@
 import numpy as np
+import pandas as pd
 import pytest
 
+from stages.common.trial import PRUNED_AT
 from stages.evaluate import evaluate
+from tests.helpers import run_stage
 
 CLASSES = ["a", "b", "c"]
 
@@ -22,3 +25,21 @@ def test_metrics_report_confusion_and_predictions_from_fixed_probabilities():
     row = result["predictions"].iloc[1]
     assert (row["actual"], row["predicted"], row["probability"]) == ("a", "b", 0.7)
     assert "    a     0.5000" in result["report_text"]
+
+
+def test_a_pruned_model_is_not_evaluated_and_its_files_say_so(in_tmp):
+    """No model is loaded (there is none here): train's run_info says the sweep's pruner stopped it."""
+    from stages.common import dataio
+
+    dataio.write_json(in_tmp / "data/prepared/classes.json", CLASSES)
+    dataio.write_json(in_tmp / "results/train/run_info.json", {PRUNED_AT: 2})
+    result = run_stage("evaluate", in_tmp)
+    assert result.returncode == 0, result.stderr
+    out = in_tmp / "results/evaluate"
+    assert dataio.read_json(out / "metrics.json") == {PRUNED_AT: 2, "split": "test"}
+    assert dataio.read_json(out / "classification_report.json") == {}
+    assert (out / "classification_report.txt").read_text().startswith("not evaluated: training was pruned after epoch 2")
+    assert list(pd.read_csv(out / "confusion_matrix.csv", index_col=0).columns) == CLASSES
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert predictions.empty and list(predictions.columns) == ["index", "actual", "predicted", "probability"]
+
