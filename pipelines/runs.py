@@ -17,6 +17,7 @@ from pipelines.dvcrepo import dvc, git
 from stages.common.errors import ConfigError, DataError
 from stages.common.params import flatten
 from stages.common.paths import evaluation_files
+from stages.common.trial import PRUNED_AT
 
 WORKSPACE = "workspace"
 # Where main's runs are: origin's first (a CI checkout has no local main), then the clone's own.
@@ -147,6 +148,9 @@ def _parse_json(text: str, where: str) -> Any:
 
 def parse_metrics(text: str, where: str) -> dict[str, Any]:
     metrics = _parse_json(text, where)
+    if isinstance(metrics, dict) and (pruned_after := metrics.get(PRUNED_AT)):
+        raise ConfigError(f"{where} holds no test figures: its sweep's pruner stopped its training after epoch "
+                          f"{pruned_after}; name a run that trained to its end")
     if not isinstance(metrics, dict) or not is_number(metrics.get("accuracy")):
         raise BrokenResult(f"{where} has no numeric 'accuracy' (it holds {str(metrics)[:80]}); restore it "
                            "(`git checkout` it, or rerun `dvc repro -f evaluate`)")

@@ -15,6 +15,7 @@ from pipelines.gate import default_baseline, judge
 from pipelines.runs import Run, check_comparable
 from pipelines.statistics import bootstrap_interval, mcnemar, uncertainty, verdict
 from stages.common.errors import ConfigError
+from stages.common.paths import evaluation_files
 from stages.common.schemas import GateParams
 from tests.helpers import REPO, cli, dvc, git_dvc_project, not_blank, set_params, tiny_params, visit
 
@@ -282,6 +283,19 @@ def test_flow_can_end_with_the_gate(two_commits, prefect_env, prefect_api):
     assert "no version holds 'prod' yet: the candidate passes" in gate_verdicts(prefect_api, two_commits)[0]["data"]
 
 
+def result_repo(repo: Path, texts: dict[str, str]) -> Path:
+    """A git repo whose one commit holds evaluate's files with the given texts (by what they hold)."""
+    shutil.copy(REPO / "dvc.yaml", (repo.mkdir() or repo) / "dvc.yaml")
+    for kind, path in evaluation_files(repo).items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(texts[kind])
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "run"], cwd=repo, check=True)
+    return repo
+
+
 @pytest.mark.parametrize(("what", "text", "message"), [
     ("metrics", "{not json", "results/evaluate/metrics.json of 'HEAD' is not valid JSON"),
     ("metrics", "[1, 2]", "results/evaluate/metrics.json of 'HEAD' has no numeric 'accuracy'"),
@@ -294,23 +308,25 @@ def test_hand_broken_result_files_are_data_errors_naming_the_file(tmp_path, what
     """A metrics.json that was not JSON made compare and gate end in 'unexpected JSONDecodeError'."""
     from pipelines.runs import load_run
     from stages.common.errors import DataError
-    from stages.common.paths import evaluation_files
 
-    repo = tmp_path / "repo"
-    shutil.copy(REPO / "dvc.yaml", (repo.mkdir() or repo) / "dvc.yaml")
-    files = evaluation_files(repo)
     good = {"metrics": '{"accuracy": 0.5}', "report": '{"cat": {"precision": 1, "recall": 1, "f1-score": 1}}',
             "predictions": "index,actual,predicted\n0,cat,cat\n", "confusion": ",cat\ncat,1\n"}
-    for kind, path in files.items():
-        (repo / path).parent.mkdir(parents=True, exist_ok=True)
-        (repo / path).write_text(text if kind == what else good[kind])
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "run"], cwd=repo, check=True)
+    repo = result_repo(tmp_path / "repo", {**good, what: text})
     with pytest.raises(DataError) as broken:
         load_run(repo, "HEAD")
     assert message in str(broken.value) and broken.value.exit_code == 3, broken.value
+
+
+def test_a_pruned_sweep_point_is_refused_by_compare_and_gate_in_one_line(tmp_path):
+    """Its evaluate records where it was pruned and no figures: compare and the gate read it as a
+    broken file and told the user to rerun evaluate, which writes the same again."""
+    from pipelines.runs import load_run
+
+    repo = result_repo(tmp_path / "repo", {"metrics": '{"pruned_after_epoch": 2, "split": "test"}', "report": "{}",
+                                           "predictions": "index,actual,predicted,probability\n", "confusion": ",cat\n"})
+    with pytest.raises(ConfigError, match=r"^results/evaluate/metrics.json of 'HEAD' holds no test figures: its sweep's "
+                                          r"pruner stopped its training after epoch 2; name a run that trained to its end$"):
+        load_run(repo, "HEAD")
 
 
 @pytest.mark.e2e
