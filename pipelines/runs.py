@@ -306,7 +306,8 @@ def experiments_table(repo: Path, sort_by: str | None = "accuracy") -> pd.DataFr
             "name": run.name,
             "rev": run.rev if run.rev == WORKSPACE else run.rev[:7],
             "baseline": names.get(run.baseline, "") if run.baseline else "",
-            "status": "failed" if run.failed else ("ok" if run.metrics else "no metrics"),
+            "status": "failed" if run.failed else ("pruned" if PRUNED_AT in run.metrics else "ok" if run.metrics
+                                                   else "no metrics"),
         }
         row.update({f"param {k}": v for k, v in run.params.items() if not isinstance(v, list)})
         row.update(run.metrics)

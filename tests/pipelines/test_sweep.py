@@ -18,6 +18,7 @@ import yaml
 
 from pipelines import sweep as sweep_module
 from pipelines.registry import stale_stages
+from pipelines.runs import experiments_table
 from pipelines.study import check_search, open_study, optuna_distributions, sample_points, search_of
 from pipelines.sweep import LOOK_MAX_S, WIPE, LiveLine, Progress, _override
 from stages.common import run_params as presets
@@ -177,6 +178,8 @@ def test_a_pruned_point_stops_early_is_kept_as_an_experiment_and_is_never_ranked
     pruned = runs["p-2"]["revs"][0]["data"]["metrics"]
     assert pruned["results/train/metrics.json"]["data"][PRUNED_AT] == 1  # kept, with where it stopped
     assert pruned["results/evaluate/metrics.json"]["data"] == {PRUNED_AT: 1, "split": "test"}
+    listed = experiments_table(repo).set_index("name")["status"]
+    assert listed[["p-1", "p-2", "p-3"]].tolist() == ["ok", "pruned", "pruned"], listed
     trials = {t.user_attrs["experiment"]: t for t in study_trials(repo, "p")}
     assert trials["p-2"].state == optuna.trial.TrialState.PRUNED and trials["p-1"].state.name == "COMPLETE"
     assert len(trials["p-1"].intermediate_values) == 3 and len(trials["p-2"].intermediate_values) == 1
