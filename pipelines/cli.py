@@ -277,7 +277,7 @@ def compare(
     """Two runs side by side with bootstrap intervals and McNemar's test, or --all runs as a table and a page."""
     from pipelines.compare import compare as compare_runs
     from pipelines.compare import safe_name
-    from pipelines.history import history_json, write_history
+    from pipelines.history import history_json, markdown, write_history
 
     repo = require_repo(repo)
     if all_runs:
@@ -288,7 +288,7 @@ def compare(
         if as_json:
             typer.echo(history_json(history, sort_by, page))
             return
-        typer.echo(table.to_markdown(index=False) if not table.empty else "no runs with metrics yet")
+        typer.echo(markdown(table) if not table.empty else "no runs with metrics yet")
         typer.echo(f"written: {page}" + (f" and {csv}" if csv else ""))
         return
     if a is None:

@@ -250,8 +250,22 @@ def trend_svg(history: History) -> str:
     return "".join(parts)
 
 
+def figure(value: float) -> str:
+    """Four decimals line metrics up; a learning rate or weight decay under 0.01 keeps its digits."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+
+
+def with_gaps(table: pd.DataFrame) -> pd.DataFrame:
+    """Missing figures (a pruned point's) as None: null in JSON and Prefect's tables, not nan or <NA>."""
+    return table.astype(object).where(table.notna(), None)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    return with_gaps(table).to_markdown(index=False, missingval="")
+
+
 def _cell(value: Any, sort_value: Any = None) -> str:
-    shown = "" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+    shown = "" if value is None else (figure(value) if isinstance(value, float) else str(value))
     key = "" if sort_value is None else f" data-value='{html.escape(str(sort_value))}'"
     return f"<td{key}>{html.escape(shown)}</td>"
 

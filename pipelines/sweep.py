@@ -41,6 +41,7 @@ from pydantic import SecretStr
 
 from pipelines.compare import safe_name
 from pipelines.dvcrepo import dvc, dvc_environment, dvc_executable, set_arg
+from pipelines.history import markdown, with_gaps
 from pipelines.runs import experiment_commits, experiment_metrics, experiments_table, is_number
 from pipelines.study import open_study, optuna_distributions, sample_points, search_of, study_storage
 from stages.common.errors import CommandFailed
@@ -401,13 +402,13 @@ def sweep(
     write_page(repo, out / f"{name}.html", study, kind, space or {}, result, progress)
     pruned = f", {len(progress.pruned)} pruned" if pruner else ""
     summary = [f"# Sweep {name}", "", f"{len(points)} points ({kind}){pruned}, {len(failed)} failed.", "",
-               result.to_markdown(index=False)]
+               markdown(result)]
     if best:
         summary += ["", (f"Best: `{best['name']}` accuracy {best.get('accuracy')}; "
                         f"promote it with `cifar10-pipeline promote {best['name']} --branch {best['name']}`")]
     summary += ["", f"Curves, importances and parallel coordinates: {out / f'{name}.html'}"]
     (out / f"{name}.md").write_text("\n".join(summary) + "\n")
-    create_table_artifact(result.astype(object).where(result.notna(), None).to_dict("records"),
+    create_table_artifact(with_gaps(result).to_dict("records"),
                           key=safe_name(f"sweep-{name}").lower(), description=f"Sweep {name}")
     create_markdown_artifact("\n".join(summary), key="cifar10-sweep", description="Latest sweep")
     return {"name": name, "points": len(points), "failed": failed, "best": best, "table": str(out / f"{name}.csv")}

@@ -101,3 +101,19 @@ def test_the_figures_text_is_legible_and_the_scales_shared():
     cells = [t for ax in (*pair.axes[:2], diff.axes[0]) for t in ax.texts]
     assert len(cells) == 27 and min(t.get_fontsize() for t in cells) * FIGURE_DPI / 72 >= 11
     assert all(ax.get_xlabel() == "predicted" and ax.get_ylabel() == "actual" for ax in (*pair.axes[:2], diff.axes[0]))
+
+
+def test_small_figures_keep_their_digits_and_missing_ones_are_blank():
+    """Seed 002's learning rates (1e-4..1e-3) all read 0.0001-0.0010 on the pages, two points apart
+    by 2e-5 the same; a pruned point's missing test figures read nan and <NA> in the sweep's summary."""
+    import pandas as pd
+
+    from pipelines.history import _cell, markdown
+
+    assert [_cell(v) for v in (0.00012, 0.00014, 1e-9, 0.0, 0.84)] == [
+        "<td>0.00012</td>", "<td>0.00014</td>", "<td>1e-09</td>", "<td>0.0000</td>", "<td>0.8400</td>"]
+    table = pd.DataFrame([{"name": "p-1", "accuracy": 0.84, "pruned_after_epoch": None},
+                          {"name": "p-2", "accuracy": None, "pruned_after_epoch": 1}])
+    table["pruned_after_epoch"] = table["pruned_after_epoch"].astype("Int64")
+    text = markdown(table)
+    assert "nan" not in text.lower() and "<NA>" not in text and "0.84" in text, text
