@@ -181,11 +181,15 @@ def parallel_svg(table: pd.DataFrame, keys: list[str], metric: str) -> str:
     for row in shown.to_dict("records"):
         kind = "best" if row["name"] == best else row["status"]
         ys = [top + height * (1 - scales[key][0](row[key])) if pd.notna(row[key]) else None for key in axes]
-        points = " ".join(f"{px(i):.1f},{y:.1f}" for i, y in enumerate(ys) if y is not None)
+        drawn = [(px(i), y) for i, y in enumerate(ys) if y is not None]
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in drawn)
         dash = " stroke-dasharray='5 3'" if kind == "pruned" else ""
-        parts.append(f"<polyline class='point {kind}' fill='none' stroke='{COLOURS.get(kind, '#999')}' "
-                     f"stroke-width='{3 if kind == 'best' else 1.5}'{dash} points='{points}'>"
-                     f"<title>{html.escape(row['name'])}</title></polyline>")
+        colour, title = COLOURS.get(kind, "#999"), f"<title>{html.escape(row['name'])}</title>"
+        parts.append(f"<polyline class='point {kind}' fill='none' stroke='{colour}' "
+                     f"stroke-width='{3 if kind == 'best' else 1.5}'{dash} points='{points}'>{title}</polyline>")
+        if drawn and len(drawn) < len(axes):  # a line that stops short (no metric) ends in a dot, seen even alone
+            parts.append(f"<circle class='stop' cx='{drawn[-1][0]:.1f}' cy='{drawn[-1][1]:.1f}' r='3' fill='{colour}'>"
+                         f"{title}</circle>")
     return "".join(parts) + "</svg>"
 
 

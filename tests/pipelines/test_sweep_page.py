@@ -45,6 +45,10 @@ def test_pruned_points_without_a_test_metric_are_drawn_on_their_parameters():
     assert len(re.findall(r"class='point (?:best|pruned)'", axis)) == 3 and "nan" not in axis.lower()
     lines = dict(re.findall(r"class='point (\w+)'.*?points='([^']*)'", axis))
     assert len(lines["best"].split()) == 3 and len(lines["pruned"].split()) == 2
+    assert axis.count("class='stop'") == 2  # where each pruned line ends
+    # One parameter: a pruned point is one vertex, no line, and was drawn invisible.
+    alone = render("s", table.drop(columns="train.optimizer"), ["train.learning_rate"], "accuracy", {}, {})
+    assert re.search(r"<svg id='parallel'.*?</svg>", alone, re.DOTALL).group(0).count("class='stop'") == 2
 
 
 def test_importances_need_three_finished_points_and_a_parameter_that_varies():
