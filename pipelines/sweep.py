@@ -180,25 +180,50 @@ class Progress:
 
 POLL_S = 5.0  # how often the points in flight are looked at
 LOOK_MAX_S = 30.0  # the longest a local sweep takes to notice a failed point
+# DVC's queue calls a point running from when a worker takes it; more points running than workers
+# busy this long means one is run by nobody (a worker that stopped for an empty queue as it took it).
+UNSERVED_S = 30.0
 
 
-def queue_state(repo: Path) -> tuple[dict[str, str] | None, int]:
-    """{experiment name: Queued | Running | Success | Failed} and how many queue workers are up,
-    from `dvc queue status`; None for the first when it could not be read."""
+def queue_state(repo: Path) -> tuple[dict[str, str] | None, int, int]:
+    """{experiment name: Queued | Running | Success | Failed} and how many queue workers are up and
+    how many of those run a point, from `dvc queue status`; None for the first when it could not be read."""
     import subprocess
 
     done = subprocess.run([dvc_executable(), "queue", "status"], cwd=repo, env=dvc_environment(), capture_output=True,
                           text=True)
     if done.returncode != 0:
-        return None, 0
+        return None, 0, 0
     rows = [line.split() for line in done.stdout.splitlines()[1:] if not line.startswith("Worker status:")]
     workers = re.search(r"Worker status: (\d+) active, (\d+) idle", done.stdout)
-    return ({row[1]: row[-1] for row in rows if len(row) >= 4},
-            int(workers[1]) + int(workers[2]) if workers else 0)
+    active, idle = (int(workers[1]), int(workers[2])) if workers else (0, 0)
+    return {row[1]: row[-1] for row in rows if len(row) >= 4}, active + idle, active
 
 
 def queue_statuses(repo: Path) -> dict[str, str]:
     return queue_state(repo)[0] or {}
+
+
+def leave_queue(repo: Path, exp: str, status: str | None) -> None:
+    """Take a point out of DVC's queue: stopped if it runs (a task that ended meanwhile cannot be
+    killed), then removed; a killed task stays listed as failed until removed once more."""
+    with contextlib.suppress(CommandFailed):
+        if status == "Running":
+            dvc(repo, "queue", "kill", "--force", exp)
+    for _ in range(3):
+        if status not in ("Queued", "Running", "Failed"):
+            return
+        with contextlib.suppress(CommandFailed):
+            dvc(repo, "queue", "remove", exp)
+        status = queue_statuses(repo).get(exp)
+
+
+def run_began(repo: Path, exp: str) -> bool:
+    """Whether a queued point's run began: DVC has its output log from then on."""
+    import subprocess
+
+    return subprocess.run([dvc_executable(), "queue", "logs", exp], cwd=repo, env=dvc_environment(),
+                          capture_output=True).returncode == 0
 
 
 class LocalQueue:
@@ -211,6 +236,8 @@ class LocalQueue:
         self.env = {**dvc_environment(), **(study_env or {})}  # where the points' training finds the study
         self.pending: set[str] = set()
         self.before: dict[str, str | None] = {}  # each point's experiment commit when it was queued: none, normally
+        self.sets: dict[str, list[str]] = {}  # each point's `-S` overrides, to queue it again if DVC loses it
+        self.unserved: dict[str, float] = {}  # points called running beyond the busy workers, since when
         self.on_poll: Callable[[int, int], None] = lambda running, waiting: None
         self._own_workers()
 
@@ -218,7 +245,7 @@ class LocalQueue:
         # A worker keeps the environment of the process that started it (the study its points
         # report to, the process their stages watch): one another sweep left idle is stopped.
         deadline = time.monotonic() + timeout_s
-        while queue_state(self.repo)[1] and time.monotonic() < deadline:
+        while queue_state(self.repo)[1] and time.monotonic() < deadline:  # any worker, busy or idle
             with contextlib.suppress(CommandFailed):
                 dvc(self.repo, "queue", "stop")
             time.sleep(1)
@@ -237,12 +264,39 @@ class LocalQueue:
     def submit(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         committed = experiment_commits(self.repo)
         for exp, point in batch:
-            sets = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
-            dvc(self.repo, "exp", "run", "--queue", "--name", exp, *sets, POINT_UNTIL)
+            self.sets[exp] = [arg for key, value in point.items() for arg in ("-S", _override(key, value))]
+            self._queue(exp)
             self.logger.info(f"queued {exp}: {point}")
             self.pending.add(exp)
             self.before[exp] = committed.get(exp)
         self._start_workers()
+
+    def _queue(self, exp: str) -> None:
+        dvc(self.repo, "exp", "run", "--queue", "--name", exp, *self.sets[exp], POINT_UNTIL)
+
+    def _unserved(self, statuses: dict[str, str], busy: int, now: float) -> set[str]:
+        """Points DVC's queue has called running for UNSERVED_S while fewer workers were busy. A
+        worker that stops for an empty queue just as a point is queued takes it and runs nothing,
+        and DVC calls it running for good: such a point, whose run never began, is queued again.
+        With no worker busy, one whose run began has lost its worker: it is stopped and returned,
+        to end as failed (a rerun of the sweep asks it again)."""
+        running = [exp for exp in self.pending if statuses.get(exp) == "Running"]
+        self.unserved = {exp: self.unserved.get(exp, now) for exp in (running if len(running) > busy else [])}
+        ended = set()
+        for exp in [exp for exp, since in self.unserved.items() if now - since >= UNSERVED_S]:
+            began = run_began(self.repo, exp)
+            if began and busy:
+                continue  # perhaps the one a busy worker runs
+            del self.unserved[exp]
+            leave_queue(self.repo, exp, "Running")
+            if began:
+                self.logger.error(f"{exp}: no worker of DVC's queue runs it any more; stopped, it ends as failed")
+                ended.add(exp)
+            else:
+                self.logger.warning(f"{exp}: DVC's queue dropped it unrun (its worker stopped as it took it); "
+                                    "queued again")
+                self._queue(exp)
+        return ended
 
     def _committed(self) -> set[str]:
         """Points in flight whose experiment is committed (a ref new since it was queued)."""
@@ -261,10 +315,11 @@ class LocalQueue:
             ended: set[str] = set()
             if now >= next_look or self._committed():
                 next_look = now + min(max(POLL_S, (now - started) / 4), LOOK_MAX_S)
-                statuses, workers = queue_state(self.repo)
+                statuses, workers, busy = queue_state(self.repo)
                 if statuses is not None:  # None: unreadable this time (DVC's lock), looked at again next time
                     # Out of the queue (removed by hand) is ended too: `progress.ended` finds no experiment.
                     ended = {exp for exp in self.pending if statuses.get(exp) not in ("Queued", "Running")}
+                    ended |= self._unserved(statuses, busy, now)
                     counts = (sum(statuses.get(exp) == "Running" for exp in self.pending),
                               sum(statuses.get(exp) == "Queued" for exp in self.pending))
                     if not ended and not workers:  # an idle worker stops itself after a few seconds
@@ -525,13 +580,7 @@ def _ended_meanwhile(repo: Path, study: Any, trial: Any, progress: Progress, sta
         progress.ended({exp})
         if exp in progress.metric.keys() | progress.pruned.keys():
             return exp
-    # Out of DVC's queue, or it would run beside its retry; a task that ended meanwhile cannot be killed.
-    with contextlib.suppress(CommandFailed):
-        if statuses.get(exp) == "Running":
-            dvc(repo, "queue", "kill", "--force", exp)
-    with contextlib.suppress(CommandFailed):
-        if statuses.get(exp) in ("Queued", "Running", "Failed"):
-            dvc(repo, "queue", "remove", exp)
+    leave_queue(repo, exp, statuses.get(exp))  # or it would run beside its retry
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     return None
 

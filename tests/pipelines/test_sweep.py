@@ -416,6 +416,27 @@ def test_the_queue_is_asked_at_once_when_a_point_commits_its_experiment_and_not_
     assert looks[-3:] == [75, 95, 100]
 
 
+@pytest.mark.e2e
+def test_a_point_dvcs_queue_dropped_unrun_is_queued_again_not_waited_for_forever(tmp_path, monkeypatch):
+    """DVC's idle worker stops for an empty queue after a few seconds; one that takes a point just
+    as it stops never runs it, and `dvc queue status` calls the point running for good. A TPE sweep
+    of one job, which queues the next point the moment the last ends, waited for it until killed."""
+    repo = slow_scored_project(tmp_path / "project", 0)
+    monkeypatch.setattr(sweep_module, "UNSERVED_S", 6.0)
+    queue = sweep_module.LocalQueue(repo, 1, logging.getLogger("test-queue"))
+    queue.sets["u-1"], queue.pending, queue.before = ["-S", "train.epochs=1"], {"u-1"}, {"u-1": None}
+    queue._queue("u-1")
+    # The state that race leaves: the point's message taken from the queue, no worker, no run.
+    broker = repo / ".dvc" / "tmp" / "exps" / "celery" / "broker"
+    (message,) = (broker / "in").glob("*.celery.msg")
+    (broker / "processed").mkdir(exist_ok=True)
+    message.rename(broker / "processed" / message.name)
+    assert sweep_module.queue_statuses(repo) == {"u-1": "Running"}
+    started = time.monotonic()
+    assert queue.wait() == {"u-1"} and time.monotonic() - started < 120
+    assert sweep_module.queue_statuses(repo) == {"u-1": "Success"} and "u-1" in sweep_module.experiment_commits(repo)
+
+
 def test_the_queue_is_asked_less_often_the_longer_a_point_runs_and_at_least_twice_a_minute(tmp_path, monkeypatch):
     # `dvc queue status` costs about a second of CPU: asked every 5 s, it took a sixth of a core
     # beside the training all along.
