@@ -220,10 +220,11 @@ def leave_queue(repo: Path, exp: str, status: str | None) -> None:
 
 def run_began(repo: Path, exp: str) -> bool:
     """Whether a queued point's run began: DVC has its output log from then on."""
-    import subprocess
-
-    return subprocess.run([dvc_executable(), "queue", "logs", exp], cwd=repo, env=dvc_environment(),
-                          capture_output=True).returncode == 0
+    try:
+        dvc(repo, "queue", "logs", exp)
+    except CommandFailed:
+        return False
+    return True
 
 
 class LocalQueue:
